@@ -1,0 +1,1 @@
+"""`flatfs convert` (see convert.py)."""

@@ -1,0 +1,1 @@
+"""`flatfs mount` / `flatfs umount` (see fuse.py). Imports mfusepy only when run."""
