@@ -35,11 +35,14 @@ def pread_padded(fd: int, path: str, buf: memoryview, offset: int, file_size: in
         buf[n:] = bytes(len(buf) - n)
 
 
-def data_runs(fd: int, path: str, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+def data_runs(fd: int, path: str, start: int, end: int,
+              expect_size: int | None = None) -> Iterator[tuple[int, int, bool]]:
     """Yield (start, end, is_data) runs of the host file over [start, end).
 
     Past the file's end everything is a hole. If the file system cannot tell,
-    everything is data: unknown never degrades to zeros.
+    everything is data: unknown never degrades to zeros. With ``expect_size``
+    (the size seen at open), a file that has since shrunk is an error rather
+    than a silent run of zeros.
     """
     pos = start
     while pos < end:
@@ -47,6 +50,7 @@ def data_runs(fd: int, path: str, start: int, end: int) -> Iterator[tuple[int, i
             data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:      # no data at or after pos
+                _check_not_shrunk(fd, path, pos, expect_size)
                 yield pos, end, False
                 return
             if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
@@ -70,3 +74,15 @@ def data_runs(fd: int, path: str, start: int, end: int) -> Iterator[tuple[int, i
             hole = end
         yield pos, hole, True
         pos = hole
+
+
+def _check_not_shrunk(fd: int, path: str, pos: int, expect_size: int | None) -> None:
+    if expect_size is None or pos >= expect_size:
+        return
+    try:
+        now = os.fstat(fd).st_size
+    except OSError as exc:
+        raise ImageIOError.from_oserror(path, exc, pos) from None
+    if now < expect_size:
+        err = ImageIOError(path, f"file shrank from {expect_size} to {now} bytes while open", pos)
+        raise err

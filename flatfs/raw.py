@@ -16,7 +16,7 @@ class RawLayer:
     format = "raw"
     backing: BackingRef | None = None
 
-    def __init__(self, path: str, fd: int) -> None:
+    def __init__(self, path: str, fd: int, *, opener: object = None) -> None:
         self.path = path
         self.fd = fd
         try:
@@ -29,7 +29,7 @@ class RawLayer:
             raise ImageIOError.from_oserror(path, exc) from None
 
     def extents(self, start: int, end: int) -> Iterator[Extent]:
-        for s, e, is_data in data_runs(self.fd, self.path, start, min(end, self.size)):
+        for s, e, is_data in data_runs(self.fd, self.path, start, min(end, self.size), self.size):
             yield Extent(s, e - s, Kind.DATA if is_data else Kind.ZERO)
 
     def readinto(self, offset: int, buf: memoryview) -> None:

@@ -1,0 +1,3 @@
+"""qcow2 support: importing this package registers the format."""
+
+from . import layer  # noqa: F401

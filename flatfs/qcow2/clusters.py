@@ -1,0 +1,189 @@
+"""The hot path: decode one whole L2 table and classify it into runs.
+
+A table is decoded in one C-level pass (``array('Q')`` + ``byteswap``), long
+stretches of empty entries are skipped with a regex over the raw bytes, and
+neighbouring entries of the same type (data clusters only when their host
+offsets are contiguous) are merged into runs. A decoded table is a
+:class:`Table`: parallel lists, searched with bisect.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from array import array
+from bisect import bisect_right
+from dataclasses import dataclass
+
+from .spec import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS
+
+# Run codes. ABSENT/ZERO/DATA map to extents.Kind; COMPRESSED is data that
+# needs decompressing; BAD is an entry QEMU would refuse (EIO on access).
+ABSENT, ZERO, DATA, COMPRESSED, BAD = range(5)
+
+_NONZERO = re.compile(rb"[^\x00]")
+_LITTLE = sys.byteorder == "little"
+
+
+@dataclass(slots=True)
+class Table:
+    """One L2 table's runs; offsets are guest bytes relative to the table start."""
+
+    starts: list[int]
+    lengths: list[int]
+    codes: list[int]
+    hosts: list[int]         # DATA: host offset; COMPRESSED: raw entry; BAD: entry index
+    reasons: dict[int, str]  # run index -> why it is BAD
+    l2_offset: int = 0       # where the table lives in the image (for error messages)
+
+    def find(self, rel: int) -> int:
+        """Index of the run containing relative offset ``rel``."""
+        return bisect_right(self.starts, rel) - 1
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+class _Builder:
+    __slots__ = ("starts", "lengths", "codes", "hosts", "reasons")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.lengths: list[int] = []
+        self.codes: list[int] = []
+        self.hosts: list[int] = []
+        self.reasons: dict[int, str] = {}
+
+    def add(self, start: int, length: int, code: int, host: int = 0, reason: str | None = None) -> None:
+        if self.codes:
+            last = len(self.codes) - 1
+            pc = self.codes[last]
+            if pc == code and self.starts[last] + self.lengths[last] == start:
+                if code in (ABSENT, ZERO) or (code == DATA and self.hosts[last] + self.lengths[last] == host):
+                    self.lengths[last] += length
+                    return
+        if reason is not None:
+            self.reasons[len(self.codes)] = reason
+        self.starts.append(start)
+        self.lengths.append(length)
+        self.codes.append(code)
+        self.hosts.append(host)
+
+    def table(self) -> Table:
+        return Table(self.starts, self.lengths, self.codes, self.hosts, self.reasons)
+
+
+def decode(raw: bytes) -> array:
+    a = array("Q")
+    a.frombytes(raw)
+    if _LITTLE:
+        a.byteswap()
+    return a
+
+
+def classify(raw: bytes, cluster_bits: int, *, extended: bool, data_file: bool) -> Table:
+    """Classify every entry of one L2 table (``raw`` is the table as stored)."""
+    cs = 1 << cluster_bits
+    entries = decode(raw)
+    step = 2 if extended else 1
+    n = len(entries) // step
+    esize = 8 * step
+    b = _Builder()
+    i = 0
+    while i < n:
+        e = entries[i * step]
+        bm = entries[i * step + 1] if extended else 0
+        if e == 0 and bm == 0:
+            m = _NONZERO.search(raw, i * esize)
+            j = n if m is None else m.start() // esize
+            b.add(i * cs, (j - i) * cs, ABSENT)
+            i = j
+            continue
+        gstart = i * cs
+        if e & OFLAG_COMPRESSED:
+            if data_file:
+                b.add(gstart, cs, BAD, i, "compressed cluster in an image with an external data file")
+            elif extended and bm:
+                b.add(gstart, cs, BAD, i, "compressed cluster with a non-zero subcluster bitmap")
+            else:
+                b.add(gstart, cs, COMPRESSED, e)
+            i += 1
+            continue
+        host = e & OFFSET_MASK
+        allocated = bool(host) or (data_file and bool(e & OFLAG_COPIED))
+        if not extended:
+            if e & OFLAG_ZERO:
+                if allocated and host % cs:
+                    b.add(gstart, cs, BAD, i, f"zero cluster offset 0x{host:x} is not cluster aligned")
+                else:
+                    b.add(gstart, cs, ZERO)
+            elif not allocated:
+                b.add(gstart, cs, ABSENT)
+            elif host % cs:
+                b.add(gstart, cs, BAD, i, f"data cluster offset 0x{host:x} is not cluster aligned")
+            else:
+                b.add(gstart, cs, DATA, host)
+            i += 1
+            continue
+        # extended L2: classify the 32 subclusters
+        alloc = bm & 0xFFFFFFFF
+        zero = bm >> 32
+        if allocated:
+            if alloc & zero:
+                b.add(gstart, cs, BAD, i, "subcluster both allocated and zero")
+            elif host % cs:
+                b.add(gstart, cs, BAD, i, f"data cluster offset 0x{host:x} is not cluster aligned")
+            elif alloc == 0xFFFFFFFF:
+                b.add(gstart, cs, DATA, host)
+            elif zero == 0xFFFFFFFF:
+                b.add(gstart, cs, ZERO)
+            elif alloc == 0 and zero == 0:
+                b.add(gstart, cs, ABSENT)
+            else:
+                _subclusters(b, gstart, cs // SUBCLUSTERS, alloc, zero, host)
+        elif alloc:
+            b.add(gstart, cs, BAD, i, "subcluster allocated in an unallocated cluster")
+        elif zero == 0xFFFFFFFF:
+            b.add(gstart, cs, ZERO)
+        elif zero == 0:
+            b.add(gstart, cs, ABSENT)
+        else:
+            _subclusters(b, gstart, cs // SUBCLUSTERS, 0, zero, host)
+        i += 1
+    return b.table()
+
+
+def _subclusters(b: _Builder, gstart: int, scs: int, alloc: int, zero: int, host: int) -> None:
+    for k in range(SUBCLUSTERS):
+        bit = 1 << k
+        if zero & bit:
+            b.add(gstart + k * scs, scs, ZERO)
+        elif alloc & bit:
+            b.add(gstart + k * scs, scs, DATA, host + k * scs)
+        else:
+            b.add(gstart + k * scs, scs, ABSENT)
+
+
+def compressed_location(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """(host offset, byte count) of a compressed cluster descriptor."""
+    shift = 62 - (cluster_bits - 8)
+    offset = entry & ((1 << shift) - 1)
+    sectors = ((entry >> shift) & ((1 << (cluster_bits - 8)) - 1)) + 1
+    return offset, sectors * 512 - (offset & 511)
+
+
+def allocated_l1(raw: bytes) -> list[int]:
+    """Sorted indices of L1 entries that point at an L2 table."""
+    entries = None
+    out: list[int] = []
+    pos = 0
+    while True:
+        m = _NONZERO.search(raw, pos)
+        if m is None:
+            return out
+        idx = m.start() // 8
+        if entries is None:
+            entries = decode(raw)
+        if entries[idx] & OFFSET_MASK:
+            out.append(idx)
+        pos = (idx + 1) * 8

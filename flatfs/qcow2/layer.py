@@ -1,0 +1,237 @@
+"""The qcow2 layer: open and validate, then map guest ranges through L1/L2.
+
+One mapping primitive (:meth:`Qcow2Layer._runs`) feeds both ``extents`` and
+``readinto``. Decoded L2 tables live in a bounded LRU, so memory stays bounded
+whatever the virtual size.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from bisect import bisect_left
+from collections import OrderedDict
+from typing import Any, Iterator
+
+from ..errors import CorruptImage, ImageIOError
+from ..extents import Extent, Kind
+from ..hostfile import data_runs, pread_exact, pread_padded
+from ..layer import BackingRef, Format, register
+from . import clusters as C
+from .spec import (COMPRESSION_NAMES, COMPRESSION_ZSTD, OFFSET_MASK, Header, looks_like_qcow2,
+                   parse_header)
+
+# Bound on decoded runs kept in the L2 cache (all tables together). A run is
+# ~100 bytes, so this caps the cache near 25 MiB even for pathological
+# subcluster patterns; ordinary tables decode to a handful of runs.
+CACHE_MAX_RUNS = 256 * 1024
+CACHE_MIN_TABLES = 4
+
+_KIND = {C.ABSENT: Kind.ABSENT, C.ZERO: Kind.ZERO, C.DATA: Kind.DATA, C.COMPRESSED: Kind.DATA}
+
+
+class Qcow2Layer:
+    format = "qcow2"
+
+    def __init__(self, path: str, fd: int, *, opener: Any) -> None:
+        self.path = path
+        self.fd = fd
+        try:
+            self.file_size = os.fstat(fd).st_size
+        except OSError as exc:
+            raise ImageIOError.from_oserror(path, exc) from None
+        head = os.pread(fd, 1 << 21, 0) if self.file_size else b""
+        hdr = parse_header(path, head[:_first_cluster(head)], self.file_size)
+        self.header: Header = hdr
+        self.size = hdr.size
+        self.cluster_bits = hdr.cluster_bits
+        self.cluster_size = hdr.cluster_size
+        self.l1_span = hdr.l1_span
+        self.backing = BackingRef(hdr.backing_file, hdr.backing_format) if hdr.backing_file else None
+
+        # the file holding guest clusters
+        if hdr.has_data_file:
+            assert hdr.data_file is not None
+            self.data_path, self.data_fd = opener.open_related(path, hdr.data_file, "data file")
+            try:
+                self.data_size = os.fstat(self.data_fd).st_size
+            except OSError as exc:
+                raise ImageIOError.from_oserror(self.data_path, exc) from None
+        else:
+            self.data_path, self.data_fd, self.data_size = path, fd, self.file_size
+
+        # the active L1 table (snapshots keep their own; we never look at them)
+        l1_bytes = hdr.l1_size * 8
+        self._l1_raw = bytearray(l1_bytes)
+        if l1_bytes:
+            pread_exact(fd, path, memoryview(self._l1_raw), hdr.l1_table_offset)
+        self._l1 = C.decode(bytes(self._l1_raw))
+        self._l1_used = C.allocated_l1(bytes(self._l1_raw))
+        self._cache: OrderedDict[int, C.Table] = OrderedDict()
+        self._cache_runs = 0
+        self._lock = threading.Lock()
+        self._decompress = _decompressor(hdr.compression_type, self.cluster_size)
+
+    # -- mapping -------------------------------------------------------------
+    def _table(self, l1_index: int) -> C.Table | None:
+        with self._lock:
+            t = self._cache.get(l1_index)
+            if t is not None:
+                self._cache.move_to_end(l1_index)
+                return t
+        entry = self._l1[l1_index]
+        l2_off = entry & OFFSET_MASK
+        if not l2_off:
+            return None
+        at = self.header.l1_table_offset + 8 * l1_index
+        if l2_off % self.cluster_size:
+            raise CorruptImage(self.path, f"L2 table offset 0x{l2_off:x} is not cluster aligned", at)
+        if l2_off + self.cluster_size > self.file_size:
+            raise CorruptImage(self.path, f"L2 table at 0x{l2_off:x} lies past the end of the file", at)
+        raw = bytearray(self.cluster_size)
+        pread_exact(self.fd, self.path, memoryview(raw), l2_off)
+        t = C.classify(bytes(raw), self.cluster_bits, extended=self.header.extended_l2,
+                       data_file=self.header.has_data_file)
+        t.l2_offset = l2_off
+        with self._lock:
+            if l1_index not in self._cache:
+                self._cache[l1_index] = t
+                self._cache_runs += len(t)
+                while len(self._cache) > CACHE_MIN_TABLES and self._cache_runs > CACHE_MAX_RUNS:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_runs -= len(old)
+        return t
+
+    def _runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, C.Table | None, int]]:
+        """Yield (start, end, code, host, table, run index) over [start, end).
+
+        For DATA, ``host`` is already adjusted to ``start``.
+        """
+        pos = start
+        span = self.l1_span
+        used = self._l1_used
+        while pos < end:
+            l1i = pos // span
+            base = l1i * span
+            t = self._table(l1i) if l1i < len(self._l1) else None
+            if t is None:
+                # jump straight to the next allocated L1 entry
+                k = bisect_left(used, l1i + 1)
+                nxt = used[k] * span if k < len(used) else end
+                stop = min(max(nxt, base + span), end)
+                yield pos, stop, C.ABSENT, 0, None, -1
+                pos = stop
+                continue
+            tend = min(base + span, end)
+            r = t.find(pos - base)
+            while pos < tend:
+                rs = base + t.starts[r]
+                re_ = min(rs + t.lengths[r], tend)
+                code = t.codes[r]
+                host = t.hosts[r] + (pos - rs) if code == C.DATA else t.hosts[r]
+                yield pos, re_, code, host, t, r
+                pos = re_
+                r += 1
+
+    def _bad(self, t: C.Table, r: int) -> CorruptImage:
+        entry_size = self.header.l2_entry_size
+        at = t.l2_offset + t.hosts[r] * entry_size
+        return CorruptImage(self.path, t.reasons.get(r, "invalid L2 entry"), at)
+
+    def extents(self, start: int, end: int) -> Iterator[Extent]:
+        end = min(end, self.size)
+        for s, e, code, host, t, r in self._runs(start, end):
+            if code == C.BAD:
+                raise self._bad(t, r)  # type: ignore[arg-type]
+            if code != C.DATA:
+                yield Extent(s, e - s, _KIND[code])
+                continue
+            # QEMU asks the host file too: allocated clusters over a hole
+            # (preallocation=metadata, punched files) read as zeros.
+            for hs, he, is_data in data_runs(self.data_fd, self.data_path, host, host + (e - s),
+                                             self.data_size):
+                yield Extent(s + (hs - host), he - hs, Kind.DATA if is_data else Kind.ALLOC_ZERO)
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        end = offset + len(buf)
+        for s, e, code, host, t, r in self._runs(offset, end):
+            dst = buf[s - offset:e - offset]
+            if code == C.DATA:
+                pread_exact(self.data_fd, self.data_path, dst, host)
+            elif code == C.COMPRESSED:
+                cstart = s - (s % self.cluster_size)
+                data = self._read_compressed(host, cstart)
+                dst[:] = data[s - cstart:e - cstart]
+            elif code == C.BAD:
+                raise self._bad(t, r)  # type: ignore[arg-type]
+            else:
+                dst[:] = bytes(len(dst))
+
+    def _read_compressed(self, entry: int, guest: int) -> bytes:
+        coff, csize = C.compressed_location(entry, self.cluster_bits)
+        buf = bytearray(csize)
+        pread_padded(self.fd, self.path, memoryview(buf), coff, self.file_size)
+        try:
+            out = self._decompress(bytes(buf))
+        except Exception as exc:  # zlib.error, zstandard.ZstdError
+            raise CorruptImage(self.path, f"compressed cluster for guest offset 0x{guest:x} does not "
+                               f"decompress: {exc}", coff) from None
+        if len(out) != self.cluster_size:
+            raise CorruptImage(self.path, f"compressed cluster for guest offset 0x{guest:x} "
+                               f"decompresses to {len(out)} bytes, not {self.cluster_size}", coff)
+        return out
+
+    # -- facts ---------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        h = self.header
+        out: dict[str, Any] = {
+            "cluster-size": h.cluster_size,
+            "compat": h.compat,
+            "features": h.features(),
+            "compression-type": COMPRESSION_NAMES.get(h.compression_type, "?"),
+            "refcount-bits": 1 << h.refcount_order,
+            "snapshots": h.nb_snapshots,
+        }
+        if h.has_data_file:
+            out["data-file"] = self.data_path
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._cache_runs = 0
+
+
+def _first_cluster(head: bytes) -> int:
+    """How much of ``head`` is the first cluster (cluster_bits read unvalidated, clamped)."""
+    if len(head) < 24:
+        return len(head)
+    bits = int.from_bytes(head[20:24], "big")
+    bits = min(max(bits, 9), 21)
+    return min(len(head), 1 << bits)
+
+
+def _decompressor(ctype: int, cluster_size: int):
+    if ctype == COMPRESSION_ZSTD:
+        import zstandard
+
+        dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
+
+        def zstd(data: bytes) -> bytes:
+            with dctx.stream_reader(data, read_across_frames=True) as r:
+                out = bytearray()
+                while len(out) < cluster_size:
+                    chunk = r.read(cluster_size - len(out))
+                    if not chunk:
+                        break
+                    out += chunk
+                return bytes(out)
+        return zstd
+
+    def deflate(data: bytes) -> bytes:
+        return zlib.decompressobj(-12).decompress(data, cluster_size)
+    return deflate
+
+
+register(Format("qcow2", probe=looks_like_qcow2, open=Qcow2Layer))
