@@ -79,7 +79,7 @@ def human_size(n: int) -> str:
 
 
 @main.command()
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image", type=click.Path())
 @click.option("--output", type=click.Choice(["human", "json"]), default="human")
 @chain_options()
 def info(image: str, output: str, options: OpenOptions) -> None:
@@ -110,7 +110,7 @@ def info(image: str, output: str, options: OpenOptions) -> None:
 
 
 @main.command("map")
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image", type=click.Path())
 @click.option("--output", type=click.Choice(["human", "json"]), default="human")
 @chain_options()
 def map_(image: str, output: str, options: OpenOptions) -> None:

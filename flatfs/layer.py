@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-from .errors import ImageIOError
+from .errors import ImageIOError, UnsupportedImage
 from .extents import Extent
 
 PROBE_SIZE = 4096
@@ -61,11 +61,34 @@ def register(fmt: Format) -> None:
     FORMATS[fmt.name] = fmt
 
 
+# Image formats flatfs does not read. Probing one of these as raw would show
+# its metadata as guest data, so they are refused by name instead.
+FOREIGN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"KDMV", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk (descriptor)"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"conectix", "vpc/vhd"),
+    (64, b"\x7f\x10\xda\xbe", "vdi"),
+    (0, b"QED\x00", "qed"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+)
+
+
 def probe(path: str, head: bytes) -> str | None:
-    """The name of the first non-raw format whose magic matches, else None."""
+    """The name of the first non-raw format whose magic matches, else None.
+
+    A file that carries another image format's magic is refused: reading it
+    as raw would silently show that format's metadata as the guest disk.
+    """
     for fmt in FORMATS.values():
         if fmt.name != "raw" and fmt.probe(head):
             return fmt.name
+    for at, magic, name in FOREIGN_MAGICS:
+        if head[at:at + len(magic)] == magic:
+            raise UnsupportedImage(path, f"image format {name} is not supported "
+                                   "(pass -f raw to read the file as raw bytes)")
     return None
 
 

@@ -44,9 +44,13 @@ def qemu() -> "Qemu":
 class Qemu:
     """Thin wrappers over qemu-img and qemu-io, the oracle."""
 
-    def img(self, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    # QEMU 7.2 resolves a relative data_file name against its working
+    # directory, not the image's folder; every call runs in the image's folder
+    # so that both agree.
+    def img(self, *args: str | os.PathLike[str], check: bool = True,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["qemu-img", *map(str, args)], check=check, text=True,
-                              capture_output=True)
+                              capture_output=True, cwd=cwd)
 
     def create(self, path: Path, size: int | str, fmt: str = "qcow2", *, backing: Path | str | None = None,
                backing_fmt: str | None = None, opts: str | None = None) -> Path:
@@ -58,7 +62,9 @@ class Qemu:
         cmd += [str(path)]
         if size is not None:
             cmd += [str(size)]
-        self.img(*cmd)
+        # relative names (backing, data_file) resolve against the image's folder, as users do
+        subprocess.run(["qemu-img", *cmd], check=True, text=True, capture_output=True,
+                       cwd=Path(path).parent)
         return path
 
     def io(self, path: Path, *cmds: str, fmt: str | None = None, image_opts: bool = False) -> None:
@@ -68,17 +74,19 @@ class Qemu:
         for c in cmds:
             args += ["-c", c]
         args.append(str(path))
-        subprocess.run(args, check=True, capture_output=True, text=True)
+        r = subprocess.run(args, capture_output=True, text=True, cwd=Path(path).parent)
+        if r.returncode or "error" in r.stdout.lower():
+            raise AssertionError(f"{args} failed: {r.stdout}{r.stderr}")
 
     def to_raw(self, path: Path, out: Path) -> Path:
-        self.img("convert", "-O", "raw", str(path), str(out))
+        self.img("convert", "-O", "raw", str(path), str(out), cwd=Path(path).parent)
         return out
 
     def map(self, path: Path, fmt: str | None = None) -> list[dict]:
         args = ["map", "--output=json"]
         if fmt:
             args += ["-f", fmt]
-        return json.loads(self.img(*args, str(path)).stdout)
+        return json.loads(self.img(*args, str(path), cwd=Path(path).parent).stdout)
 
 
 def project_map(entries: list[dict]) -> list[tuple[int, int, int, bool, bool, bool]]:

@@ -187,3 +187,33 @@ def allocated_l1(raw: bytes) -> list[int]:
         if entries[idx] & OFFSET_MASK:
             out.append(idx)
         pos = (idx + 1) * 8
+
+
+_NONZERO_FIELDS = {
+    order: bytes(sum(1 for k in range(0, 8, 1 << order) if (b >> k) & ((1 << (1 << order)) - 1))
+                 for b in range(256))
+    for order in (0, 1, 2)
+}
+_ARRAY_CODE = {4: "H", 5: "I", 6: "Q"}
+
+
+def count_nonzero_refcounts(block: bytes, order: int, n: int) -> int:
+    """How many of the first ``n`` refcounts (each 2**order bits wide) in ``block`` are non-zero."""
+    bits = 1 << order
+    if bits < 8:
+        per_byte = 8 // bits
+        whole, rest = divmod(n, per_byte)
+        count = sum(block[:whole].translate(_NONZERO_FIELDS[order]))
+        if rest:
+            # sub-byte refcounts fill each byte from its least significant bit
+            mask = (1 << (rest * bits)) - 1
+            count += bytes([block[whole] & mask]).translate(_NONZERO_FIELDS[order])[0]
+        return count
+    if bits == 8:
+        part = block[:n]
+        return len(part) - part.count(0)
+    a = array(_ARRAY_CODE[order])
+    if a.itemsize != bits // 8:  # "I" is 4 bytes on every platform we run on; be safe
+        a = array("Q" if bits == 64 else "L")
+    a.frombytes(block[:n * (bits // 8)])
+    return len(a) - a.count(0)  # byte order does not change zero-ness

@@ -72,6 +72,7 @@ class Qcow2Layer:
         self._cache_runs = 0
         self._lock = threading.Lock()
         self._decompress = _decompressor(hdr.compression_type, self.cluster_size)
+        self._prealloc: bool | None = None
 
     # -- mapping -------------------------------------------------------------
     def _table(self, l1_index: int) -> C.Table | None:
@@ -139,16 +140,58 @@ class Qcow2Layer:
         at = t.l2_offset + t.hosts[r] * entry_size
         return CorruptImage(self.path, t.reasons.get(r, "invalid L2 entry"), at)
 
+    def metadata_preallocated(self) -> bool:
+        """Does this image look metadata-preallocated? QEMU's own heuristic.
+
+        Only then does QEMU's block-status ask the host file whether an
+        allocated cluster lies over a hole (and report it as zero). The test:
+        at least max(real*10/9, real+2) clusters carry a non-zero refcount,
+        where ``real`` is the number of clusters the host file really
+        allocates. Any error reading refcounts means "no", as in QEMU.
+        """
+        if self._prealloc is None:
+            try:
+                self._prealloc = self._detect_prealloc()
+            except (ImageIOError, CorruptImage, OSError):
+                self._prealloc = False
+        return self._prealloc
+
+    def _detect_prealloc(self) -> bool:
+        h = self.header
+        cs = self.cluster_size
+        real = os.fstat(self.fd).st_blocks * 512 // cs
+        threshold = max(real * 10 // 9, real + 2)
+        end_cluster = -(-self.file_size // cs)
+        per_block = cs * 8 >> h.refcount_order
+        table = bytearray(h.refcount_table_clusters * cs)
+        pread_exact(self.fd, self.path, memoryview(table), h.refcount_table_offset)
+        rt = C.decode(bytes(table))
+        count = 0
+        block = bytearray(cs)
+        for i, entry in enumerate(rt):
+            first = i * per_block
+            if first >= end_cluster or count >= threshold:
+                break
+            off = entry & ~0x1FF
+            if not off:
+                continue
+            if off % cs or off + cs > self.file_size:
+                return False
+            pread_exact(self.fd, self.path, memoryview(block), off)
+            count += C.count_nonzero_refcounts(bytes(block), h.refcount_order,
+                                               min(per_block, end_cluster - first))
+        return count >= threshold
+
     def extents(self, start: int, end: int) -> Iterator[Extent]:
         end = min(end, self.size)
         for s, e, code, host, t, r in self._runs(start, end):
             if code == C.BAD:
                 raise self._bad(t, r)  # type: ignore[arg-type]
-            if code != C.DATA:
+            if code != C.DATA or not self.metadata_preallocated():
                 yield Extent(s, e - s, _KIND[code])
                 continue
-            # QEMU asks the host file too: allocated clusters over a hole
-            # (preallocation=metadata, punched files) read as zeros.
+            # In a metadata-preallocated image QEMU asks the host file too:
+            # allocated clusters over a hole read as zeros.
             for hs, he, is_data in data_runs(self.data_fd, self.data_path, host, host + (e - s),
                                              self.data_size):
                 yield Extent(s + (hs - host), he - hs, Kind.DATA if is_data else Kind.ALLOC_ZERO)
@@ -158,7 +201,9 @@ class Qcow2Layer:
         for s, e, code, host, t, r in self._runs(offset, end):
             dst = buf[s - offset:e - offset]
             if code == C.DATA:
-                pread_exact(self.data_fd, self.data_path, dst, host)
+                # Past the end of the file as it was at open, QEMU reads zeros;
+                # a file that shrank since then is an I/O error.
+                pread_padded(self.data_fd, self.data_path, dst, host, self.data_size)
             elif code == C.COMPRESSED:
                 cstart = s - (s % self.cluster_size)
                 data = self._read_compressed(host, cstart)

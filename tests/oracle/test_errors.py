@@ -1,0 +1,172 @@
+"""Everything a user can get wrong gives one line naming the file, exit 1, no traceback."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ..conftest import flatfs
+
+pytestmark = pytest.mark.qemu
+
+
+def one_line_error(args, *needles: str) -> str:
+    r = flatfs(*args, check=False)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def patch(path: Path, offset: int, fmt: str, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+@pytest.fixture
+def image(qemu, tmp_path) -> Path:
+    img = qemu.create(tmp_path / "img.qcow2", "8M")
+    qemu.io(img, "write -P 1 0 1M")
+    return img
+
+
+@pytest.mark.parametrize("cmd", ["info", "map"])
+def test_missing_file(tmp_path, cmd):
+    one_line_error([cmd, tmp_path / "nope.qcow2"], "nope.qcow2", "No such file")
+
+
+def test_missing_backing_file(qemu, tmp_path):
+    base = qemu.create(tmp_path / "base.qcow2", "1M")
+    top = qemu.create(tmp_path / "top.qcow2", "1M", backing=base.name)
+    base.unlink()
+    one_line_error(["map", top], "top.qcow2", "base.qcow2", "not found")
+
+
+def test_directory(tmp_path):
+    one_line_error(["info", tmp_path], str(tmp_path))
+
+
+def test_foreign_image_format(qemu, tmp_path):
+    vmdk = tmp_path / "disk.vmdk"
+    qemu.img("create", "-f", "vmdk", vmdk, "1M")
+    one_line_error(["map", vmdk], "disk.vmdk", "vmdk", "not supported")
+
+
+def test_forced_qcow2_on_text_file(tmp_path):
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello world\n" * 100)
+    one_line_error(["map", "-f", "qcow2", txt], "notes.txt", "bad magic")
+
+
+def test_truncated_image(image):
+    os.truncate(image, 50)
+    one_line_error(["info", image], "img.qcow2", "too short")
+
+
+def test_truncated_tables(image):
+    os.truncate(image, 65536 * 2)
+    one_line_error(["map", image], "img.qcow2", "past the end of the file")
+
+
+def test_l1_table_past_end_of_file(image):
+    patch(image, 40, ">Q", 1 << 40)
+    one_line_error(["map", image], "img.qcow2", "L1 table", "past the end")
+
+
+def test_l2_table_past_end_of_file(image):
+    with open(image, "rb") as f:
+        f.seek(40)
+        (l1_off,) = struct.unpack(">Q", f.read(8))
+    patch(image, l1_off, ">Q", (1 << 40) | (1 << 63))
+    one_line_error(["map", image], "img.qcow2", "L2 table", "past the end", "(at 0x")
+
+
+def test_backing_loop(qemu, tmp_path):
+    a = qemu.create(tmp_path / "a.qcow2", "1M")
+    b = qemu.create(tmp_path / "b.qcow2", "1M", backing=a.name)
+    qemu.img("rebase", "-u", "-b", b.name, "-F", "qcow2", a, cwd=tmp_path)
+    one_line_error(["map", b], "loop")
+
+
+def test_image_backing_itself(qemu, tmp_path):
+    a = qemu.create(tmp_path / "a.qcow2", "1M")
+    qemu.img("rebase", "-u", "-b", a.name, "-F", "qcow2", a, cwd=tmp_path)
+    one_line_error(["info", a], "a.qcow2", "loop")
+
+
+def test_encrypted_image(qemu, tmp_path):
+    img = tmp_path / "enc.qcow2"
+    qemu.img("create", "-q", "--object", "secret,id=sec0,data=123456", "-f", "qcow2",
+             "-o", "encrypt.format=luks,encrypt.key-secret=sec0", img, "1M")
+    one_line_error(["map", img], "enc.qcow2", "encrypted", "LUKS")
+
+
+def test_aes_encrypted_image(image):
+    patch(image, 32, ">I", 1)
+    one_line_error(["map", image], "img.qcow2", "encrypted", "AES")
+
+
+def test_unknown_incompatible_bit(image):
+    patch(image, 72, ">Q", 1 << 9)
+    one_line_error(["map", image], "img.qcow2", "unsupported incompatible feature", "bit 9")
+
+
+def forget_backing_format(path: Path) -> None:
+    """Turn the backing-format header extension into an unknown one, as in old images."""
+    data = path.read_bytes()
+    at = data.index(struct.pack(">I", 0xE2792ACA), 72)
+    patch(path, at, ">I", 0x0BADF00D)
+
+
+def test_unrecorded_raw_backing_is_not_probed(qemu, tmp_path):
+    base = qemu.create(tmp_path / "base.raw", "1M", fmt="raw")
+    top = qemu.create(tmp_path / "top.qcow2", "1M", backing=base.name, backing_fmt="raw")
+    forget_backing_format(top)
+    one_line_error(["map", top], "base.raw", "--allow-probe-raw")
+    assert flatfs("map", "--allow-probe-raw", top).returncode == 0
+
+
+def test_unrecorded_qcow2_backing_is_probed(qemu, tmp_path):
+    base = qemu.create(tmp_path / "base.qcow2", "1M")
+    top = qemu.create(tmp_path / "top.qcow2", "1M", backing=base.name)
+    forget_backing_format(top)
+    assert flatfs("map", top).returncode == 0
+
+
+def test_absurd_l1_size(image):
+    patch(image, 36, ">I", 1 << 31)
+    one_line_error(["map", image], "img.qcow2", "L1 table too large")
+
+
+def test_l1_too_small_for_size(image):
+    patch(image, 24, ">Q", 1 << 40)
+    one_line_error(["map", image], "img.qcow2", "L1 table is too small")
+
+
+def test_huge_virtual_size(image):
+    patch(image, 24, ">Q", 1 << 62)
+    one_line_error(["map", image], "img.qcow2", "too big")
+
+
+def test_bad_cluster_bits(image):
+    patch(image, 20, ">I", 30)
+    one_line_error(["info", image], "img.qcow2", "cluster_bits")
+
+
+def test_json_info_lists_chain_top_first(qemu, tmp_path):
+    import json
+    base = qemu.create(tmp_path / "base.raw", "2M", fmt="raw")
+    top = qemu.create(tmp_path / "top.qcow2", "4M", backing=base.name, backing_fmt="raw")
+    rows = json.loads(flatfs("info", "--output=json", top).stdout)
+    assert [r["format"] for r in rows] == ["qcow2", "raw"]
+    assert rows[0]["backing-filename"] == "base.raw" and rows[0]["backing-filename-format"] == "raw"
+    assert rows[0]["virtual-size"] == 4 << 20 and rows[1]["virtual-size"] == 2 << 20
+    assert rows[0]["cluster-size"] == 65536 and "actual-size" in rows[1]
