@@ -1,0 +1,165 @@
+"""Extents helpers and the chain composer, against in-memory fake layers."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flatfs.chain import Chain, Opener, OpenOptions
+from flatfs.extents import Extent, Kind, clip, coalesce
+
+D, Z, A, AZ = Kind.DATA, Kind.ZERO, Kind.ABSENT, Kind.ALLOC_ZERO
+
+
+class FakeLayer:
+    """A layer described by a list of (start, end, kind); data bytes are the depth+1."""
+
+    format = "fake"
+    backing = None
+    fd = -1
+
+    def __init__(self, size: int, runs: list[tuple[int, int, Kind]], fill: int) -> None:
+        self.path = f"fake{fill}"
+        self.size = size
+        self.runs = runs
+        self.fill = fill
+        self.reads: list[tuple[int, int]] = []
+
+    def extents(self, start, end):
+        pos = start
+        for s, e, k in self.runs:
+            if e <= pos or s >= end:
+                continue
+            s2, e2 = max(s, pos), min(e, end)
+            if s2 > pos:
+                yield Extent(pos, s2 - pos, A)
+            yield Extent(s2, e2 - s2, k)
+            pos = e2
+        if pos < end:
+            yield Extent(pos, end - pos, A)
+
+    def readinto(self, offset, buf):
+        self.reads.append((offset, len(buf)))
+        for s, e, k in self.runs:
+            assert not (s < offset + len(buf) and offset < e) or k is D, "read a non-DATA range"
+        buf[:] = bytes([self.fill]) * len(buf)
+
+    def info(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+def chain(*layers) -> Chain:
+    return Chain(tuple(layers), Opener(OpenOptions(force_share=True)))
+
+
+def test_coalesce_merges_equal_neighbours_only():
+    ex = [Extent(0, 10, D, 0), Extent(10, 5, D, 0), Extent(15, 5, D, 1), Extent(20, 1, Z, 1),
+          Extent(30, 1, Z, 1)]
+    assert list(coalesce(ex)) == [Extent(0, 15, D, 0), Extent(15, 5, D, 1), Extent(20, 1, Z, 1),
+                                  Extent(30, 1, Z, 1)]
+
+
+def test_clip():
+    ex = [Extent(0, 10, D), Extent(10, 10, Z), Extent(20, 10, D)]
+    assert list(clip(ex, 5, 25)) == [Extent(5, 5, D), Extent(10, 10, Z), Extent(20, 5, D)]
+
+
+def test_kind_vocabulary_matches_qemu_map():
+    assert (D.is_data, D.present, D.must_read) == (True, True, True)
+    assert (AZ.is_data, AZ.present, AZ.must_read) == (True, True, False)
+    assert (Z.is_data, Z.present) == (False, True)
+    assert (A.is_data, A.present) == (False, False)
+
+
+def test_absent_goes_down_and_depth_is_reported():
+    top = FakeLayer(100, [(0, 10, D), (20, 30, Z)], 1)
+    mid = FakeLayer(100, [(5, 25, D), (40, 50, Z)], 2)
+    base = FakeLayer(100, [(45, 60, D)], 3)
+    c = chain(top, mid, base)
+    assert list(c.extents()) == [
+        Extent(0, 10, D, 0), Extent(10, 10, D, 1), Extent(20, 10, Z, 0), Extent(30, 10, A, 2),
+        Extent(40, 10, Z, 1), Extent(50, 10, D, 2), Extent(60, 40, A, 2)]
+    data = c.pread(0, 100)
+    assert data[:10] == b"\1" * 10 and data[10:20] == b"\2" * 10 and data[50:60] == b"\3" * 10
+    assert data[20:50] == bytes(30) and data[60:] == bytes(40)
+
+
+def test_short_backing_reads_zero_at_the_overlay_depth():
+    top = FakeLayer(100, [], 1)
+    base = FakeLayer(40, [(0, 100, D)], 2)
+    c = chain(top, base)
+    assert list(c.extents()) == [Extent(0, 40, D, 1), Extent(40, 60, A, 0)]
+    assert c.pread(30, 20) == b"\2" * 10 + bytes(10)
+    assert base.reads == [(30, 10)]
+
+
+def test_long_backing_is_cut_to_the_overlay_size():
+    c = chain(FakeLayer(50, [], 1), FakeLayer(100, [(0, 100, D)], 2))
+    assert c.size == 50
+    assert list(c.extents()) == [Extent(0, 50, D, 1)]
+    assert len(c.pread(40, 100)) == 10
+
+
+def test_seek_data_and_hole():
+    c = chain(FakeLayer(100, [(10, 20, D), (20, 30, AZ), (50, 60, Z), (70, 80, D)], 1))
+    SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
+    assert c.seek(0, SEEK_DATA) == 10
+    assert c.seek(15, SEEK_DATA) == 15
+    assert c.seek(15, SEEK_HOLE) == 30     # alloc-zero is data, as qemu-img map says
+    assert c.seek(30, SEEK_DATA) == 70
+    assert c.seek(75, SEEK_HOLE) == 80
+    with pytest.raises(OSError) as e:
+        c.seek(81, SEEK_DATA)
+    assert e.value.errno == errno.ENXIO
+    assert c.seek(81, SEEK_HOLE) == 81
+    with pytest.raises(OSError) as e:
+        c.seek(100, SEEK_HOLE)
+    assert e.value.errno == errno.ENXIO
+    assert c.data_bytes() == 30
+
+
+runs_st = st.lists(st.tuples(st.integers(0, 200), st.integers(1, 50), st.sampled_from([D, Z, AZ])),
+                   max_size=6)
+
+
+def normalise(runs, size):
+    out, pos = [], 0
+    for s, n, k in sorted(runs, key=lambda r: (r[0], r[1])):
+        s = max(s, pos)
+        e = min(s + n, size)
+        if s < e:
+            out.append((s, e, k))
+            pos = e
+    return out
+
+
+@given(st.lists(st.tuples(st.integers(1, 256), runs_st), min_size=1, max_size=5))
+def test_composition_is_contiguous_and_reads_only_data(spec):
+    layers = [FakeLayer(size, normalise(runs, size), i + 1) for i, (size, runs) in enumerate(spec)]
+    c = chain(*layers)
+    ex = list(c.extents())
+    assert ex[0].start == 0 and ex[-1].end == c.size
+    assert all(a.end == b.start for a, b in zip(ex, ex[1:]))
+    # a byte-by-byte model of the chain
+    for e in ex:
+        for off in (e.start, e.end - 1):
+            for depth, lay in enumerate(layers):
+                if off >= lay.size:
+                    want = (A, depth - 1)
+                    break
+                kind = next((k for s, t, k in lay.runs if s <= off < t), A)
+                if kind is not A or depth == len(layers) - 1:
+                    want = (kind, depth)
+                    break
+            assert (e.kind, e.depth) == want
+    data = c.pread(0, c.size)
+    for e in ex:
+        fill = bytes([e.depth + 1]) if e.kind is D else b"\0"
+        assert data[e.start:e.end] == fill * e.length
