@@ -1,1 +1,86 @@
 """`flatfs convert` (see convert.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import click
+
+from .chain import OpenOptions
+from .cli import chain_options, main
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class SizeParam(click.ParamType):
+    """A byte count: 65536, 64k, 64K, 2M, 2MiB, 1G."""
+
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtTbB]?)(?:i?[bB])?\s*", str(value))
+        if not m:
+            self.fail(f"{value!r} is not a size (examples: 512, 64k, 2M)", param, ctx)
+        return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+SIZE = SizeParam()
+
+
+@main.command()
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.argument("target", type=click.Path(dir_okay=False))
+@click.option("-O", "--target-format", type=click.Choice(["qcow2", "raw"]), default="qcow2",
+              show_default=True, help="Format of TARGET.")
+@click.option("-S", "--sparse-size", type=SIZE, default="4k", show_default=True,
+              help="Inside the data, aligned runs of zeros this long are not written; 0 writes every "
+                   "byte of the data (holes of SOURCE stay holes).")
+@click.option("--compat", type=click.Choice(["0.10", "1.1"]), default=None,
+              help="qcow2 version: 1.1 (v3, default) or 0.10 (v2).")
+@click.option("--cluster-size", type=SIZE, default=None,
+              help="qcow2 cluster size, 512 to 2M (default 64k).")
+@click.option("-c", "--compress", is_flag=True, help="Write compressed qcow2 clusters.")
+@click.option("--compression-type", type=click.Choice(["zlib", "zstd"]), default=None,
+              help="Compression algorithm recorded in the image (default zlib).")
+@click.option("--extended-l2", is_flag=True,
+              help="Write extended L2 entries (32 subclusters per cluster; clusters >= 16k).")
+@click.option("-B", "--backing", "backing", default=None, metavar="BACKING",
+              help="Write TARGET as an overlay on BACKING, storing only what differs. The name is "
+                   "stored as given and resolved against TARGET's folder.")
+@click.option("-F", "--backing-format", type=click.Choice(["qcow2", "raw"]), default=None,
+              help="Format of BACKING (default: probe).")
+@click.option("--force", is_flag=True, help="Replace an existing TARGET.")
+@click.option("-p", "--progress", is_flag=True, help="Show a progress bar on stderr.")
+@click.option("--output", type=click.Choice(["human", "json"]), default="human",
+              help="json: print a summary of the work done.")
+@chain_options(format_flag=("-f", "--source-format"))
+@click.pass_context
+def convert(ctx: click.Context, source: str, target: str, target_format: str, sparse_size: int,
+            compat: str | None, cluster_size: int | None, compress: bool, compression_type: str | None,
+            extended_l2: bool, backing: str | None, backing_format: str | None, force: bool,
+            progress: bool, output: str, options: OpenOptions) -> None:
+    """Write SOURCE's flattened chain to TARGET, reading only its data.
+
+    SOURCE is any image flatfs reads (a qcow2 chain, or a raw file such as a
+    mounted flatfs view). TARGET is written to a temporary file next to it and
+    renamed into place; on any error or interruption nothing is left behind.
+    """
+    from .convert import ConvertOptions, Interrupted
+    from .convert import convert as do_convert
+
+    opts = ConvertOptions(target_format=target_format, sparse_size=sparse_size, compat=compat,
+                          cluster_size=cluster_size, compress=compress,
+                          compression_type=compression_type, extended_l2=extended_l2,
+                          backing=backing, backing_format=backing_format, force=force)
+    try:
+        summary = do_convert(source, target, opts, options, progress=progress)
+    except Interrupted as exc:
+        click.echo(f"flatfs: {exc}", err=True)
+        ctx.exit(128 + exc.signum)
+    for path in summary.removed_stale:
+        click.echo(f"flatfs: removed stale temporary file {path}", err=True)
+    if output == "json":
+        click.echo(json.dumps(summary.as_dict(), indent=2))
