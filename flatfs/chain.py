@@ -72,7 +72,8 @@ class Opener:
 
     def open(self, path: str, *, top: bool, referrer: str | None = None, what: str = "backing file") -> int:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO must be refused, not waited on
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             if referrer is not None and exc.errno == errno.ENOENT:
                 raise ChainError(f"{referrer}: {what} {path!r} not found") from None
@@ -84,8 +85,15 @@ class Opener:
             raise ImageIOError.from_oserror(path, exc) from None
         if stat.S_ISDIR(st.st_mode):
             raise ImageIOError(path, "is a directory")
-        if not top and not stat.S_ISREG(st.st_mode) and not self.options.allow_special:
-            raise ChainError(f"{referrer}: {what} {path!r} is not a regular file (use --allow-special to allow devices)")
+        if not self.options.allow_special:
+            # The user named the top image, so a block device is fine there; a file
+            # an image names must be a regular file unless explicitly allowed.
+            if top and not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise ImageIOError(path, "not a regular file or block device")
+            if not top and not stat.S_ISREG(st.st_mode):
+                raise ChainError(f"{referrer}: {what} {path!r} is not a regular file "
+                                 "(use --allow-special to allow devices)")
+        os.set_blocking(fd, True)
         if not self.options.force_share:
             from .locking import lock_shared_readonly  # local: keeps the import graph flat
             self.locks.append(lock_shared_readonly(fd, path))
