@@ -22,14 +22,17 @@ class RawLayer:
         try:
             st = os.fstat(fd)
             if stat.S_ISBLK(st.st_mode):
-                self.size = os.lseek(fd, 0, os.SEEK_END)
+                self.file_size = os.lseek(fd, 0, os.SEEK_END)
             else:
-                self.size = st.st_size
+                self.file_size = st.st_size
         except OSError as exc:
             raise ImageIOError.from_oserror(path, exc) from None
+        # QEMU counts a raw file in whole 512-byte sectors: the tail past the
+        # end of the file reads as zeros.
+        self.size = -(-self.file_size // 512) * 512
 
     def extents(self, start: int, end: int) -> Iterator[Extent]:
-        for s, e, is_data in data_runs(self.fd, self.path, start, min(end, self.size), self.size):
+        for s, e, is_data in data_runs(self.fd, self.path, start, min(end, self.size), self.file_size):
             yield Extent(s, e - s, Kind.DATA if is_data else Kind.ZERO)
 
     def readinto(self, offset: int, buf: memoryview) -> None:

@@ -44,7 +44,7 @@ class Qcow2Layer:
         head = os.pread(fd, 1 << 21, 0) if self.file_size else b""
         hdr = parse_header(path, head[:_first_cluster(head)], self.file_size)
         self.header: Header = hdr
-        self.size = hdr.size
+        self.size = hdr.size // 512 * 512   # QEMU counts whole sectors, rounding down
         self.cluster_bits = hdr.cluster_bits
         self.cluster_size = hdr.cluster_size
         self.l1_span = hdr.l1_span

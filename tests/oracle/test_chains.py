@@ -170,3 +170,14 @@ def test_cli_map_json_matches_qemu(qemu, tmp_path):
     assert project_map(json.loads(out.stdout)) == project_map(qemu.map(top))
     human = flatfs("map", top).stdout
     assert "data" in human and "zero" in human
+
+
+@pytest.mark.qemu
+def test_raw_file_of_odd_size_is_counted_in_whole_sectors(qemu, tmp_path):
+    base = tmp_path / "odd.raw"
+    base.write_bytes(bytes(range(256)) * 3 + b"x" * 232)       # 1000 bytes
+    top = qemu.create(tmp_path / "top.qcow2", None, backing=base.name, backing_fmt="raw")
+    for img in (base, top):
+        with open_chain(img) as chain:
+            assert chain.size == 1024
+        assert_matches_qemu(qemu, img, tmp_path)
