@@ -37,8 +37,9 @@ def mount(image: str, mountpoint: str, foreground: bool, allow_other: bool, debu
 @main.command()
 @click.argument("mountpoint", type=click.Path())
 @click.option("-l", "--lazy", is_flag=True, help="Detach now even if busy (fusermount3 -u -z).")
-def umount(mountpoint: str, lazy: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Succeed silently if nothing is mounted there.")
+def umount(mountpoint: str, lazy: bool, quiet: bool) -> None:
     """Unmount a flatfs view (refuses anything that is not one)."""
     from .fuse import umount as do_umount
 
-    do_umount(mountpoint, lazy=lazy)
+    do_umount(mountpoint, lazy=lazy, quiet=quiet)

@@ -238,6 +238,12 @@ def _glue() -> tuple[type, type]:
         def _decode(self, path: bytes | None) -> str | None:
             return None if path is None else path.decode(self.encoding, self.errors)
 
+    if hasattr(m.FUSE, "lseek_fuse_3"):
+        # A later mfusepy with its own suffixed wrapper: FUSE.__init__ refuses a
+        # class that has both names, so ours must take the suffixed one.
+        FlatfsFUSE.lseek_fuse_3 = FlatfsFUSE.lseek  # type: ignore[attr-defined]
+        del FlatfsFUSE.lseek
+
     class Operations(m.Operations):
         """Thin adapter: kernel request -> View call; every exception -> errno_for."""
 
@@ -332,7 +338,7 @@ def _unescape(s: str) -> str:
     raw = s.encode("utf-8", "surrogateescape")
     i = 0
     while i < len(raw):
-        if raw[i] == 0x5C and i + 3 < len(raw) + 0 and raw[i + 1:i + 4].isdigit():
+        if raw[i] == 0x5C and i + 3 < len(raw) and raw[i + 1:i + 4].isdigit():
             out.append(int(raw[i + 1:i + 4], 8))
             i += 4
         else:
@@ -395,14 +401,16 @@ def check_mountpoint(mountpoint: str) -> tuple[str, bool]:
     except FileNotFoundError:
         raise MountError(f"{mountpoint}: mountpoint does not exist") from None
     except OSError as exc:
-        hint = f" (a dead FUSE mount? try: flatfs umount {mountpoint})" if exc.errno == errno.ENOTCONN else ""
+        dead = exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        hint = f" (a dead FUSE mount? try: flatfs umount {mountpoint})" if dead else ""
         raise MountError(f"{mountpoint}: cannot use as mountpoint: {exc.strerror}{hint}") from None
     if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
         raise MountError(f"{mountpoint}: mountpoint must be a directory or a regular file")
     busy = find_mount(path)
     if busy is not None or (stat.S_ISDIR(st.st_mode) and os.path.ismount(path)):
         what = f" ({busy.fstype} from {busy.source})" if busy else ""
-        raise MountError(f"{mountpoint}: already a mount point{what}")
+        hint = f"; to unmount it: flatfs umount {mountpoint}" if busy and busy.fstype == FSTYPE else ""
+        raise MountError(f"{mountpoint}: already a mount point{what}{hint}")
     return path, stat.S_ISDIR(st.st_mode)
 
 
@@ -726,11 +734,17 @@ def _report(w: int, message: str) -> None:
 # umount
 # ---------------------------------------------------------------------------
 
-def umount(mountpoint: str, lazy: bool = False) -> None:
-    """``flatfs umount``: fusermount3 -u, but only for a flatfs mount."""
+def umount(mountpoint: str, lazy: bool = False, quiet: bool = False) -> None:
+    """``flatfs umount``: fusermount3 -u, but only for a flatfs mount.
+
+    ``quiet``: succeed silently when nothing is mounted there (for ExecStopPost=).
+    A dead mount (its daemon killed) is still a flatfs mount and is unmounted.
+    """
     path = os.path.realpath(mountpoint)
     entry = find_mount(path)
     if entry is None:
+        if quiet:
+            return
         raise MountError(f"{mountpoint}: not mounted")
     if entry.fstype != FSTYPE:
         raise MountError(f"{mountpoint}: not a flatfs mount (it is {entry.fstype} from {entry.source})")
