@@ -1,0 +1,164 @@
+"""The mounted view against qemu-img: bytes, holes, st_blocks, and tools that read it."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import random
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import Qemu
+from .conftest import Chain, data_extents, qemu_map, seek_walk
+
+pytestmark = pytest.mark.fuse
+
+NAMES = ["three", "rawbase", "dense"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bytes_equal_qemu_convert(name: str, chains: dict[str, Chain], views: dict[str, Path]) -> None:
+    assert filecmp.cmp(views[name], chains[name].ref, shallow=False)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_qemu_img_compare(name: str, chains: dict[str, Chain], views: dict[str, Path]) -> None:
+    res = subprocess.run(["qemu-img", "compare", "-f", "raw", str(views[name]), str(chains[name].image)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_seek_walk_equals_qemu_map(name: str, chains: dict[str, Chain], views: dict[str, Path]) -> None:
+    assert chains[name].data, "the test chain should have data"
+    assert seek_walk(views[name]) == chains[name].data
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_qemu_img_map_of_the_view(name: str, chains: dict[str, Chain], views: dict[str, Path]) -> None:
+    got = data_extents(qemu_map(Qemu(), views[name], "raw"))
+    assert got == chains[name].data
+
+
+def test_seek_edges(chains: dict[str, Chain], views: dict[str, Path]) -> None:
+    c, view = chains["three"], views["three"]
+    last_start, last_len = c.data[-1]
+    fd = os.open(view, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, c.data[0][0], os.SEEK_DATA) == c.data[0][0]
+        mid = c.data[0][0] + c.data[0][1] // 2
+        assert os.lseek(fd, mid, os.SEEK_DATA) == mid                 # inside data: stays
+        assert os.lseek(fd, mid, os.SEEK_HOLE) == c.data[0][0] + c.data[0][1]
+        end = last_start + last_len
+        if end < c.size:
+            with pytest.raises(OSError) as ei:                         # no data after the last run
+                os.lseek(fd, end, os.SEEK_DATA)
+            assert ei.value.errno == 6
+            assert os.lseek(fd, end, os.SEEK_HOLE) == end
+        with pytest.raises(OSError) as ei:                             # at/after EOF
+            os.lseek(fd, c.size, os.SEEK_HOLE)
+        assert ei.value.errno == 6
+        assert os.lseek(fd, 123, os.SEEK_SET) == 123                   # ordinary seeks still work
+        assert os.lseek(fd, 0, os.SEEK_END) == c.size
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stat(name: str, chains: dict[str, Chain], views: dict[str, Path]) -> None:
+    c, view = chains[name], views[name]
+    st = os.stat(view)
+    assert st.st_size == c.size
+    assert st.st_blocks == (sum(n for _, n in c.data) + 511) // 512
+    assert st.st_mode & 0o7777 == 0o444
+    assert st.st_mtime_ns == os.stat(c.image).st_mtime_ns
+    assert os.stat(view.parent).st_mode & 0o7777 == 0o555
+    assert os.listdir(view.parent) == [view.name]
+    assert subprocess.run(["du", "-B1", str(view)], capture_output=True, text=True,
+                          check=True).stdout.split()[0] == str(st.st_blocks * 512)
+
+
+def test_open_for_write_is_erofs(views: dict[str, Path]) -> None:
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+        with pytest.raises(OSError) as ei:
+            os.open(views["three"], flags)
+        assert ei.value.errno == 30, flags
+
+
+@pytest.mark.parametrize("name", ["three", "rawbase"])
+def test_cp_sparse_allocates_no_more_than_data(name: str, chains: dict[str, Chain], views: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    out = tmp_path / "copy.raw"
+    subprocess.run(["cp", "--sparse=always", str(views[name]), str(out)], check=True)
+    assert filecmp.cmp(out, chains[name].ref, shallow=False)
+    # Data runs are counted in whole 4 KiB blocks of the host file system.
+    blocks = set()
+    for s, n in chains[name].data:
+        blocks.update(range(s // 4096, (s + n + 4095) // 4096))
+    assert os.stat(out).st_blocks * 512 <= len(blocks) * 4096
+
+
+@pytest.mark.parametrize("name", ["three", "rawbase"])
+def test_qemu_img_convert_from_the_view(name: str, chains: dict[str, Chain], views: dict[str, Path],
+                                        tmp_path: Path) -> None:
+    q = Qemu()
+    out = tmp_path / "out.qcow2"
+    q.img("convert", "-f", "raw", "-O", "qcow2", views[name], out)
+    res = q.img("compare", out, chains[name].image, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_eight_threads_random_reads(chains: dict[str, Chain], views: dict[str, Path]) -> None:
+    c, view = chains["dense"], views["dense"]
+    ref = c.ref.read_bytes()
+    start = threading.Barrier(8)
+    errors: list[str] = []
+
+    def worker(i: int) -> None:
+        rng = random.Random(1000 + i)
+        # Half the readers use O_DIRECT so their requests reach the daemon
+        # instead of the page cache the others fill.
+        flags = os.O_RDONLY | (os.O_DIRECT if i % 2 else 0)
+        fd = os.open(view, flags)
+        try:
+            start.wait()
+            for _ in range(150):
+                off = rng.randrange(0, c.size)
+                n = rng.choice([1, 511, 4096, 65536, 200_000, 1 << 20])
+                got = os.pread(fd, n, off)
+                if got != ref[off:off + n]:
+                    errors.append(f"thread {i}: {n} bytes at {off:#x} differ")
+                    return
+        except Exception as exc:  # noqa: BLE001 - report it from the main thread
+            errors.append(f"thread {i}: {exc!r}")
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_huge_sparse_overlay_seek(tmp_path: Path, mounter, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 64 TiB sparse overlay: the walk is exact; the cost per lseek is reported, not asserted."""
+    q = Qemu()
+    q.create(tmp_path / "huge.qcow2", "64T")
+    q.io(tmp_path / "huge.qcow2", "write -P 3 63T 64k")
+    q.create(tmp_path / "top.qcow2", "64T", backing="huge.qcow2")
+    q.io(tmp_path / "top.qcow2", "write -P 1 40T 64k", "write -P 2 1G 64k")
+    view = mounter.mount(tmp_path / "top.qcow2")
+    want = data_extents(qemu_map(q, tmp_path / "top.qcow2"))
+    t = time.perf_counter()
+    got = seek_walk(view)
+    per_call = (time.perf_counter() - t) / (2 * len(got) + 1)
+    assert got == want
+    assert os.stat(view).st_blocks == 3 * 65536 // 512
+    with capsys.disabled():
+        print(f"\n64 TiB overlay: {per_call * 1e3:.3f} ms per SEEK_DATA/SEEK_HOLE", end="")
