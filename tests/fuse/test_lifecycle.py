@@ -184,3 +184,27 @@ def test_libfuse3_is_forced(chains: dict[str, Chain], mounter) -> None:
     res = flatfs("mount", c.image, mp, check=False, env=dict(os.environ, FUSE_LIBRARY_NAME="fuse"))
     assert res.returncode == 0, res.stderr
     assert seek_walk(mp / "top.raw") == c.data           # lseek answered, not the ENOSYS fallback
+
+
+def test_odd_names_and_mounting_over_the_image_itself(chains: dict[str, Chain], mounter,
+                                                      tmp_path: Path) -> None:
+    import shutil
+
+    c = chains["rawbase"]
+    d = tmp_path / "with space"
+    d.mkdir()
+    image = d / "a,b c.qcow2"
+    shutil.copy(c.image, image)
+    shutil.copy(c.image.with_name("disk.raw"), d / "disk.raw")
+    mp = d / "m p"
+    mp.mkdir()
+    view = mounter.mount(image, mp)
+    assert view.name == "a,b c.raw"
+    assert filecmp.cmp(view, c.ref, shallow=False)
+    _fails(mounter.run(image, mp), "already a mount point", "flatfs umount")
+    assert flatfs("umount", mp, check=False).returncode == 0
+    # Over the top image itself: the chain is open before the mount hides it.
+    assert mounter.mount(image, image) == image
+    assert os.stat(image).st_size == c.size and filecmp.cmp(image, c.ref, shallow=False)
+    assert flatfs("umount", image, check=False).returncode == 0
+    assert image.read_bytes()[:4] == b"QFI\xfb"
