@@ -22,6 +22,7 @@ import errno
 import logging
 import logging.handlers
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -706,14 +707,28 @@ def _daemonize(req: MountRequest, mountpoint: str, is_dir: bool) -> None:
             os._exit(code)
     # --- the parent
     os.close(w)
-    msg = b""
-    while not msg.endswith(b"\n"):
-        chunk = os.read(r, 4096)
-        if not chunk:
-            break
-        msg += chunk
-    os.close(r)
-    text = msg.decode("utf-8", "replace").strip()
+    msg = bytearray()
+
+    def wait_line() -> str:
+        while not msg.endswith(b"\n"):
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            msg.extend(chunk)
+        return msg.decode("utf-8", "replace").strip()
+
+    try:
+        text = wait_line()
+    except KeyboardInterrupt:
+        # The daemon is in its own session and did not see the ^C. Let it
+        # finish, then take its mount down again: nothing is left behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if wait_line() == "ready":
+            _detach(mountpoint)
+        os.waitpid(pid, 0)
+        raise MountError(f"{req.mountpoint}: interrupted; nothing mounted") from None
+    finally:
+        os.close(r)
     if text == "ready":
         return
     _, status = os.waitpid(pid, 0)
