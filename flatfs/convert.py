@@ -43,9 +43,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 from .chain import Chain, OpenOptions, open_chain
 from .errors import ConvertError, FlatfsError, ImageIOError
 from .qcow2.writer import (ALL_ALLOC, DEFAULT_CLUSTER_SIZE, SUBCLUSTERS, Qcow2Writer,
-                           cluster_bits_of)
+                           cluster_bits_of, pwritev_all)
 
-CHUNK_BYTES = 8 << 20          # uncompressed: read and write this much at a time
+CHUNK_BYTES = 4 << 20          # uncompressed: read and write this much at a time
 COMPRESS_CHUNK_BYTES = 1 << 20  # compressed: one thread-pool task
 MAX_COMPRESS_THREADS = 8
 DEFAULT_SPARSE_SIZE = 4096     # qemu-img's default -S
@@ -225,32 +225,17 @@ def _chunks(items: Iterable[tuple[int, int, int, int]], gran: int, limit: int, s
         yield a, end, pieces
 
 
-class _Reader:
-    """Reads pieces of one chain into a buffer, zeroing the gaps; counts bytes."""
-
-    def __init__(self, chain: Chain) -> None:
-        self.chain = chain
-        self.layers = chain.layers
-        self.bytes = 0
-        self._zeros = b""
-
-    def zeros(self, n: int) -> bytes:
-        if len(self._zeros) < n:
-            self._zeros = bytes(max(n, CHUNK_BYTES))
-        return self._zeros
-
-    def fill(self, mv: memoryview, a: int, pieces: list[Piece]) -> None:
-        pos = 0
-        z = self.zeros(len(mv))
-        for s, n, d in pieces:
-            off = s - a
-            if off > pos:
-                mv[pos:off] = z[:off - pos]
-            self.layers[d].readinto(s, mv[off:off + n])
-            self.bytes += n
-            pos = off + n
-        if pos < len(mv):
-            mv[pos:] = z[:len(mv) - pos]
+def _fill(layers: Sequence[Any], mv: memoryview, a: int, pieces: list[Piece], zeros: bytes) -> None:
+    """Read ``pieces`` (guest offset, length, depth) into ``mv`` (guest offset ``a``); zero the gaps."""
+    pos = 0
+    for s, n, d in pieces:
+        off = s - a
+        if off > pos:
+            mv[pos:off] = zeros[:off - pos]
+        layers[d].readinto(s, mv[off:off + n])
+        pos = off + n
+    if pos < len(mv):
+        mv[pos:] = zeros[:len(mv) - pos]
 
 
 def _zero_blocks(buf: bytearray, start: int, end: int, h: int, zh: bytes) -> bytearray:
@@ -309,6 +294,7 @@ def _compressor(kind: str) -> Callable[[bytes | memoryview], bytes]:
 
 
 def _compress_all(kind: str, cs: int, clusters: list[memoryview]) -> list[bytes | None]:
+    """Compress each cluster; None where compression would not make it smaller."""
     comp = _compressor(kind)
     out: list[bytes | None] = []
     for mv in clusters:
@@ -318,32 +304,174 @@ def _compress_all(kind: str, cs: int, clusters: list[memoryview]) -> list[bytes 
     return out
 
 
+# -- the pipeline ----------------------------------------------------------------
+#
+# Chunks are prepared (read, classified, compressed) on a small thread pool,
+# several ahead; the main thread applies them strictly in guest order (host
+# allocation and L2 entries), and the data is written by a second pool.
+# pread/pwrite, zlib and zstandard all release the GIL. Each chunk owns a
+# slot (its buffers); a slot is reused only after its writes completed, so
+# memory stays at (slots x chunk size) whatever the image size.
+
+class _Slot:
+    __slots__ = ("buf", "bbuf", "writes")
+
+    def __init__(self) -> None:
+        self.buf: bytearray | None = None
+        self.bbuf: bytearray | None = None
+        self.writes: list[Future] = []
+
+    def wait(self) -> None:
+        writes, self.writes = self.writes, []
+        for f in writes:
+            f.result()
+
+
+class _AsyncIO:
+    """The writer's WriteIO on a thread pool; writes of chunk data are tracked per slot."""
+
+    def __init__(self, fd: int, path: str, threads: int) -> None:
+        self.fd = fd
+        self.path = path
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="flatfs-write")
+        self.owner: list[Future] | None = None
+        self.loose: deque[Future] = deque()
+
+    def write(self, bufs: list[memoryview], offset: int) -> None:
+        f = self.pool.submit(pwritev_all, self.fd, bufs, offset, self.path)
+        if self.owner is not None:
+            self.owner.append(f)
+            return
+        self.loose.append(f)
+        while self.loose and (self.loose[0].done() or len(self.loose) > 16):
+            self.loose.popleft().result()
+
+    def drain(self) -> None:
+        while self.loose:
+            self.loose.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+Chunk = tuple[int, int, list[list[Piece]]]
+
+
+class _Job:
+    """Drives chunks through prepare (pool, any order) and apply (main thread, in order)."""
+
+    chunk_bytes = CHUNK_BYTES
+    prep_threads = 4
+    write_threads = 4
+
+    def __init__(self, summary: Summary, progress: Progress | None) -> None:
+        self.summary = summary
+        self.progress = progress
+        self.delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
+        self.zeros = bytes(self.chunk_bytes)
+        self.io: _AsyncIO | None = None
+
+    def chunks(self) -> Iterator[Chunk]:
+        raise NotImplementedError
+
+    def prepare(self, chunk: Chunk, slot: _Slot) -> Any:
+        raise NotImplementedError
+
+    def apply(self, chunk: Chunk, slot: _Slot, prepared: Any) -> None:
+        raise NotImplementedError
+
+    def pipeline(self) -> None:
+        assert self.io is not None
+        if self.prep_threads == 0:
+            return self._inline()
+        depth = self.prep_threads + 1
+        slots = [_Slot() for _ in range(depth + self.write_threads)]
+        free = deque(slots)
+        ahead: deque[tuple[Chunk, _Slot, Future]] = deque()
+        pool = ThreadPoolExecutor(self.prep_threads, thread_name_prefix="flatfs-read")
+        it = self.chunks()
+        more = True
+        try:
+            while True:
+                while more and len(ahead) < depth and free:
+                    chunk = next(it, None)
+                    if chunk is None:
+                        more = False
+                        break
+                    slot = free.popleft()
+                    slot.wait()
+                    ahead.append((chunk, slot, pool.submit(self.prepare, chunk, slot)))
+                if not ahead:
+                    break
+                chunk, slot, fut = ahead.popleft()
+                prepared = fut.result()
+                self.io.owner = slot.writes
+                try:
+                    self.apply(chunk, slot, prepared)
+                finally:
+                    self.io.owner = None
+                free.append(slot)
+                done = sum(n for side in chunk[2] for _, n, _ in side)
+                self.summary.data_read += done
+                if self.progress is not None:
+                    self.progress.add(done)
+                if self.delay:
+                    time.sleep(self.delay)
+            for slot in slots:
+                slot.wait()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+    def _inline(self) -> None:
+        assert self.io is not None
+        slot = _Slot()
+        for chunk in self.chunks():
+            prepared = self.prepare(chunk, slot)
+            self.io.owner = slot.writes
+            try:
+                self.apply(chunk, slot, prepared)
+            finally:
+                self.io.owner = None
+            slot.wait()
+            done = sum(n for side in chunk[2] for _, n, _ in side)
+            self.summary.data_read += done
+            if self.progress is not None:
+                self.progress.add(done)
+            if self.delay:
+                time.sleep(self.delay)
+
+
 # -- the qcow2 job -------------------------------------------------------------
 
 OP_DATA = 0    # (OP_DATA, guest cluster, buffer offset, length, segments, bitmaps)
 OP_ZERO = 1    # (OP_ZERO, guest cluster, count, bitmaps)
 
 
-class _QcowJob:
+class _QcowJob(_Job):
     def __init__(self, src: Chain, bak: Chain | None, writer: Qcow2Writer, opts: ConvertOptions,
                  summary: Summary, progress: Progress | None, ctype: str) -> None:
-        self.src = _Reader(src)
-        self.bak = _Reader(bak) if bak is not None else None
+        cs = writer.cs
+        self.compress = opts.compress
+        if self.compress:
+            self.prep_threads = max(2, min(opts.threads or os.cpu_count() or 1, MAX_COMPRESS_THREADS))
+            self.write_threads = 2
+        chunk = max(cs, COMPRESS_CHUNK_BYTES if self.compress else CHUNK_BYTES)
+        self.chunk_bytes = chunk - chunk % cs
+        super().__init__(summary, progress)
+        self.src = src
+        self.bak = bak
         self.bak_end = min(bak.size, writer.size) if bak is not None else 0
         self.w = writer
-        self.cs = writer.cs
+        self.cs = cs
         self.size = writer.size
-        self.summary = summary
-        self.progress = progress
-        self.compress = opts.compress
         self.ctype = ctype
-        self.threads = max(1, min(opts.threads or os.cpu_count() or 1, MAX_COMPRESS_THREADS))
-        self.delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
         s = opts.sparse_size
-        cs = self.cs
         # Zero detection granule inside a chunk: -S when it divides the cluster,
         # else the cluster (an all-zero cluster is never allocated either way).
-        self.detect = s > 0
+        # Over a backing file, zeros where the backing reads zeros are "the
+        # same as the backing" and never stored, whatever -S says.
+        self.detect = s > 0 or bak is not None
         self.h = s if 0 < s <= cs and cs % s == 0 else cs
         self.zh = bytes(self.h)
         self.zc = bytes(cs)
@@ -351,71 +479,61 @@ class _QcowJob:
         self.zsub = bytes(self.sub)
 
     def run(self) -> None:
-        cs = self.cs
-        chunk = max(cs, COMPRESS_CHUNK_BYTES if self.compress else CHUNK_BYTES)
-        chunk -= chunk % cs
-        items: Iterable = _data_items(self.src.chain, 0, self.size)
-        if self.bak is not None:
-            items = heapq.merge(items, _data_items(self.bak.chain, 1, self.bak_end))
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="flatfs-compress") if self.compress else None
-        inflight: deque[tuple[list, bytearray, Future]] = deque()
-        reuse = bytearray(chunk) if not self.compress else None
-        breuse = bytearray(chunk) if self.bak is not None else None
+        self.io = _AsyncIO(self.w.fd, self.w.path, self.write_threads)
+        self.w.io = self.io
         try:
-            for a, b, (sp, bp) in _chunks(items, cs, chunk, self.size, 2):
-                n = b - a
-                buf = reuse if reuse is not None else bytearray(n)
-                mv = memoryview(buf)[:n]
-                before = self.src.bytes + (self.bak.bytes if self.bak else 0)
-                self.src.fill(mv, a, sp)
-                bbuf = None
-                if bp:
-                    assert self.bak is not None and breuse is not None
-                    bbuf = breuse
-                    self.bak.fill(memoryview(bbuf)[:n], a, bp)
-                ops = self._plan(a, n, buf, bbuf)
-                if pool is None:
-                    self._apply(ops, mv, None)
-                else:
-                    todo = []
-                    for op in ops:
-                        if op[0] == OP_DATA:
-                            off, length = op[2], op[3]
-                            todo.extend(mv[off + lo:off + min(length, lo + cs)]
-                                        for lo in range(0, length, cs))
-                    fut = pool.submit(_compress_all, self.ctype, cs, todo)
-                    inflight.append((ops, buf, fut))
-                    while len(inflight) > self.threads + 1:
-                        o, bb, f = inflight.popleft()
-                        self._apply(o, memoryview(bb), f.result())
-                if self.progress is not None:
-                    self.progress.add(self.src.bytes + (self.bak.bytes if self.bak else 0) - before)
-                if self.delay:
-                    time.sleep(self.delay)
-            while inflight:
-                o, bb, f = inflight.popleft()
-                self._apply(o, memoryview(bb), f.result())
+            self.pipeline()
+            self.w.finish()
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        self.summary.data_read = self.src.bytes + (self.bak.bytes if self.bak else 0)
+            self.io.close()
+
+    def chunks(self) -> Iterator[Chunk]:
+        items: Iterable = _data_items(self.src, 0, self.size)
+        if self.bak is not None:
+            items = heapq.merge(items, _data_items(self.bak, 1, self.bak_end))
+        return _chunks(items, self.cs, self.chunk_bytes, self.size, 2)
+
+    def prepare(self, chunk: Chunk, slot: _Slot) -> tuple:
+        a, b, (sp, bp) = chunk
+        n = b - a
+        if slot.buf is None:
+            slot.buf = bytearray(self.chunk_bytes)
+        buf = slot.buf
+        mv = memoryview(buf)[:n]
+        _fill(self.src.layers, mv, a, sp, self.zeros)
+        bbuf = None
+        if bp:
+            assert self.bak is not None
+            if slot.bbuf is None:
+                slot.bbuf = bytearray(self.chunk_bytes)
+            bbuf = slot.bbuf
+            _fill(self.bak.layers, memoryview(bbuf)[:n], a, bp, self.zeros)
+        if bbuf is None and not self.w.extended_l2:
+            ops, zskip, same = self._plan_fast(a, n, buf)
+        else:
+            ops, zskip, same = self._plan_slow(a, n, buf, bbuf)
+        comp = None
+        if self.compress:
+            cs = self.cs
+            todo = []
+            for op in ops:
+                if op[0] == OP_DATA:
+                    off, length = op[2], op[3]
+                    todo.extend(mv[off + lo:off + min(length, lo + cs)] for lo in range(0, length, cs))
+            comp = _compress_all(self.ctype, cs, todo)
+        return ops, comp, zskip, same
 
     # -- deciding what to store ------------------------------------------------
-    def _plan(self, a: int, n: int, buf: bytearray, bbuf: bytearray | None) -> list[tuple]:
-        if bbuf is None and not self.w.extended_l2:
-            return self._plan_fast(a, n, buf)
-        return self._plan_slow(a, n, buf, bbuf)
-
-    def _plan_fast(self, a: int, n: int, buf: bytearray) -> list[tuple]:
+    def _plan_fast(self, a: int, n: int, buf: bytearray) -> tuple[list[tuple], int, int]:
         """No backing data here and no subclusters: skip zero clusters, leave zero blocks as holes."""
         cs = self.cs
         g0 = a // cs
         if not self.detect:
-            return [(OP_DATA, g0, 0, n, None, None)]
+            return [(OP_DATA, g0, 0, n, None, None)], 0, 0
         h = self.h
         zb = _zero_blocks(buf, 0, n, h, self.zh)
         if not zb.count(1):
-            return [(OP_DATA, g0, 0, n, None, None)]
+            return [(OP_DATA, g0, 0, n, None, None)], 0, 0
         bpc = cs // h
         nclus = -(-n // cs)
         if bpc == 1:
@@ -425,31 +543,34 @@ class _QcowJob:
             for j in range(nclus):
                 if zb.find(0, j * bpc, (j + 1) * bpc) < 0:
                     cz[j] = 1
-        self.summary.zero_clusters_skipped += cz.count(1)
         ops: list[tuple] = []
         for j0, j1 in _runs(cz, 0):
             off = j0 * cs
             length = min(n, j1 * cs) - off
             segs = [(i * h - off, min(n, k * h) - i * h) for i, k in _runs(zb, 0, j0 * bpc, j1 * bpc)]
-            ops.append((OP_DATA, g0 + j0, off, length, None if len(segs) == 1 and segs[0] == (0, length) else segs, None))
-        return ops
+            if len(segs) == 1 and segs[0] == (0, length):
+                ops.append((OP_DATA, g0 + j0, off, length, None, None))
+            else:
+                ops.append((OP_DATA, g0 + j0, off, length, segs, None))
+        return ops, cz.count(1), 0
 
-    def _plan_slow(self, a: int, n: int, buf: bytearray, bbuf: bytearray | None) -> list[tuple]:
+    def _plan_slow(self, a: int, n: int, buf: bytearray,
+                   bbuf: bytearray | None) -> tuple[list[tuple], int, int]:
         """Per cluster: compare with the backing, and/or per subcluster."""
         cs = self.cs
         g0 = a // cs
-        ext = self.w.extended_l2
         ops: list[tuple] = []
         run: list[Any] | None = None          # [g, off, length, bitmaps]
         zrun: list[Any] | None = None         # [g, count, bitmaps]
-        summ = self.summary
+        zskip = same = 0
         for j in range(-(-n // cs)):
             off = j * cs
             ln = min(cs, n - off)
             state, bitmap = self._classify(buf, bbuf, off, ln)
             if state == OP_DATA:
                 if zrun is not None:
-                    ops.append((OP_ZERO, *zrun)); zrun = None
+                    ops.append((OP_ZERO, *zrun))
+                    zrun = None
                 if run is not None and run[1] + run[2] == off:
                     run[2] += ln
                     run[3].append(bitmap)
@@ -459,7 +580,8 @@ class _QcowJob:
                     run = [g0 + j, off, ln, [bitmap]]
                 continue
             if run is not None:
-                ops.append(self._data_op(*run)); run = None
+                ops.append(self._data_op(*run))
+                run = None
             if state == OP_ZERO:
                 if zrun is not None and zrun[0] + zrun[1] == g0 + j:
                     zrun[1] += 1
@@ -468,37 +590,39 @@ class _QcowJob:
                     if zrun is not None:
                         ops.append((OP_ZERO, *zrun))
                     zrun = [g0 + j, 1, [bitmap]]
+                continue
+            if zrun is not None:
+                ops.append((OP_ZERO, *zrun))
+                zrun = None
+            if state == "same":
+                same += 1
             else:
-                if zrun is not None:
-                    ops.append((OP_ZERO, *zrun)); zrun = None
-                if state == "same":
-                    summ.same_as_backing += 1
-                else:
-                    summ.zero_clusters_skipped += 1
+                zskip += 1
         if run is not None:
             ops.append(self._data_op(*run))
         if zrun is not None:
             ops.append((OP_ZERO, *zrun))
-        return ops
+        return ops, zskip, same
 
     def _data_op(self, g: int, off: int, length: int, bitmaps: list[int]) -> tuple:
         if not self.w.extended_l2:
             return (OP_DATA, g, off, length, None, None)
         # Write only allocated subclusters; the others stay holes.
         sub = self.sub
+        cs = self.cs
         segs: list[tuple[int, int]] = []
         for k, bm in enumerate(bitmaps):
             alloc = bm & ALL_ALLOC
             i = 0
-            while alloc >> i:
+            while i < SUBCLUSTERS:
                 if not (alloc >> i) & 1:
                     i += 1
                     continue
                 j = i
-                while (alloc >> j) & 1:
+                while j < SUBCLUSTERS and (alloc >> j) & 1:
                     j += 1
-                s = k * self.cs + i * sub
-                e = min(length, k * self.cs + j * sub)
+                s = k * cs + i * sub
+                e = min(length, k * cs + j * sub)
                 if s < e:
                     if segs and segs[-1][0] + segs[-1][1] == s:
                         segs[-1] = (segs[-1][0], e - segs[-1][0])
@@ -548,8 +672,13 @@ class _QcowJob:
             return OP_ZERO, zero
         return ("same" if bmv is not None else "zero"), 0
 
-    # -- storing ---------------------------------------------------------------
-    def _apply(self, ops: list[tuple], mv: memoryview, comp: list[bytes | None] | None) -> None:
+    # -- storing (main thread, guest order) --------------------------------------
+    def apply(self, chunk: Chunk, slot: _Slot, prepared: tuple) -> None:
+        ops, comp, zskip, same = prepared
+        self.summary.zero_clusters_skipped += zskip
+        self.summary.same_as_backing += same
+        assert slot.buf is not None
+        mv = memoryview(slot.buf)
         w = self.w
         cs = self.cs
         k = 0
@@ -580,85 +709,85 @@ class _QcowJob:
 
 # -- the raw job -----------------------------------------------------------------
 
-class _RawJob:
+class _RawJob(_Job):
     def __init__(self, src: Chain, fd: int, path: str, opts: ConvertOptions, summary: Summary,
                  progress: Progress | None) -> None:
-        self.src = _Reader(src)
+        self.s = opts.sparse_size
+        self.gran = self.s or 4096
+        self.chunk_bytes = max(self.gran, CHUNK_BYTES - CHUNK_BYTES % self.gran)
+        super().__init__(summary, progress)
+        self.src = src
         self.fd = fd
         self.path = path
-        self.s = opts.sparse_size
-        self.summary = summary
-        self.progress = progress
-        self.delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
-        self.written = 0
-        self._cfr = (self.s == 0 and len(src.layers) == 1 and src.layers[0].format == "raw"
-                     and hasattr(os, "copy_file_range"))
+        self.zh = bytes(self.gran)
+        # -S 0 from a plain raw file: the kernel may copy (or reflink) without us looking.
+        self.cfr = (self.s == 0 and len(src.layers) == 1 and src.layers[0].format == "raw"
+                    and hasattr(os, "copy_file_range"))
 
     def run(self) -> None:
-        chain = self.src.chain
-        size = chain.size
-        gran = self.s or 4096
-        chunk = max(gran, CHUNK_BYTES - CHUNK_BYTES % gran)
-        buf = bytearray(chunk)
-        zh = bytes(gran)
-        for a, b, (sp,) in _chunks(_data_items(chain, 0, size), gran, chunk, size, 1):
-            before = self.src.bytes
-            if self._cfr and self._copy_range(sp):
-                pass
-            else:
-                n = b - a
-                mv = memoryview(buf)[:n]
-                self.src.fill(mv, a, sp)
-                if self.s == 0:
-                    for s, ln, _ in _coalesce_pieces(sp):
-                        self._pwrite(mv[s - a:s - a + ln], s)
-                else:
-                    zb = _zero_blocks(buf, 0, n, gran, zh)
-                    self.summary.zero_clusters_skipped += zb.count(1)
-                    for i, j in _runs(zb, 0):
-                        self._pwrite(mv[i * gran:min(n, j * gran)], a + i * gran)
-            if self.progress is not None:
-                self.progress.add(self.src.bytes - before)
-            if self.delay:
-                time.sleep(self.delay)
+        self.io = _AsyncIO(self.fd, self.path, self.write_threads)
         try:
-            os.ftruncate(self.fd, size)
+            self.pipeline()
+            self.io.drain()
+        finally:
+            self.io.close()
+        try:
+            os.ftruncate(self.fd, self.src.size)
             os.fsync(self.fd)
         except OSError as exc:
             raise ImageIOError.from_oserror(self.path, exc) from None
-        self.summary.data_read = self.src.bytes
-        self.summary.bytes_written = self.written
+
+    def chunks(self) -> Iterator[Chunk]:
+        size = self.src.size
+        return _chunks(_data_items(self.src, 0, size), self.gran, self.chunk_bytes, size, 1)
+
+    def prepare(self, chunk: Chunk, slot: _Slot) -> tuple[list[tuple[int, int]], int, int]:
+        """-> (writes as (buffer offset, length), zero blocks skipped, bytes copied by the kernel)."""
+        a, b, (sp,) = chunk
+        if self.cfr and self._copy_range(sp):
+            return [], 0, sum(n for _, n, _ in sp)
+        n = b - a
+        if slot.buf is None:
+            slot.buf = bytearray(self.chunk_bytes)
+        buf = slot.buf
+        _fill(self.src.layers, memoryview(buf)[:n], a, sp, self.zeros)
+        if self.s == 0:
+            return [(s - a, ln) for s, ln, _ in _coalesce_pieces(sp)], 0, 0
+        g = self.gran
+        zb = _zero_blocks(buf, 0, n, g, self.zh)
+        return [(i * g, min(n, j * g) - i * g) for i, j in _runs(zb, 0)], zb.count(1), 0
+
+    def apply(self, chunk: Chunk, slot: _Slot, prepared: tuple) -> None:
+        writes, zskip, copied = prepared
+        self.summary.zero_clusters_skipped += zskip
+        self.summary.bytes_written += copied
+        a = chunk[0]
+        assert self.io is not None
+        if writes:
+            assert slot.buf is not None
+            mv = memoryview(slot.buf)
+            for off, n in writes:
+                self.io.write([mv[off:off + n]], a + off)
+                self.summary.bytes_written += n
 
     def _copy_range(self, pieces: list[Piece]) -> bool:
-        """Let the kernel copy (or reflink) raw data; False if it cannot here."""
+        """Let the kernel copy raw data; False (and never again) if it cannot here."""
         layer = self.src.layers[0]
-        for s, n, _ in pieces:
+        for idx, (s, n, _) in enumerate(pieces):
             done = 0
             while done < n:
                 try:
                     k = os.copy_file_range(layer.fd, self.fd, n - done, s + done, s + done)
                 except OSError as exc:
-                    if exc.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
-                                     errno.EBADF) and done == 0 and s == pieces[0][0]:
-                        self._cfr = False
+                    if (exc.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+                            and idx == 0 and done == 0):
+                        self.cfr = False
                         return False
                     raise ImageIOError.from_oserror(self.path, exc, s + done) from None
                 if k <= 0:
                     raise ImageIOError(layer.path, "short read: file ends early", s + done)
                 done += k
-            self.src.bytes += n
-            self.written += n
         return True
-
-    def _pwrite(self, mv: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(mv):
-            try:
-                k = os.pwrite(self.fd, mv[done:], offset + done)
-            except OSError as exc:
-                raise ImageIOError.from_oserror(self.path, exc, offset + done) from None
-            done += k
-        self.written += done
 
 
 def _coalesce_pieces(pieces: list[Piece]) -> Iterator[Piece]:
@@ -950,7 +1079,6 @@ def _write_qcow2(source: Chain, backing: Chain | None, fd: int, target: str, opt
                          extended_l2=options.extended_l2, compression_type=ctype)
     summary.granularity = writer.cs
     _QcowJob(source, backing, writer, options, summary, bar, ctype).run()
-    writer.finish()
     summary.bytes_written = writer.bytes_written
     summary.data_clusters = writer.data_clusters
     summary.compressed_clusters = writer.compressed_clusters

@@ -50,7 +50,7 @@ import os
 import struct
 import sys
 from array import array
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 from ..errors import ConvertError, ImageIOError
 
@@ -121,9 +121,11 @@ class Qcow2Writer:
     def __init__(self, fd: int, size: int, *, path: str = "<target>",
                  cluster_size: int = DEFAULT_CLUSTER_SIZE, version: int = 3,
                  backing_file: str | None = None, backing_format: str | None = None,
-                 extended_l2: bool = False, compression_type: str = "zlib") -> None:
+                 extended_l2: bool = False, compression_type: str = "zlib",
+                 io: "WriteIO | None" = None) -> None:
         self.fd = fd
         self.path = path
+        self.io = io if io is not None else SyncIO(fd, path)
         if size < 0 or size % 512:
             raise ConvertError(f"{path}: qcow2 virtual size must be a multiple of 512, not {size}")
         if version not in (2, 3):
@@ -326,6 +328,7 @@ class Qcow2Writer:
         rt.extend(array("Q", [0]) * (rt_clusters * cs // 8 - len(rt)))
         self._pwrite(memoryview(_be(rt)).cast("B"), rt_off)
 
+        self.io.drain()
         try:
             os.ftruncate(self.fd, self.next)
             os.fdatasync(self.fd)
@@ -333,7 +336,8 @@ class Qcow2Writer:
             raise ImageIOError.from_oserror(self.path, exc) from None
         # The header goes last, once everything it points to is on disk.
         self._header = self._build_header(l1_off, rt_off, rt_clusters, self.l1_size)
-        self._pwrite(memoryview(self._header), 0)
+        pwritev_all(self.fd, [memoryview(self._header)], 0, self.path)
+        self.bytes_written += len(self._header)
         try:
             os.fsync(self.fd)
         except OSError as exc:
@@ -448,27 +452,8 @@ class Qcow2Writer:
         self._pwritev([mv], offset)
 
     def _pwritev(self, bufs: list[memoryview], offset: int) -> None:
-        views = [memoryview(b).cast("B") if memoryview(b).format != "B" else memoryview(b) for b in bufs]
-        total = sum(len(v) for v in views)
-        done = 0
-        while done < total:
-            try:
-                n = os.pwritev(self.fd, views, offset + done)
-            except OSError as exc:
-                raise ImageIOError.from_oserror(self.path, exc, offset + done) from None
-            if n <= 0:
-                raise ImageIOError(self.path, "write made no progress", offset + done)
-            done += n
-            self.bytes_written += n
-            if done < total:
-                # Drop what was written and retry the rest.
-                while n and views:
-                    if n >= len(views[0]):
-                        n -= len(views[0])
-                        views.pop(0)
-                    else:
-                        views[0] = views[0][n:]
-                        n = 0
+        self.bytes_written += sum(len(b) for b in bufs)
+        self.io.write(bufs, offset)
 
     def _build_header(self, l1_off: int, rt_off: int, rt_clusters: int, l1_size: int) -> bytes:
         v3 = self.version >= 3
@@ -498,3 +483,47 @@ class Qcow2Writer:
         if v3:
             head += _HEADER_V3_TAIL.pack(incompat, 0, 0, REFCOUNT_ORDER, HEADER_V3_LEN, ctype)
         return head + exts + name
+
+
+def pwritev_all(fd: int, bufs: Sequence[memoryview | bytes | bytearray], offset: int, path: str) -> int:
+    """Write every byte of ``bufs`` at ``offset`` (retrying short writes); return the count."""
+    views = [memoryview(b).cast("B") for b in bufs]
+    total = sum(len(v) for v in views)
+    done = 0
+    while done < total:
+        try:
+            n = os.pwritev(fd, views, offset + done)
+        except OSError as exc:
+            raise ImageIOError.from_oserror(path, exc, offset + done) from None
+        if n <= 0:
+            raise ImageIOError(path, "write made no progress", offset + done)
+        done += n
+        while n and views:                 # drop what was written; retry the rest
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+    return total
+
+
+class WriteIO(Protocol):
+    """Where the writer's bytes go. The writer never touches a buffer it handed over."""
+
+    def write(self, bufs: list[memoryview], offset: int) -> None: ...
+    def drain(self) -> None: ...        # every write done (or its error raised)
+
+
+class SyncIO:
+    """Plain synchronous pwritev."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+
+    def write(self, bufs: list[memoryview], offset: int) -> None:
+        pwritev_all(self.fd, bufs, offset, self.path)
+
+    def drain(self) -> None:
+        pass
