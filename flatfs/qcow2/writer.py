@@ -67,6 +67,7 @@ MAX_REFCOUNT = (1 << (1 << REFCOUNT_ORDER)) - 1
 MAX_L1_BYTES = 32 << 20               # QEMU's QCOW_MAX_L1_SIZE
 MAX_REFTABLE_BYTES = 8 << 20          # QEMU's QCOW_MAX_REFTABLE_SIZE
 MAX_BACKING_NAME = 1023               # QEMU refuses longer backing file names
+MAX_FORMAT_NAME = 15                  # QEMU keeps the backing format in a 16-byte buffer
 MAX_HOST_OFFSET = 1 << 56             # offsets live in bits 9..55
 
 OFLAG_COPIED = 1 << 63
@@ -472,6 +473,8 @@ class Qcow2Writer:
                 raise ConvertError(f"{self.path}: backing file name must be 1 to {MAX_BACKING_NAME} bytes")
             if self.backing_format:
                 fmt = self.backing_format.encode()
+                if len(fmt) > MAX_FORMAT_NAME:
+                    raise ConvertError(f"{self.path}: backing format name {self.backing_format!r} is too long")
                 exts += struct.pack(">II", EXT_BACKING_FORMAT, len(fmt)) + fmt + bytes(-len(fmt) % 8)
         exts += struct.pack(">II", EXT_END, 0)
         name_off = hlen + len(exts) if name else 0

@@ -1,0 +1,195 @@
+"""Interrupted and failing conversions leave nothing behind; TARGET is never clobbered by mistake."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import flatfs, require
+from .helpers import K, M, pattern, qemu_chain, scattered_raw, write_sparse_raw
+
+TMP_MARK = ".flatfs-tmp-"
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if TMP_MARK in p.name]
+
+
+def many_chunks_raw(path: Path) -> Path:
+    """Data regions far apart, so each one is its own chunk (and its own test delay)."""
+    return write_sparse_raw(path, 1 << 30, [(i * 32 * M, pattern(64 * K, i)) for i in range(30)])
+
+
+def start_slow(src: Path, out: Path, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, FLATFS_CONVERT_TEST_DELAY="0.2")
+    return subprocess.Popen([sys.executable, "-m", "flatfs", "convert", *args, str(src), str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_temp(folder: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    while not leftovers(folder):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the conversion never started"
+        time.sleep(0.02)
+    time.sleep(0.3)                      # well inside the data now
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_signal_midway_leaves_nothing(tmp_path, sig, fmt):
+    src = many_chunks_raw(tmp_path / "src.raw")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "target.img"
+    proc = start_slow(src, out, "-O", fmt, "-c" if fmt == "qcow2" else "-S4k")
+    wait_for_temp(out_dir, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert leftovers(out_dir) == []
+
+
+def test_signal_keeps_existing_target(tmp_path):
+    """With --force, an interrupted run leaves the old TARGET as it was."""
+    src = many_chunks_raw(tmp_path / "src.raw")
+    out = tmp_path / "target.qcow2"
+    out.write_bytes(b"old content")
+    proc = start_slow(src, out, "--force")
+    wait_for_temp(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert out.read_bytes() == b"old content"
+    assert leftovers(tmp_path) == []
+
+
+def test_sigkill_leftover_is_removed_next_time(tmp_path):
+    src = many_chunks_raw(tmp_path / "src.raw")
+    out = tmp_path / "target.qcow2"
+    proc = start_slow(src, out)
+    wait_for_temp(tmp_path, proc)
+    proc.kill()
+    proc.communicate(timeout=30)
+    stale = leftovers(tmp_path)
+    assert len(stale) == 1 and stale[0].startswith(".target.qcow2.flatfs-tmp-")
+    assert not out.exists()
+    res = flatfs("convert", src, out)
+    assert "removed stale temporary file" in res.stderr
+    assert leftovers(tmp_path) == []
+    assert out.exists()
+
+
+def test_live_temp_of_another_run_is_kept(tmp_path):
+    """A temporary file whose process still runs is not ours to remove."""
+    src = scattered_raw(tmp_path / "src.raw", 8 * M)
+    out = tmp_path / "target.qcow2"
+    other = tmp_path / f".target.qcow2{TMP_MARK}{os.getpid()}-deadbeef"
+    other.write_bytes(b"busy")
+    flatfs("convert", src, out)
+    assert other.exists()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MiB tmpfs: room for the source's metadata, not its data."""
+    require(os.geteuid() == 0, "mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    require(res.returncode == 0, f"cannot mount a tmpfs: {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("args", [[], ["-O", "raw"], ["-c"]], ids=["qcow2", "raw", "zlib"])
+def test_disk_full_leaves_nothing(tmp_path, small_fs, args):
+    src = write_sparse_raw(tmp_path / "src.raw", 64 * M,
+                           [(i * 4 * M, pattern(M, i)) for i in range(8)])   # 8 MiB of data
+    out = small_fs / "target.img"
+    res = flatfs("convert", *args, src, out, check=False)
+    assert res.returncode == 1
+    assert res.stderr.startswith("flatfs: ") and len(res.stderr.strip().splitlines()) == 1
+    assert "No space left on device" in res.stderr and "Traceback" not in res.stderr
+    assert str(out) in res.stderr                      # names TARGET, not the temporary file
+    assert list(small_fs.iterdir()) == []
+
+
+def test_existing_target_needs_force(tmp_path):
+    src = scattered_raw(tmp_path / "src.raw", 8 * M)
+    out = tmp_path / "target.qcow2"
+    out.write_bytes(b"keep me")
+    res = flatfs("convert", src, out, check=False)
+    assert res.returncode == 1 and "--force" in res.stderr
+    assert out.read_bytes() == b"keep me"
+    flatfs("convert", "--force", src, out)
+    assert out.read_bytes()[:4] == b"QFI\xfb"
+
+
+@pytest.mark.qemu
+def test_target_in_source_chain_is_refused_even_with_force(qemu, tmp_path):
+    top = qemu_chain(qemu, tmp_path)
+    base = tmp_path / "base.qcow2"
+    before = base.read_bytes()
+    link = tmp_path / "link.qcow2"
+    link.symlink_to(base)
+    (tmp_path / "sub").mkdir()
+    hard = tmp_path / "sub" / "hardlink.qcow2"
+    os.link(base, hard)
+    for target in (top, base, link, hard, tmp_path / "sub" / ".." / "base.qcow2"):
+        res = flatfs("convert", "--force", top, target, check=False)
+        assert res.returncode == 1, target
+        assert "part of the chain" in res.stderr and "Traceback" not in res.stderr
+    assert base.read_bytes() == before
+    assert leftovers(tmp_path) == []
+
+
+def test_target_is_source_raw(tmp_path):
+    src = scattered_raw(tmp_path / "src.raw", 8 * M)
+    res = flatfs("convert", "--force", "-O", "raw", src, src, check=False)
+    assert res.returncode == 1 and "part of the chain" in res.stderr
+
+
+def test_target_is_backing_is_refused(tmp_path):
+    src = scattered_raw(tmp_path / "src.raw", 8 * M)
+    base = tmp_path / "base.qcow2"
+    flatfs("convert", src, base)
+    res = flatfs("convert", "--force", "-B", "base.qcow2", src, base, check=False)
+    assert res.returncode == 1 and "part of the chain" in res.stderr
+
+
+def test_errors_are_one_line(tmp_path):
+    src = scattered_raw(tmp_path / "src.raw", 8 * M)
+    cases = [
+        ["--cluster-size", "1000"],
+        ["--cluster-size", "4M"],
+        ["--extended-l2", "--cluster-size", "4k"],
+        ["--extended-l2", "--compat", "0.10"],
+        ["-c", "--compression-type", "zstd", "--compat", "0.10"],
+        ["-O", "raw", "-c"],
+        ["-O", "raw", "-B", "x"],
+        ["-S", "1000"],
+        ["-B", "missing.qcow2"],
+    ]
+    for args in cases:
+        res = flatfs("convert", *args, src, tmp_path / "out.img", check=False)
+        assert res.returncode == 1, (args, res.stderr)
+        assert res.stderr.startswith("flatfs: ") and len(res.stderr.strip().splitlines()) == 1, \
+            (args, res.stderr)
+    res = flatfs("convert", tmp_path / "nope.raw", tmp_path / "out.img", check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    res = flatfs("convert", src, tmp_path / "no-such-dir" / "out.img", check=False)
+    assert res.returncode == 1 and "does not exist" in res.stderr
+    assert not (tmp_path / "out.img").exists() and leftovers(tmp_path) == []
