@@ -1,0 +1,72 @@
+"""The benchmark runs end to end at a tiny scale and reports every figure.
+
+No timed assertions: the figures' values are not checked, only that each is
+measured for both tools, that every target gets a PASS or MISS, that the
+sanity checks (same bytes, same map, same walk, same converted image) hold,
+and that nothing is left mounted or on disk.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import have_fuse, have_qemu, require
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = ROOT / "bench" / "run.py"
+
+pytestmark = [pytest.mark.qemu, pytest.mark.fuse, pytest.mark.slow]
+
+
+def figure_keys() -> tuple[str, ...]:
+    spec = importlib.util.spec_from_file_location("flatfs_bench_run", RUN)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return tuple(mod.FIGURE_KEYS)
+
+
+def mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line for line in f if str(path) in line]
+
+
+def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
+    require(have_qemu(), "qemu-img/qemu-io are not installed")
+    require(shutil.which("qemu-storage-daemon") is not None, "qemu-storage-daemon is not installed")
+    require(have_fuse(), "/dev/fuse or fusermount3 is missing")
+    out = tmp_path / "bench"
+    # --warm: leave the machine's page cache alone (and need no root for it)
+    res = subprocess.run([sys.executable, str(RUN), "--quick", "--warm", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not mounts_under(tmp_path), "the benchmark left a mount behind"
+    assert not (out / "work").exists(), "the scratch folder was not removed"
+
+    data = json.loads((out / "bench.json").read_text())
+    assert data["cache"] == "warm" and data["quick"] is True
+    assert data["machine"]["cores"] >= 1 and data["date"]
+    figs = {f["key"]: f for f in data["figures"]}
+    assert tuple(figs) == figure_keys()
+    for key, f in figs.items():
+        assert f["flatfs"] is not None, key
+        assert f["qemu"] is not None, key
+        assert f["ratio"] is not None, key
+        if f["target"]:
+            assert f["result"] in ("PASS", "MISS"), key
+    for name, verdict in data["checks"].items():
+        assert verdict == "identical", f"{name}: {verdict}"
+
+    md = (out / "bench.md").read_text()
+    assert "| figure | flatfs | QEMU | flatfs/QEMU | target | result |" in md
+    assert "warm cache" in md
+    for f in figs.values():
+        assert f["label"] in md
+    assert "flatfs/QEMU" in res.stdout and ("PASS" in res.stdout or "MISS" in res.stdout)
