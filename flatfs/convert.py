@@ -45,7 +45,9 @@ from .errors import ConvertError, FlatfsError, ImageIOError
 from .qcow2.writer import (ALL_ALLOC, DEFAULT_CLUSTER_SIZE, SUBCLUSTERS, Qcow2Writer,
                            cluster_bits_of, pwritev_all)
 
-CHUNK_BYTES = 4 << 20          # uncompressed: read and write this much at a time
+# 1 MiB: a chunk read is still in the CPU cache when it is written out. Larger
+# chunks measured 2-4x slower here (each copy then goes through memory).
+CHUNK_BYTES = 1 << 20          # read, classify and write this much at a time
 COMPRESS_CHUNK_BYTES = 1 << 20  # compressed: one thread-pool task
 MAX_COMPRESS_THREADS = 8
 DEFAULT_SPARSE_SIZE = 4096     # qemu-img's default -S
@@ -327,17 +329,39 @@ class _Slot:
             f.result()
 
 
+WRITEBACK_EVERY = 32 << 20    # start the kernel's writeback after this many bytes
+
+
 class _AsyncIO:
-    """The writer's WriteIO on a thread pool; writes of chunk data are tracked per slot."""
+    """The writer's WriteIO, inline or on a thread pool (writes then tracked per slot).
+
+    Every WRITEBACK_EVERY bytes it asks the kernel to start writing back what
+    was written so far (posix_fadvise DONTNEED starts asynchronous writeback
+    of dirty pages and drops clean ones), so the fsync that makes TARGET
+    durable before the rename has little left to do, and a big conversion
+    does not flood the page cache.
+    """
 
     def __init__(self, fd: int, path: str, threads: int) -> None:
         self.fd = fd
         self.path = path
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="flatfs-write")
+        self._lo = -1
+        self._hi = 0
+        self._pending = 0
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="flatfs-write") if threads else None
         self.owner: list[Future] | None = None
         self.loose: deque[Future] = deque()
 
     def write(self, bufs: list[memoryview], offset: int) -> None:
+        n = sum(len(b) for b in bufs)
+        self._lo = offset if self._lo < 0 else min(self._lo, offset)
+        self._hi = max(self._hi, offset + n)
+        self._pending += n
+        if self._pending >= WRITEBACK_EVERY:
+            self.writeback()
+        if self.pool is None:
+            pwritev_all(self.fd, bufs, offset, self.path)
+            return
         f = self.pool.submit(pwritev_all, self.fd, bufs, offset, self.path)
         if self.owner is not None:
             self.owner.append(f)
@@ -350,19 +374,34 @@ class _AsyncIO:
         while self.loose:
             self.loose.popleft().result()
 
+    def writeback(self) -> None:
+        if self._lo >= 0 and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self.fd, self._lo, self._hi - self._lo, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass                       # only a hint
+        self._lo, self._hi, self._pending = -1, 0, 0
+
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 Chunk = tuple[int, int, list[list[Piece]]]
 
 
 class _Job:
-    """Drives chunks through prepare (pool, any order) and apply (main thread, in order)."""
+    """Drives chunks through prepare (pool, any order) and apply (main thread, in order).
+
+    Without compression everything runs inline (prep_threads = write_threads
+    = 0): copying page-cache data is memory-bound, and one thread that reads a
+    small chunk and writes it right away keeps it in cache. Compression is
+    CPU-bound and gets a pool.
+    """
 
     chunk_bytes = CHUNK_BYTES
-    prep_threads = 4
-    write_threads = 4
+    prep_threads = 0
+    write_threads = 0
 
     def __init__(self, summary: Summary, progress: Progress | None) -> None:
         self.summary = summary
@@ -384,7 +423,7 @@ class _Job:
         assert self.io is not None
         if self.prep_threads == 0:
             return self._inline()
-        depth = self.prep_threads + 1
+        depth = 2 * self.prep_threads
         slots = [_Slot() for _ in range(depth + self.write_threads)]
         free = deque(slots)
         ahead: deque[tuple[Chunk, _Slot, Future]] = deque()
@@ -455,7 +494,6 @@ class _QcowJob(_Job):
         self.compress = opts.compress
         if self.compress:
             self.prep_threads = max(2, min(opts.threads or os.cpu_count() or 1, MAX_COMPRESS_THREADS))
-            self.write_threads = 2
         chunk = max(cs, COMPRESS_CHUNK_BYTES if self.compress else CHUNK_BYTES)
         self.chunk_bytes = chunk - chunk % cs
         super().__init__(summary, progress)
