@@ -332,7 +332,7 @@ class _Slot:
 WRITEBACK_EVERY = 32 << 20    # start the kernel's writeback after this many bytes
 
 
-class _AsyncIO:
+class _TargetIO:
     """The writer's WriteIO, inline or on a thread pool (writes then tracked per slot).
 
     Every WRITEBACK_EVERY bytes it asks the kernel to start writing back what
@@ -408,7 +408,7 @@ class _Job:
         self.progress = progress
         self.delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
         self.zeros = bytes(self.chunk_bytes)
-        self.io: _AsyncIO | None = None
+        self.io: _TargetIO | None = None
 
     def chunks(self) -> Iterator[Chunk]:
         raise NotImplementedError
@@ -460,7 +460,6 @@ class _Job:
                 slot.wait()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-
 
     def _inline(self) -> None:
         assert self.io is not None
@@ -517,7 +516,7 @@ class _QcowJob(_Job):
         self.zsub = bytes(self.sub)
 
     def run(self) -> None:
-        self.io = _AsyncIO(self.w.fd, self.w.path, self.write_threads)
+        self.io = _TargetIO(self.w.fd, self.w.path, self.write_threads)
         self.w.io = self.io
         try:
             self.pipeline()
@@ -763,7 +762,7 @@ class _RawJob(_Job):
                     and hasattr(os, "copy_file_range"))
 
     def run(self) -> None:
-        self.io = _AsyncIO(self.fd, self.path, self.write_threads)
+        self.io = _TargetIO(self.fd, self.path, self.write_threads)
         try:
             self.pipeline()
             self.io.drain()
@@ -900,15 +899,19 @@ def check_target(target: str, dest: str, chains: Sequence[Chain], force: bool) -
     real = os.path.realpath(dest)
     for chain in chains:
         for lay in chain.layers:
-            try:
-                lst = os.fstat(lay.fd)
-            except OSError:
-                lst = None
-            same = (st is not None and lst is not None
-                    and (st.st_dev, st.st_ino) == (lst.st_dev, lst.st_ino))
-            if same or os.path.realpath(lay.path) == real:
-                raise ConvertError(f"{target}: refusing to write over {lay.path}, which is part of "
-                                   "the chain being read (even with --force)")
+            files = [(lay.path, lay.fd)]
+            if getattr(lay, "data_fd", None) not in (None, lay.fd):     # qcow2 external data file
+                files.append((getattr(lay, "data_path", lay.path), lay.data_fd))
+            for path, fd in files:
+                try:
+                    lst = os.fstat(fd)
+                except OSError:
+                    lst = None
+                same = (st is not None and lst is not None
+                        and (st.st_dev, st.st_ino) == (lst.st_dev, lst.st_ino))
+                if same or os.path.realpath(path) == real:
+                    raise ConvertError(f"{target}: refusing to write over {path}, which is part of "
+                                       "the chain being read (even with --force)")
     folder = os.path.dirname(dest)
     if not os.path.isdir(folder):
         raise ConvertError(f"{target}: folder {folder} does not exist")

@@ -193,3 +193,12 @@ def test_errors_are_one_line(tmp_path):
     res = flatfs("convert", src, tmp_path / "no-such-dir" / "out.img", check=False)
     assert res.returncode == 1 and "does not exist" in res.stderr
     assert not (tmp_path / "out.img").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.qemu
+def test_target_is_external_data_file_is_refused(qemu, tmp_path):
+    img = tmp_path / "img.qcow2"
+    qemu.create(img, 4 * M, opts="data_file=img.data")
+    qemu.io(img, "write -P 3 0 1M")
+    res = flatfs("convert", "--force", "-O", "raw", img, tmp_path / "img.data", check=False)
+    assert res.returncode == 1 and "part of the chain" in res.stderr, res.stderr
