@@ -172,3 +172,57 @@ def test_backing_shorter_than_source(qemu, tmp_path):
     out = tmp_path / "delta.qcow2"
     flatfs("convert", "-B", "small.qcow2", src, out)
     assert_valid_copy(qemu, src, out, backing=True)
+
+
+# -- sources using each qcow2 feature the reader supports ------------------------------
+
+WRITES = ["write -P 0x21 0 1M", "write -P 0x22 3M 4k", "write -z 3M 64k", "write -P 0x23 5M 12k",
+          "write -c -P 0x24 6M 256k", "write -P 0 7M 64k", "discard 0 64k"]
+FEATURES = {
+    "compat-0.10": "compat=0.10",
+    "cluster-512": "cluster_size=512",
+    "cluster-2M": "cluster_size=2M",
+    "extended-l2": "extended_l2=on",
+    "zstd": "compression_type=zstd",
+    "data-file": "data_file={dir}/src.data",
+    "data-file-raw": "data_file={dir}/src.data,data_file_raw=on",
+    "prealloc-metadata": "preallocation=metadata",
+    "prealloc-falloc": "preallocation=falloc",
+    "lazy-refcounts": "lazy_refcounts=on",
+    "refcount-1": "refcount_bits=1",
+    "refcount-64": "refcount_bits=64",
+}
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_source_features(qemu, tmp_path, feature):
+    src = tmp_path / "src.qcow2"
+    qemu.create(src, 8 * M, opts=FEATURES[feature].format(dir=tmp_path))
+    writes = WRITES
+    if feature in ("data-file", "data-file-raw", "compat-0.10", "cluster-2M") or "prealloc" in feature:
+        # qemu-io cannot compress there (data file, preallocated or unaligned clusters)
+        writes = [w for w in WRITES if "-c" not in w]
+    if feature == "compat-0.10":
+        writes = [w for w in writes if "-z" not in w and "discard" not in w]
+    qemu.io(src, *writes)
+    for args, fmt in (([], "qcow2"), (["-O", "raw"], "raw")):
+        out = tmp_path / f"out.{fmt}"
+        flatfs("convert", *args, src, out)
+        assert_valid_copy(qemu, src, out, fmt)
+        ref = tmp_path / f"ref.{fmt}"
+        qemu.img("convert", "-O", fmt, src, ref)
+        assert disk_usage(out) <= disk_usage(ref) * 1.1, (feature, fmt, disk_usage(out), disk_usage(ref))
+
+
+@pytest.mark.qemu
+def test_raw_backing_and_short_backing_source(qemu, tmp_path):
+    base = tmp_path / "base.raw"
+    qemu.create(base, 3 * M, fmt="raw")
+    qemu.io(base, "write -P 0x31 0 3M", fmt="raw")
+    src = tmp_path / "src.qcow2"
+    qemu.create(src, 8 * M, backing=base.name, backing_fmt="raw")
+    qemu.io(src, "write -P 0x32 2M 2M", "write -z 0 64k")
+    out = tmp_path / "out.qcow2"
+    flatfs("convert", src, out)
+    assert_valid_copy(qemu, src, out)
