@@ -143,7 +143,7 @@ CASES = [
     dict(size=8 * M, cs=64 * K, compress="zstd"),
     dict(size=2 * M, cs=512, compress="zlib"),
     dict(size=8 * M, cs=32 * K, compress="zlib", ext=True),
-    dict(size=40 * M, cs=512, compress="zlib"),          # many refcount blocks, written as it goes
+    dict(size=6 * M, cs=512, compress="zlib"),           # many refcount blocks, written as it goes
 ]
 
 
