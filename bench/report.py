@@ -16,6 +16,8 @@ class Figure:
     # target: ("ratio<=", 1.0) | ("ratio>=", 1.0) | ("flatfs<=", 80) | None
     target: tuple[str, float] | None = None
     note: str = ""
+    flatfs_range: tuple[float, float] | None = None   # (min, max) over the pairs
+    qemu_range: tuple[float, float] | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -90,6 +92,18 @@ def table_text(figs: list[Figure]) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def spread_markdown(figs: list[Figure]) -> str:
+    """min–max over the pairs, for the figures that are medians of samples."""
+    def rng(r: tuple[float, float] | None, unit: str) -> str:
+        return "—" if r is None else f"{fmt(r[0], unit)} – {fmt(r[1], unit)}"
+    lines = ["| figure | flatfs min – max | QEMU min – max |", "|---|---|---|"]
+    for f in figs:
+        if f.flatfs_range is None and f.qemu_range is None:
+            continue
+        lines.append(f"| {f.label} | {rng(f.flatfs_range, f.unit)} | {rng(f.qemu_range, f.unit)} |")
     return "\n".join(lines)
 
 

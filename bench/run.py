@@ -13,7 +13,10 @@ target of issue 5. Writes OUT/bench.json (every sample) and OUT/bench.md.
 Before every timed run: ``sync`` and, as root, ``echo 3 > drop_caches``
 (cold cache, the same for both tools); without root every run is warm-cache
 and the output says so. The daemons' own in-process caches stay warm after
-the warm-up, for both.
+the warm-up, for both; the view file's own page cache (flatfs keeps it
+across opens, qsd does not) is evicted before every read, so every read is
+a request to the daemon. The spread (min–max) over the pairs and how busy
+the rest of the machine was (/proc/stat) are reported next to the medians.
 
 Convert figures come from bench/launch.py, which runs each command as its
 own child: wall, user+sys CPU and peak RSS belong to the command alone.
@@ -45,8 +48,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import images  # noqa: E402
-from report import Figure, table_markdown, table_text  # noqa: E402
-from timing import Cache, fsync_path, proc_cpu, run_child, summary  # noqa: E402
+from report import Figure, spread_markdown, table_markdown, table_text  # noqa: E402
+from timing import Cache, busy_seconds, fsync_path, proc_cpu, run_child, summary  # noqa: E402
 from views import FlatfsView, QsdView, View, flatfs_cmd, read_sequential, seek_once, seek_walk  # noqa: E402
 
 GiB = images.GiB
@@ -118,16 +121,18 @@ def convert_once(tool: str, src: Path, work: Path, compress: bool, cache: Cache,
     dst = work / f"out-{tool}.qcow2"
     dst.unlink(missing_ok=True)
     cache.reset()
+    b0 = busy_seconds()
     r = run_child(convert_cmd(tool, src, dst, compress), cwd=work)
     # qemu-img convert writes with cache=unsafe (no flush at the end); flatfs
     # fsyncs before its rename. "durable" adds an fsync after exit, for both.
     flush = fsync_path(dst)
+    other = max(0.0, busy_seconds() - b0 - r.cpu)
     st = dst.stat()
     if not keep_output:
         dst.unlink()
     return {"wall": r.wall, "durable": r.wall + flush, "flush": flush, "cpu": r.cpu, "user": r.user,
             "sys": r.sys, "rss_mib": r.maxrss_mib, "file_size": st.st_size,
-            "allocated": st.st_blocks * 512}
+            "allocated": st.st_blocks * 512, "other_cpu": other}
 
 
 def compare_outputs(work: Path) -> str:
@@ -171,7 +176,7 @@ def run_converts(imgs: images.Images, work: Path, cache: Cache, pairs: int) -> t
                 if not warm:
                     samples[case][tool].append(r)
                 log(f"    {case:10} {tool:6} wall {r['wall']:7.3f} s  durable {r['durable']:7.3f} s  "
-                    f"cpu {r['cpu']:7.3f} s  rss {r['rss_mib']:6.1f} MiB")
+                    f"cpu {r['cpu']:7.3f} s  rss {r['rss_mib']:6.1f} MiB  (others' cpu {r['other_cpu']:.1f} s)")
             if warm:
                 checks[f"convert {case}: flatfs output vs qemu-img output"] = compare_outputs(work)
                 for t in TOOLS:
@@ -231,11 +236,12 @@ def run_views(imgs: images.Images, work: Path, cache: Cache, pairs: int, layout:
                 v1, v64 = views[(tool, "1t")], views[(tool, "64t")]
                 # sequential read, 1 MiB reads
                 cache.reset()
-                c0 = proc_cpu(v1.pid)
+                c0, b0, p0 = proc_cpu(v1.pid), busy_seconds(), time.process_time()
                 secs, n, _ = read_sequential(v1.mountpoint, layout.read_bytes)
                 cpu = proc_cpu(v1.pid) - c0
+                other = max(0.0, busy_seconds() - b0 - cpu - (time.process_time() - p0))
                 samples["read"][tool].append({"seconds": secs, "bytes": n, "mibps": n / MiB / secs,
-                                              "daemon_cpu": cpu})
+                                              "daemon_cpu": cpu, "other_cpu": other})
                 # SEEK walk of the 64 TiB view, then the tail call alone
                 cache.reset()
                 w = seek_walk(v64.mountpoint, budget=600 if tool == "flatfs" else seek_budget)
@@ -271,6 +277,40 @@ def run_views(imgs: images.Images, work: Path, cache: Cache, pairs: int, layout:
 
 def med(runs: list[dict], key: str) -> float | None:
     return summary([r[key] for r in runs])["median"] if runs else None
+
+
+def rng(xs: list[float | None]) -> tuple[float, float] | None:
+    xs = [x for x in xs if x is not None]
+    return (min(xs), max(xs)) if xs else None
+
+
+def with_ranges(figs: list[Figure], conv: dict, view: dict, layout: images.Layout) -> None:
+    """Attach min–max over the pairs to the figures that are medians of samples."""
+    c = {"convert_wall": ("seed-1t", "durable"), "convert_wall_exit": ("seed-1t", "wall"),
+         "convert_cpu": ("seed-1t", "cpu"), "convert_rss": ("seed-1t", "rss_mib"),
+         "convert64_wall": ("seed-64t", "durable"), "comp_wall": ("compressed", "durable"),
+         "comp_cpu": ("compressed", "cpu")}
+    for f in figs:
+        if f.key in c:
+            case, key = c[f.key]
+            f.flatfs_range = rng([r[key] for r in conv[case]["flatfs"]])
+            f.qemu_range = rng([r[key] for r in conv[case]["qemu"]])
+        elif f.key == "read_throughput":
+            f.flatfs_range = rng([r["mibps"] for r in view["read"]["flatfs"]])
+            f.qemu_range = rng([r["mibps"] for r in view["read"]["qemu"]])
+        elif f.key == "map_1t":
+            f.flatfs_range = rng([r["seconds"] for r in view["map"]["flatfs"]])
+            f.qemu_range = rng([r["seconds"] for r in view["map"]["qemu"]])
+
+
+def noise(conv: dict, cores: int) -> str | None:
+    """How busy the rest of the machine was during the convert runs."""
+    runs = [r for case in conv.values() for t in TOOLS for r in case[t] if "other_cpu" in r]
+    if not runs:
+        return None
+    share = [r["other_cpu"] / max(r["wall"], 1e-9) / cores for r in runs]
+    return (f"other processes kept a median {statistics.median(share):.0%} (max {max(share):.0%}) of the "
+            f"machine's {cores} cores busy during the convert runs (from /proc/stat)")
 
 
 def div(a: float | None, b: float) -> float | None:
@@ -360,14 +400,21 @@ def markdown(res: dict, figs: list[Figure]) -> str:
         f"{lay['data'] / GiB:.2f} GiB of data in a {lay['base_size'] / GiB:.2f} GiB base, "
         f"{lay['comp_data'] / MiB:.0f} MiB for the compressed scenario. "
         f"Medians of {res['pairs']} interleaved pairs after a warm-up, **{res['cache']} cache** "
-        f"for both tools.",
+        f"for both tools. Load average {res['load_start'][0]:.2f} at the start, "
+        f"{res['load_end'][0]:.2f} at the end (anything else running shows up as noise).",
         "",
         table_markdown(figs),
+        "",
+        "Spread over the pairs:",
+        "",
+        spread_markdown(figs),
         "",
     ]
     notes = [f"- {f.label}: {f.note}" for f in figs if f.note]
     if res.get("seek_budget_note"):
         notes.append(f"- {res['seek_budget_note']}")
+    if res.get("noise"):
+        notes.append(f"- {res['noise']}")
     for k, v in res["checks"].items():
         notes.append(f"- check, {k}: {v}")
     return "\n".join(lines + notes) + "\n"
@@ -381,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="tiny images (64 MiB of data) and one pair: a smoke test, not a measurement")
     ap.add_argument("--pairs", type=int, default=None,
-                    help="timed A/B pairs after the warm-up (default 3; 1 with --quick)")
+                    help="timed A/B pairs after the warm-up (default 5; 1 with --quick)")
     ap.add_argument("--out", default="/var/tmp/flatfs-bench",
                     help="results (bench.json, bench.md) go here, images under OUT/work")
     ap.add_argument("--keep", action="store_true", help="keep OUT/work (the images) afterwards")
@@ -401,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: missing {', '.join(missing)} (make deps-test installs them)", file=sys.stderr)
         return 2
     layout = images.Layout.make(args.scale, args.quick)
-    pairs = args.pairs if args.pairs is not None else (1 if args.quick else 3)
+    pairs = args.pairs if args.pairs is not None else (1 if args.quick else 5)
     if pairs < 1:
         print("bench: --pairs must be at least 1", file=sys.stderr)
         return 2
@@ -443,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(), "versions": versions(), "cache": cache.mode,
         "scale": args.scale, "quick": args.quick, "pairs": pairs, "seek_budget": seek_budget,
         "layout": {k: v for k, v in vars(layout).items() if isinstance(v, int)},
+        "load_start": [round(x, 2) for x in os.getloadavg()],
     }
     log(f"flatfs bench: {res['machine']['cores']} cores, {cache.mode} cache, scale {args.scale}"
         f"{' (quick)' if args.quick else ''}, {pairs} pairs; images in {work}")
@@ -471,9 +519,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep and work.exists():
             shutil.rmtree(work, ignore_errors=True)
     res["elapsed_seconds"] = round(time.monotonic() - t0, 1)
+    res["load_end"] = [round(x, 2) for x in os.getloadavg()]
     res["checks"] = checks
     figs = figures(conv, view, layout)
     assert [f.key for f in figs] == list(FIGURE_KEYS), "FIGURE_KEYS is out of date"
+    with_ranges(figs, conv, view, layout)
+    res["noise"] = noise(conv, res["machine"]["cores"] or 1)
     if any(not s["complete"] for s in view["seek"]["qemu"]):
         res["seek_budget_note"] = (f"QEMU's SEEK walk of the 64 TiB view was capped at {seek_budget:g} s "
                                    "per run; its whole-walk figure is not timed, the prefix and tail rows are")
@@ -482,12 +533,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"Medians of {pairs} pairs, {cache.mode} cache, {res['machine']['cores']} cores, "
-          f"{res['date']} (total {res['elapsed_seconds']:.0f} s)")
+          f"{res['date']} (total {res['elapsed_seconds']:.0f} s, load average {res['load_start'][0]:.2f} "
+          f"at the start, {res['load_end'][0]:.2f} at the end)")
     print(table_text(figs))
     for k, v in checks.items():
         print(f"check: {k}: {v}")
     if res.get("seek_budget_note"):
         print("note: " + res["seek_budget_note"])
+    if res.get("noise"):
+        print("note: " + res["noise"])
     (out / "bench.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "bench.md").write_text(markdown(res, figs))
     print(f"\nwrote {out / 'bench.json'} and {out / 'bench.md'}")

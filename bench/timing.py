@@ -117,6 +117,19 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def busy_seconds() -> float:
+    """CPU-seconds the whole machine has spent busy (all CPUs), from /proc/stat.
+
+    The difference over a run, minus the run's own CPU, is what everything
+    else on the machine used meanwhile: a noise indicator.
+    """
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq = v[:7]
+    steal = v[7] if len(v) > 7 else 0
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def median(xs: list[float]) -> float | None:
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None

@@ -147,9 +147,25 @@ class QsdView(View):
 
 # -- measurements through a view ----------------------------------------------------
 
-def read_sequential(path: Path, nbytes: int, bufsize: int = MiB, checksum: bool = False) -> tuple[float, int, int | None]:
-    """Read [0, nbytes) with ``bufsize`` reads. Returns (seconds, bytes, crc32 or None)."""
+def drop_view_pages(path: Path) -> None:
+    """Evict the view's own page cache (flatfs keeps it across opens; qsd does not)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_sequential(path: Path, nbytes: int, bufsize: int = MiB, checksum: bool = False,
+                    drop: bool = True) -> tuple[float, int, int | None]:
+    """Read [0, nbytes) with ``bufsize`` reads. Returns (seconds, bytes, crc32 or None).
+
+    With ``drop`` the view's own cached pages are evicted first, so that every
+    read is a request to the daemon, whatever the image files' cache state.
+    """
     import zlib
+    if drop:
+        drop_view_pages(path)
     buf = bytearray(bufsize)
     mv = memoryview(buf)
     crc = 0
