@@ -393,14 +393,16 @@ Chunk = tuple[int, int, list[list[Piece]]]
 class _Job:
     """Drives chunks through prepare (pool, any order) and apply (main thread, in order).
 
-    Without compression everything runs inline (prep_threads = write_threads
-    = 0): copying page-cache data is memory-bound, and one thread that reads a
-    small chunk and writes it right away keeps it in cache. Compression is
-    CPU-bound and gets a pool.
+    Two reader threads keep a few 1 MiB reads in flight (a cold disk wants
+    queue depth); the main thread writes each chunk as soon as it is ready,
+    while it is still in cache. More writer threads only contend on the
+    target's inode lock, so writes stay in the main thread (write_threads = 0).
+    Compression is CPU-bound and gets one thread per CPU. prep_threads = 0
+    runs everything inline.
     """
 
     chunk_bytes = CHUNK_BYTES
-    prep_threads = 0
+    prep_threads = 2
     write_threads = 0
 
     def __init__(self, summary: Summary, progress: Progress | None) -> None:
