@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .chain import SEEK_DATA, SEEK_HOLE, Chain, OpenOptions, open_chain
+from .dataindex import scan as scan_data
 from .errors import FlatfsError, MountError
 
 log = logging.getLogger("flatfs.fuse")
@@ -105,7 +106,9 @@ class View:
 
     ``name`` None: single-file root (mounted over a regular file). Otherwise
     the root is a directory holding one file called ``name``. Every request is
-    O(request): sizes and ``data_bytes`` are computed once, here.
+    O(request): sizes, ``data_bytes`` and the data-run index that answers
+    SEEK_DATA/SEEK_HOLE are computed once, here, in one pass over the extents
+    (a view with too many runs for the index seeks through ``Chain.seek``).
     """
 
     def __init__(self, chain: Chain, name: str | None, top_stat: os.stat_result,
@@ -114,7 +117,9 @@ class View:
         self.name = name
         self.file_path = "/" if name is None else "/" + name
         self.size = chain.size
-        self.data_bytes = chain.data_bytes()          # once: st_blocks and statfs
+        # once: st_blocks and statfs, and the index that answers SEEK_DATA/SEEK_HOLE
+        self.index, self.data_bytes = scan_data(self.size, chain.extents())
+        self._seek = chain.seek if self.index is None else self.index.seek
         times = {"st_atime": top_stat.st_atime_ns, "st_mtime": top_stat.st_mtime_ns,
                  "st_ctime": top_stat.st_ctime_ns}
         owner = {"st_uid": os.getuid() if uid is None else uid,
@@ -156,7 +161,7 @@ class View:
         self._check_file(path)
         if whence not in (SEEK_DATA, SEEK_HOLE):
             raise OSError(errno.EINVAL, "whence")
-        return self.chain.seek(offset, whence)
+        return self._seek(offset, whence)
 
     def statfs(self) -> dict[str, int]:
         frsize = 4096

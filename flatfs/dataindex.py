@@ -1,0 +1,105 @@
+"""A sorted index of the flattened view's data runs, for O(log n) SEEK_DATA/SEEK_HOLE.
+
+``Chain.seek`` composes the chain's extents from the offset onwards on every
+call (tens of microseconds, more on a deep chain); a tool that walks the whole
+view (``qemu-img map``, ``cp --sparse``) makes thousands of such calls. The
+chain is immutable while it is open, so one pass over ``Chain.extents()`` at
+open time can record where the data runs are, and every later SEEK_DATA or
+SEEK_HOLE is a bisection over two arrays.
+
+A run is a maximal stretch of ``Kind.is_data`` extents, whatever their depths:
+``qemu-img map`` and SEEK_DATA do not care which layer holds the bytes. Each
+run costs 16 bytes; past ``max_runs`` the index is dropped and callers fall
+back to ``Chain.seek``. Pure: no I/O, no FUSE.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from array import array
+from bisect import bisect_right
+from typing import Iterable
+
+from .extents import Extent
+
+SEEK_DATA = os.SEEK_DATA
+SEEK_HOLE = os.SEEK_HOLE
+
+# 1 Mi runs: 16 MiB of index. A view with more data runs than that (a very
+# fragmented multi-terabyte image) answers from Chain.seek instead.
+MAX_RUNS = 1 << 20
+
+
+class DataIndex:
+    """Start and end of every data run of a view of ``size`` bytes; answers like ``Chain.seek``."""
+
+    __slots__ = ("size", "starts", "ends")
+
+    def __init__(self, size: int, starts: array, ends: array) -> None:
+        self.size = size
+        self.starts = starts      # ascending, disjoint, non-adjacent: starts[i] < ends[i] < starts[i+1]
+        self.ends = ends
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def seek(self, offset: int, whence: int) -> int:
+        """lseek(2) SEEK_DATA/SEEK_HOLE semantics, exactly as ``Chain.seek``; raises OSError."""
+        if offset < 0:
+            raise OSError(errno.EINVAL, "negative offset")
+        if offset >= self.size:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        ends = self.ends
+        i = bisect_right(ends, offset)          # the first run that ends after offset
+        if whence == SEEK_DATA:
+            if i == len(ends):
+                raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+            start = self.starts[i]
+            return start if start > offset else offset
+        if whence == SEEK_HOLE:
+            if i < len(ends) and self.starts[i] <= offset:
+                return ends[i]                  # a hole, or the end of the view
+            return offset
+        raise OSError(errno.EINVAL, "whence must be SEEK_DATA or SEEK_HOLE")
+
+
+def scan(size: int, extents: Iterable[Extent], max_runs: int | None = None) -> tuple[DataIndex | None, int]:
+    """One pass over a view's ascending extents: (its data index, or None past ``max_runs``; data bytes).
+
+    ``max_runs`` defaults to :data:`MAX_RUNS`.
+
+    ``extents`` must be ascending and disjoint (``Chain.extents()`` is); gaps
+    between them count as holes.
+    """
+    starts = array("Q")
+    ends = array("Q")
+    if max_runs is None:
+        max_runs = MAX_RUNS
+    keep = max_runs > 0
+    data = 0
+    run_start = run_end = -1
+    for e in extents:
+        if not e.kind.is_data or e.length <= 0:
+            continue
+        data += e.length
+        if not keep:
+            continue
+        if e.start == run_end:
+            run_end = e.end
+            continue
+        if run_end >= 0:
+            if len(starts) >= max_runs:
+                keep = False
+                starts = ends = array("Q")
+                continue
+            starts.append(run_start)
+            ends.append(run_end)
+        run_start, run_end = e.start, e.end
+    if keep and run_end >= 0:
+        if len(starts) >= max_runs:
+            keep = False
+        else:
+            starts.append(run_start)
+            ends.append(run_end)
+    return (DataIndex(size, starts, ends) if keep else None), data
