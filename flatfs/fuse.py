@@ -45,6 +45,7 @@ BLKSIZE = 1 << 20                      # st_blksize: the I/O size tools should u
 ATTR_TIMEOUT = 3600.0                  # the view is immutable while mounted: let the kernel cache
 LIBFUSE_MIN = (3, 8)                   # high-level lseek() appeared in libfuse 3.8
 READY_PROBE = 4096                     # bytes read through the mount before we call it live
+PIN_MAX = 64                           # libfuse worker threads whose Python thread state we keep
 
 
 # ---------------------------------------------------------------------------
@@ -209,6 +210,11 @@ def load_mfusepy() -> Any:
     return mfusepy
 
 
+def _gilstate_ensure() -> None:
+    """One ``PyGILState_Ensure`` on the calling thread (which holds the GIL), never released."""
+    ctypes.pythonapi.PyGILState_Ensure()
+
+
 def _glue() -> tuple[type, type]:
     """Build (FlatfsFUSE, Operations) classes over the loaded mfusepy."""
     global _GLUE
@@ -217,29 +223,76 @@ def _glue() -> tuple[type, type]:
     m = load_mfusepy()
 
     class FlatfsFUSE(m.FUSE):
-        """mfusepy's FUSE with two callbacks of our own.
+        """mfusepy's FUSE with two callbacks of our own, on worker threads that keep their Python state.
 
         ``lseek``: mfusepy's struct has the libfuse 3 ``lseek`` slot
         (``off_t (*)(const char *, off_t, int, struct fuse_file_info *)``) and
         FUSE.__init__ fills every slot whose name the Operations object has,
         wrapping the FUSE method of the same name with ``_wrapper`` (which
         turns an OSError into ``-errno``). 3.1.1 has no ``FUSE.lseek`` method,
-        so we add it; it returns the new offset, or -errno via ``_wrapper``.
+        so we add it; it returns the new offset, or -errno.
 
         ``read``: the stock wrapper takes ``bytes`` from Operations.read and
         memmoves them into libfuse's buffer. We hand the Operations a
         memoryview of that buffer instead, so data lands in it directly.
+
+        Both are the hot callbacks (``qemu-img map`` sends thousands of
+        lseeks) and turn every exception into ``-errno`` themselves, so
+        :meth:`_wrapper` calls them directly rather than through mfusepy's
+        generic wrapper (its two ``try`` levels and ``**kwargs``).
+
+        Thread states: every callback enters Python through a ctypes callback,
+        which on a libfuse worker thread (a thread Python did not start) creates
+        a Python thread state with ``PyGILState_Ensure`` and destroys it again
+        with ``PyGILState_Release`` when the callback returns: about half the
+        cost of a small request such as an lseek. :meth:`_wrapper` pins the
+        thread state of each worker thread on its first request (one extra
+        ``PyGILState_Ensure``, never released), so later requests on that
+        thread reuse it. libfuse keeps its idle workers by default (3.12 and
+        later); :data:`PIN_MAX` bounds what threads that come and go (``-o
+        max_idle_threads=N``) could leave behind.
         """
 
+        _pinned = threading.local()           # per thread state: .on once pinned
+        _pin_lock = threading.Lock()
+        _pin_count = 0
+        _DIRECT = frozenset({"lseek", "read"})   # callbacks that return -errno themselves
+
+        def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            if not getattr(self._pinned, "on", False):
+                self._pin()
+            if func.__name__ in self._DIRECT:
+                return func(*args)
+            return super()._wrapper(func, *args, **kwargs)
+
+        def _pin(self) -> None:
+            cls = type(self)
+            with cls._pin_lock:
+                if cls._pin_count >= PIN_MAX:
+                    return
+                cls._pin_count += 1
+            _gilstate_ensure()
+            self._pinned.on = True
+
         def lseek(self, path: bytes | None, off: int, whence: int, fip: Any) -> int:
-            return self.operations.lseek(self._decode(path), off, whence, fip)
+            try:
+                return self.operations.lseek(self._decode(path), off, whence, fip)
+            except OSError as exc:            # FuseOSError from Operations: its errno is set
+                return -(exc.errno or errno.EIO)
+            except Exception as exc:          # not reached: Operations maps every exception
+                return -errno_for(exc, None, off)
 
         def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
             if size <= 0:
                 return 0
-            addr = ctypes.cast(buf, ctypes.c_void_p).value
-            mv = memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")
-            return self.operations.readinto(self._decode(path), mv, offset, fip)
+            try:
+                addr = ctypes.cast(buf, ctypes.c_void_p).value
+                mv = memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")
+                return self.operations.readinto(self._decode(path), mv, offset, fip)
+            except OSError as exc:
+                return -(exc.errno or errno.EIO)
+            except Exception as exc:
+                return -errno_for(exc, None, offset)
 
         def _decode(self, path: bytes | None) -> str | None:
             return None if path is None else path.decode(self.encoding, self.errors)

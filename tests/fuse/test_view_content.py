@@ -146,6 +146,43 @@ def test_eight_threads_random_reads(chains: dict[str, Chain], views: dict[str, P
     assert not errors, errors
 
 
+def test_worker_threads_that_come_and_go(chains: dict[str, Chain], mounter) -> None:
+    """-o max_idle_threads=1: libfuse ends idle workers after each burst, so many more
+    threads serve requests than flatfs keeps a Python thread state for (PIN_MAX).
+    Every answer must still be right, and the mount must come down cleanly."""
+    c = chains["three"]
+    mp = mounter.mountpoint()
+    view = mounter.mount(c.image, mp, "-o", "max_idle_threads=1")
+    ref = c.ref.read_bytes()
+    errors: list[str] = []
+
+    def worker(i: int) -> None:
+        rng = random.Random(2000 + i)
+        fd = os.open(view, os.O_RDONLY | os.O_DIRECT)
+        try:
+            for _ in range(60):
+                off = rng.randrange(0, c.size) // 4096 * 4096
+                got = os.pread(fd, 65536, off)
+                if got != ref[off:off + 65536]:
+                    errors.append(f"thread {i}: read at {off:#x} differs")
+                    return
+            if seek_walk(view) != c.data:
+                errors.append(f"thread {i}: the SEEK walk differs")
+        except Exception as exc:  # noqa: BLE001 - report it from the main thread
+            errors.append(f"thread {i}: {exc!r}")
+        finally:
+            os.close(fd)
+
+    for _ in range(6):                      # bursts: workers start, then go idle and exit
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+    assert data_extents(qemu_map(Qemu(), view, "raw")) == c.data
+
+
 def test_huge_sparse_overlay_seek(tmp_path: Path, mounter, capsys: pytest.CaptureFixture[str]) -> None:
     """A 64 TiB sparse overlay: the walk is exact; the cost per lseek is reported, not asserted."""
     q = Qemu()
