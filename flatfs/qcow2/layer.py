@@ -261,9 +261,15 @@ def _decompressor(ctype: int, cluster_size: int):
     if ctype == COMPRESSION_ZSTD:
         import zstandard
 
-        dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
+        # A ZstdDecompressor is not thread-safe, and reads come from many
+        # threads at once (the FUSE workers, convert's readers): sharing one
+        # garbles clusters or fails them as corrupt. One context per thread.
+        local = threading.local()
 
         def zstd(data: bytes) -> bytes:
+            dctx = getattr(local, "dctx", None)
+            if dctx is None:
+                dctx = local.dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
             with dctx.stream_reader(data, read_across_frames=True) as r:
                 out = bytearray()
                 while len(out) < cluster_size:
