@@ -45,6 +45,7 @@ BLKSIZE = 1 << 20                      # st_blksize: the I/O size tools should u
 ATTR_TIMEOUT = 3600.0                  # the view is immutable while mounted: let the kernel cache
 LIBFUSE_MIN = (3, 8)                   # high-level lseek() appeared in libfuse 3.8
 READY_PROBE = 4096                     # bytes read through the mount before we call it live
+LIBFUSE3_SONAME = "libfuse3.so.3"
 PIN_MAX = 64                           # libfuse worker threads whose Python thread state we keep
 
 
@@ -188,17 +189,26 @@ def load_mfusepy() -> Any:
     ``find_library(os.environ["FUSE_LIBRARY_NAME"])``, else ``fuse`` (libfuse 2!)
     before ``fuse3``. We set FUSE_LIBRARY_NAME=fuse3 so libfuse 2 is never
     picked; libfuse 2 has no lseek and would report the whole file as data.
+    Without FUSE_LIBRARY_PATH, libfuse 3's soname is tried first: the
+    dynamic loader finds it without ``find_library``'s ``ldconfig -p`` run
+    (about 15 ms of every mount).
     """
     global _MFUSEPY
     if _MFUSEPY is not None:
         return _MFUSEPY
     os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
+    by_soname = "FUSE_LIBRARY_PATH" not in os.environ and _loadable(LIBFUSE3_SONAME)
+    if by_soname:
+        os.environ["FUSE_LIBRARY_PATH"] = LIBFUSE3_SONAME
     try:
         import mfusepy
     except ImportError as exc:
         raise MountError(f"cannot import mfusepy ({exc}); install flatfs's dependencies") from None
     except (OSError, AttributeError) as exc:
         raise MountError(f"cannot load libfuse 3 ({exc}); install the fuse3 package (libfuse3-3)") from None
+    finally:
+        if by_soname:
+            del os.environ["FUSE_LIBRARY_PATH"]     # not for our children
     ver = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
     if ver < LIBFUSE_MIN or ver[0] != 3:
         raise MountError(
@@ -208,6 +218,14 @@ def load_mfusepy() -> Any:
         raise MountError("this mfusepy does not declare lseek in its libfuse 3 operations struct")
     _MFUSEPY = mfusepy
     return mfusepy
+
+
+def _loadable(soname: str) -> bool:
+    try:
+        ctypes.CDLL(soname)
+    except OSError:
+        return False
+    return True
 
 
 def _gilstate_ensure() -> None:
