@@ -1,0 +1,371 @@
+"""Hostile images through `flatfs info`, `map` and `convert`: the cases that
+tests/oracle/test_errors.py, tests/unit/test_qcow2_spec.py and tests/fuzz do
+not already pin down through the command line.
+
+Every case ends one of two ways: each command that has to look at the broken
+part exits 1 with the same single line naming the file (and convert leaves no
+TARGET and no temporary file), or flatfs reads exactly what
+``qemu-img convert -O raw`` reads. The corrupt-image builders here are shared
+with the mount tests (test_mount_faults.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from ..conftest import Qemu, flatfs, project_map
+
+pytestmark = pytest.mark.qemu
+
+K = 1 << 10
+M = 1 << 20
+CS = 64 * K
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+COPIED = 1 << 63
+COMPRESSED = 1 << 62
+
+
+# -- bytes of a qcow2 file -------------------------------------------------------
+
+def patch(path: Path, offset: int, fmt: str, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+def read_u(path: Path, offset: int, fmt: str) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+
+def cluster_bits(img: Path) -> int:
+    return read_u(img, 20, ">I")
+
+
+def l1_offset(img: Path) -> int:
+    return read_u(img, 40, ">Q")
+
+
+def l2_entry_at(img: Path, guest: int, entry_size: int = 8) -> int:
+    """File offset of the L2 entry that maps guest offset ``guest``."""
+    cs = 1 << cluster_bits(img)
+    per_table = cs // entry_size
+    l1i, l2i = divmod(guest // cs, per_table)
+    l2 = read_u(img, l1_offset(img) + 8 * l1i, ">Q") & OFFSET_MASK
+    assert l2, f"no L2 table for guest offset {guest:#x}"
+    return l2 + l2i * entry_size
+
+
+def compressed_at(img: Path, guest: int) -> tuple[int, int, int]:
+    """(L2 entry offset, host offset, sector-count field) of the compressed cluster at ``guest``."""
+    at = l2_entry_at(img, guest)
+    e = read_u(img, at, ">Q")
+    assert e & COMPRESSED, f"cluster at {guest:#x} is not compressed"
+    shift = 62 - (cluster_bits(img) - 8)
+    return at, e & ((1 << shift) - 1), (e >> shift) & ((1 << (cluster_bits(img) - 8)) - 1)
+
+
+def set_compressed(img: Path, at: int, host: int, count_field: int) -> None:
+    shift = 62 - (cluster_bits(img) - 8)
+    patch(img, at, ">Q", COMPRESSED | (count_field << shift) | host)
+
+
+# -- qemu-made images ------------------------------------------------------------
+
+def plain_image(q: Qemu, d: Path, name: str = "img.qcow2", opts: str | None = None) -> Path:
+    img = q.create(d / name, "4M", opts=opts)
+    q.io(img, "write -P 0x11 0 1M", "write -P 0x12 2M 64k", "write -z 3M 64k")
+    return img
+
+
+def compressed_image(q: Qemu, d: Path, ctype: str = "zlib", name: str | None = None) -> Path:
+    """A 4 MiB image of compressed clusters (0..2M, 3M..3M+64k) and one random,
+    uncompressible one (2M..2M+64k, stored as plain data)."""
+    src = d / f"src-{ctype}.raw"
+    with open(src, "wb") as f:
+        f.truncate(4 * M)
+        f.write(bytes([0x41]) * M)
+        f.write((b"flatfs reads hostile images " * 40000)[:M])
+        f.write(os.urandom(CS))
+        f.seek(3 * M)
+        f.write(bytes([0x43]) * CS)
+    img = d / (name or f"{ctype}.qcow2")
+    q.img("convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}", src, img)
+    src.unlink()
+    return img
+
+
+# Guest offset of the compressed cluster the read-time corruptions break; the
+# first cluster stays intact (the mount reads it to check the view is live).
+BROKEN = M + 4 * CS
+
+
+def last_compressed(img: Path) -> int:
+    """Guest offset of the compressed cluster stored last in the file."""
+    best = (-1, 0)
+    for guest in range(0, 4 * M, CS):
+        e = read_u(img, l2_entry_at(img, guest), ">Q")
+        if e & COMPRESSED:
+            best = max(best, (compressed_at(img, guest)[1], guest))
+    return best[1]
+
+
+# -- corruptions ---------------------------------------------------------------
+# Each takes (qemu, folder) and returns (image, words the error line must hold).
+
+Case = Callable[[Qemu, Path], tuple[Path, list[str]]]
+
+
+def _header(offset: int, fmt: str, value: int | Callable[[Path], int], *words: str,
+            opts: str | None = None) -> Case:
+    def make(q: Qemu, d: Path) -> tuple[Path, list[str]]:
+        img = plain_image(q, d, opts=opts)
+        patch(img, offset, fmt, value(img) if callable(value) else value)
+        return img, ["img.qcow2", *words]
+    return make
+
+
+def _extension_overrun(q: Qemu, d: Path) -> tuple[Path, list[str]]:
+    img = plain_image(q, d)
+    hlen = read_u(img, 100, ">I")
+    assert read_u(img, hlen, ">I") != 0, "qemu-img wrote no header extension"
+    patch(img, hlen + 4, ">I", CS)                 # first extension claims the whole cluster
+    return img, ["img.qcow2", "overruns the header area"]
+
+
+def _l2_entry(mutate: Callable[[Path, int], int], *words: str, opts: str | None = None,
+              entry_size: int = 8) -> Case:
+    def make(q: Qemu, d: Path) -> tuple[Path, list[str]]:
+        img = plain_image(q, d, opts=opts)
+        at = l2_entry_at(img, 64 * K, entry_size)
+        if entry_size == 16:
+            patch(img, at + 8, ">Q", mutate(img, read_u(img, at + 8, ">Q")))
+        else:
+            patch(img, at, ">Q", mutate(img, read_u(img, at, ">Q")))
+        return img, ["img.qcow2", *words]
+    return make
+
+
+def _l1_entry(value: Callable[[Path, int], int], *words: str) -> Case:
+    def make(q: Qemu, d: Path) -> tuple[Path, list[str]]:
+        img = plain_image(q, d)
+        at = l1_offset(img)
+        patch(img, at, ">Q", value(img, read_u(img, at, ">Q")))
+        return img, ["img.qcow2", *words]
+    return make
+
+
+def _backing_directory(q: Qemu, d: Path) -> tuple[Path, list[str]]:
+    q.create(d / "base.qcow2", "4M")
+    top = q.create(d / "top.qcow2", "4M", backing="base.qcow2")
+    (d / "base.qcow2").unlink()
+    (d / "base.qcow2").mkdir()
+    return top, ["base.qcow2", "is a directory"]
+
+
+def _backing_dangling_symlink(q: Qemu, d: Path) -> tuple[Path, list[str]]:
+    base = q.create(d / "real.qcow2", "4M")
+    (d / "base.qcow2").symlink_to(base.name)
+    top = q.create(d / "top.qcow2", "4M", backing="base.qcow2")
+    base.unlink()
+    return top, ["top.qcow2", "base.qcow2", "not found"]
+
+
+def _data_file(kind: str) -> Case:
+    def make(q: Qemu, d: Path) -> tuple[Path, list[str]]:
+        img = plain_image(q, d, opts="data_file=img.data")
+        (d / "img.data").unlink()
+        if kind == "directory":
+            (d / "img.data").mkdir()
+            return img, ["img.data", "is a directory"]
+        return img, ["img.qcow2", "img.data", "data file", "not found"]
+    return make
+
+
+def _loop(q: Qemu, d: Path) -> tuple[Path, list[str]]:
+    a = q.create(d / "a.qcow2", "4M")
+    b = q.create(d / "b.qcow2", "4M", backing=a.name)
+    q.img("rebase", "-u", "-b", b.name, "-F", "qcow2", a, cwd=d)
+    return b, ["a.qcow2", "loop"]
+
+
+def _self_loop(q: Qemu, d: Path) -> tuple[Path, list[str]]:
+    a = q.create(d / "a.qcow2", "4M")
+    q.img("rebase", "-u", "-b", a.name, "-F", "qcow2", a, cwd=d)
+    return a, ["a.qcow2", "loop"]
+
+
+# Refused when the chain is opened: info, map, convert (and mount) all fail.
+OPEN_CASES: dict[str, Case] = {
+    "bad-magic": _header(0, ">I", 0x51464900, "bad magic"),        # with -f qcow2
+    "version-1": _header(4, ">I", 1, "version 1"),
+    "cluster-bits-8": _header(20, ">I", 8, "cluster_bits 8"),
+    "cluster-bits-22": _header(20, ">I", 22, "cluster_bits 22"),
+    "header-length-too-small": _header(100, ">I", 96, "header_length 96"),
+    "header-length-past-cluster": _header(100, ">I", 1024, "exceeds the cluster size",
+                                          opts="cluster_size=512"),
+    "extension-overrun": _extension_overrun,
+    "unknown-incompatible-bit": _header(72, ">Q", 1 << 9, "incompatible feature", "bit 9"),
+    "l1-unaligned": _header(40, ">Q", lambda img: l1_offset(img) + 512, "L1 table", "not cluster aligned"),
+    "l1-past-eof": _header(40, ">Q", 1 << 40, "L1 table", "past the end"),
+    "l1-size-absurd": _header(36, ">I", 1 << 31, "L1 table too large"),
+    "refcount-table-unaligned": _header(48, ">Q", lambda img: read_u(img, 48, ">Q") + 512,
+                                        "refcount table", "not cluster aligned"),
+    "refcount-table-past-eof": _header(48, ">Q", 1 << 40, "refcount table", "past the end"),
+    "backing-is-a-directory": _backing_directory,
+    "backing-dangling-symlink": _backing_dangling_symlink,
+    "data-file-missing": _data_file("missing"),
+    "data-file-is-a-directory": _data_file("directory"),
+    "backing-loop": _loop,
+    "backing-self": _self_loop,
+}
+
+# Found in the L1/L2 tables: `info` (like qemu-img info) does not look at them;
+# map, convert and mount (which sizes st_blocks from the map) all fail.
+TABLE_CASES: dict[str, Case] = {
+    "l2-unaligned": _l1_entry(lambda img, e: e + 512, "L2 table offset", "not cluster aligned"),
+    "l2-past-eof": _l1_entry(lambda img, e: COPIED | 1 << 40, "L2 table", "past the end"),
+    "data-cluster-unaligned": _l2_entry(lambda img, e: e + 512, "data cluster offset",
+                                        "not cluster aligned"),
+    "subcluster-alloc-and-zero": _l2_entry(lambda img, bm: bm | (bm & 0xFFFFFFFF) << 32,
+                                           "both allocated and zero", opts="extended_l2=on",
+                                           entry_size=16),
+}
+
+
+def _garbage_compressed(ctype: str) -> Case:
+    def make(q: Qemu, d: Path) -> tuple[Path, list[str]]:
+        img = compressed_image(q, d, ctype, name="img.qcow2")
+        q.to_raw(img, d / "ref.raw")                 # the intact bytes, for the mount tests
+        _, host, _ = compressed_at(img, BROKEN)
+        patch(img, host, ">Q", (1 << 64) - 1)        # not a deflate block, not a zstd frame
+        return img, ["img.qcow2", "compressed cluster", f"guest offset {BROKEN:#x}", "does not decompress"]
+    return make
+
+
+def _compressed_past_eof(q: Qemu, d: Path) -> tuple[Path, list[str]]:
+    img = compressed_image(q, d, name="img.qcow2")
+    q.to_raw(img, d / "ref.raw")
+    at, _, count = compressed_at(img, BROKEN)
+    set_compressed(img, at, os.path.getsize(img) + 8 * CS, count)   # reads as zeros: not deflate
+    return img, ["img.qcow2", "compressed cluster", f"guest offset {BROKEN:#x}", "does not decompress"]
+
+
+# Found only when the broken cluster's data is read: info and map succeed (and
+# agree with qemu-img map), convert fails, and so does qemu-img convert. Each
+# leaves the intact image's bytes in ref.raw beside it.
+READ_CASES: dict[str, Case] = {
+    "deflate-garbage": _garbage_compressed("zlib"),
+    "zstd-garbage": _garbage_compressed("zstd"),
+    "compressed-offset-past-eof": _compressed_past_eof,
+}
+
+
+# -- running the commands --------------------------------------------------------
+
+def error_line(*args: str | os.PathLike[str]) -> str:
+    """Run flatfs; it must fail with exactly one line and no traceback. Returns the line."""
+    r = flatfs(*args, check=False)
+    assert r.returncode == 1, (args, r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flatfs: "), r.stderr
+    return lines[0]
+
+
+def assert_words(line: str, words: list[str]) -> None:
+    for w in words:
+        assert w in line, (w, line)
+
+
+def convert_fails(img: Path, extra: tuple[str, ...] = ()) -> str:
+    """convert (qcow2 and raw TARGET) fails with one line; no TARGET, no temporary file left."""
+    folder = img.parent
+    before = set(os.listdir(folder))
+    lines = set()
+    for fmt in ("qcow2", "raw"):
+        target = folder / f"out.{fmt}"
+        lines.add(error_line("convert", *extra, "-O", fmt, img, target))
+        assert not target.exists()
+        assert set(os.listdir(folder)) == before, "convert left a file behind"
+    assert len(lines) == 1, lines
+    return lines.pop()
+
+
+@pytest.mark.parametrize("name", sorted(OPEN_CASES))
+def test_refused_at_open(qemu: Qemu, tmp_path: Path, name: str) -> None:
+    img, words = OPEN_CASES[name](qemu, tmp_path)
+    extra = ("-f", "qcow2") if name == "bad-magic" else ()
+    line = error_line("info", *extra, img)
+    assert_words(line, words)
+    assert error_line("map", *extra, img) == line
+    assert convert_fails(img, extra) == line
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_CASES))
+def test_refused_when_mapped(qemu: Qemu, tmp_path: Path, name: str) -> None:
+    img, words = TABLE_CASES[name](qemu, tmp_path)
+    assert flatfs("info", img).returncode == 0
+    line = error_line("map", img)
+    assert_words(line, words)
+    assert "(at 0x" in line
+    assert error_line("map", "--output=json", img) == line
+    assert convert_fails(img) == line
+
+
+@pytest.mark.parametrize("name", sorted(READ_CASES))
+def test_refused_when_read(qemu: Qemu, tmp_path: Path, name: str) -> None:
+    img, words = READ_CASES[name](qemu, tmp_path)
+    assert flatfs("info", img).returncode == 0
+    ours = json.loads(flatfs("map", "--output=json", img).stdout)
+    assert project_map(ours) == project_map(qemu.map(img))
+    line = convert_fails(img)
+    assert_words(line, words)
+    # QEMU cannot read that cluster either
+    assert qemu.img("convert", "-O", "raw", img, tmp_path / "qemu.raw", check=False).returncode != 0
+
+
+# -- read exactly like QEMU --------------------------------------------------------
+
+def _same_as_qemu(q: Qemu, img: Path) -> None:
+    want = q.to_raw(img, img.parent / "qemu.raw")
+    got = img.parent / "flatfs.raw"
+    flatfs("convert", "-O", "raw", img, got)
+    assert got.stat().st_size == want.stat().st_size
+    assert got.read_bytes() == want.read_bytes()
+    assert flatfs("info", img).returncode == 0
+    ours = json.loads(flatfs("map", "--output=json", img).stdout)
+    assert sum(e["length"] for e in ours) == want.stat().st_size
+
+
+def test_virtual_size_zero(qemu: Qemu, tmp_path: Path) -> None:
+    img = qemu.create(tmp_path / "empty.qcow2", 0)
+    _same_as_qemu(qemu, img)
+    assert json.loads(flatfs("info", "--output=json", img).stdout)[0]["virtual-size"] == 0
+
+
+def test_data_cluster_past_eof_reads_like_qemu(qemu: Qemu, tmp_path: Path) -> None:
+    """QEMU reads a data cluster that lies past the end of the file as zeros."""
+    img = plain_image(qemu, tmp_path)
+    patch(img, l2_entry_at(img, 64 * K), ">Q", COPIED | 1 << 40)
+    _same_as_qemu(qemu, img)
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_compressed_size_past_eof_reads_like_qemu(qemu: Qemu, tmp_path: Path, ctype: str) -> None:
+    """The last compressed cluster claims the most sectors it can: its bytes
+    run past the end of the file, which reads as zeros after the stream ends."""
+    img = compressed_image(qemu, tmp_path, ctype)
+    guest = last_compressed(img)
+    at, host, _ = compressed_at(img, guest)
+    bits = cluster_bits(img)
+    set_compressed(img, at, host, (1 << (bits - 8)) - 1)
+    assert compressed_at(img, guest)[1] + (1 << (bits - 8)) * 512 > os.path.getsize(img)
+    _same_as_qemu(qemu, img)
