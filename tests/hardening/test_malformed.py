@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from ..conftest import Qemu, flatfs, project_map
+from ..conftest import Qemu, flatfs, project_map, require
 
 pytestmark = pytest.mark.qemu
 
@@ -270,9 +273,13 @@ READ_CASES: dict[str, Case] = {
 
 # -- running the commands --------------------------------------------------------
 
-def error_line(*args: str | os.PathLike[str]) -> str:
-    """Run flatfs; it must fail with exactly one line and no traceback. Returns the line."""
-    r = flatfs(*args, check=False)
+def error_line(*args: str | os.PathLike[str], prefix: tuple[str, ...] = ()) -> str:
+    """Run flatfs (under ``prefix``); it must fail with exactly one line and no traceback."""
+    if prefix:
+        r = subprocess.run([*prefix, sys.executable, "-m", "flatfs", *map(str, args)], text=True,
+                           capture_output=True)
+    else:
+        r = flatfs(*args, check=False)
     assert r.returncode == 1, (args, r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -285,14 +292,14 @@ def assert_words(line: str, words: list[str]) -> None:
         assert w in line, (w, line)
 
 
-def convert_fails(img: Path, extra: tuple[str, ...] = ()) -> str:
+def convert_fails(img: Path, extra: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> str:
     """convert (qcow2 and raw TARGET) fails with one line; no TARGET, no temporary file left."""
     folder = img.parent
     before = set(os.listdir(folder))
     lines = set()
     for fmt in ("qcow2", "raw"):
         target = folder / f"out.{fmt}"
-        lines.add(error_line("convert", *extra, "-O", fmt, img, target))
+        lines.add(error_line("convert", *extra, "-O", fmt, img, target, prefix=prefix))
         assert not target.exists()
         assert set(os.listdir(folder)) == before, "convert left a file behind"
     assert len(lines) == 1, lines
@@ -330,6 +337,30 @@ def test_refused_when_read(qemu: Qemu, tmp_path: Path, name: str) -> None:
     assert_words(line, words)
     # QEMU cannot read that cluster either
     assert qemu.img("convert", "-O", "raw", img, tmp_path / "qemu.raw", check=False).returncode != 0
+
+
+@pytest.mark.parametrize("what", ["backing-file", "data-file"])
+def test_unreadable_file(qemu: Qemu, tmp_path: Path, what: str) -> None:
+    """A backing or data file flatfs may not read (EACCES): one line naming it."""
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:
+        # root reads a mode-000 file anyway; without CAP_DAC_OVERRIDE it cannot
+        require(shutil.which("setpriv") is not None, "setpriv (util-linux) is not installed")
+        prefix = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--")
+    if what == "backing-file":
+        victim = qemu.create(tmp_path / "base.qcow2", "4M")
+        img = qemu.create(tmp_path / "img.qcow2", "4M", backing=victim.name)
+    else:
+        img = plain_image(qemu, tmp_path, opts="data_file=img.data")
+        victim = tmp_path / "img.data"
+    victim.chmod(0)
+    try:
+        line = error_line("info", img, prefix=prefix)
+        assert_words(line, [victim.name, "Permission denied"])
+        assert error_line("map", img, prefix=prefix) == line
+        assert convert_fails(img, prefix=prefix) == line
+    finally:
+        victim.chmod(0o644)
 
 
 # -- read exactly like QEMU --------------------------------------------------------
