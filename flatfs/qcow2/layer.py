@@ -41,7 +41,10 @@ class Qcow2Layer:
             self.file_size = os.fstat(fd).st_size
         except OSError as exc:
             raise ImageIOError.from_oserror(path, exc) from None
-        head = os.pread(fd, 1 << 21, 0) if self.file_size else b""
+        try:
+            head = os.pread(fd, 1 << 21, 0) if self.file_size else b""
+        except OSError as exc:
+            raise ImageIOError.from_oserror(path, exc, 0) from None
         hdr = parse_header(path, head[:_first_cluster(head)], self.file_size)
         self.header: Header = hdr
         self.size = hdr.size // 512 * 512   # QEMU counts whole sectors, rounding down

@@ -363,6 +363,28 @@ def test_unreadable_file(qemu: Qemu, tmp_path: Path, what: str) -> None:
         victim.chmod(0o644)
 
 
+def test_io_error_reading_the_header(qemu: Qemu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EIO from the host while the header cluster is read: an ImageIOError naming the file."""
+    import errno
+
+    from flatfs import FlatfsError, open_chain
+    from flatfs.errors import ImageIOError
+
+    img = plain_image(qemu, tmp_path)
+    real = os.pread
+
+    def failing(fd: int, n: int, offset: int) -> bytes:
+        if n > 4096:                              # the probe (4 KiB) works; the header read fails
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", failing)
+    with pytest.raises(FlatfsError) as exc:
+        open_chain(img)
+    assert isinstance(exc.value, ImageIOError) and exc.value.errno == errno.EIO
+    assert str(exc.value).startswith(f"{img}: ") and "Input/output error" in str(exc.value)
+
+
 # -- read exactly like QEMU --------------------------------------------------------
 
 def _same_as_qemu(q: Qemu, img: Path) -> None:
