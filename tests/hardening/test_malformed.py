@@ -219,6 +219,8 @@ OPEN_CASES: dict[str, Case] = {
     "l1-unaligned": _header(40, ">Q", lambda img: l1_offset(img) + 512, "L1 table", "not cluster aligned"),
     "l1-past-eof": _header(40, ">Q", 1 << 40, "L1 table", "past the end"),
     "l1-size-absurd": _header(36, ">I", 1 << 31, "L1 table too large"),
+    "l1-too-small-for-size": _header(24, ">Q", 1 << 40, "L1 table is too small"),
+    "virtual-size-huge": _header(24, ">Q", 1 << 62, "virtual size", "too big"),       # 2^62 bytes
     "refcount-table-unaligned": _header(48, ">Q", lambda img: read_u(img, 48, ">Q") + 512,
                                         "refcount table", "not cluster aligned"),
     "refcount-table-past-eof": _header(48, ">Q", 1 << 40, "refcount table", "past the end"),

@@ -384,7 +384,8 @@ def test_sixteen_readers_memory_stays_flat(qemu: Qemu, tmp_path: Path, mounter: 
 
 # -- 3. malformed images through mount ----------------------------------------------
 
-MOUNT_REFUSED = ["bad-magic", "cluster-bits-22", "l1-past-eof", "l1-size-absurd", "unknown-incompatible-bit",
+MOUNT_REFUSED = ["bad-magic", "cluster-bits-22", "l1-past-eof", "l1-size-absurd", "virtual-size-huge",
+                 "unknown-incompatible-bit",
                  "backing-loop", "backing-self", "backing-is-a-directory", "data-file-missing",
                  "header-length-past-cluster", "l2-past-eof", "subcluster-alloc-and-zero"]
 
@@ -405,6 +406,12 @@ def test_malformed_image_is_not_mounted(qemu: Qemu, tmp_path: Path, mounter: Mou
     assert os.listdir(mp) == []
     # the same line `flatfs map` gives
     assert res.stderr.strip() == error_line("map", *(("-f", "qcow2") if extra else ()), img)
+
+
+def test_virtual_size_zero(qemu: Qemu, mounter: Mounter, tmp_path: Path) -> None:
+    view = mounter.mount(qemu.create(tmp_path / "empty.qcow2", 0))
+    assert os.stat(view).st_size == 0 and view.read_bytes() == b""
+    assert seek_walk(view) == []
 
 
 @pytest.mark.parametrize("name", sorted(READ_CASES))
