@@ -186,14 +186,16 @@ class Chain:
             raise OSError(errno.EINVAL, "negative offset")
         if offset >= self.size:
             raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        # The uncoalesced composition: coalescing looks one extent ahead, and
+        # an answer must not depend on (or fail on) a range past it.
         if whence == SEEK_DATA:
-            for e in self.extents(offset):
-                if e.kind.is_data:
+            for e in self._compose(0, offset, self.size):
+                if e.kind.is_data and e.length > 0:
                     return max(offset, e.start)
             raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
         if whence == SEEK_HOLE:
-            for e in self.extents(offset):
-                if not e.kind.is_data:
+            for e in self._compose(0, offset, self.size):
+                if not e.kind.is_data and e.length > 0:
                     return max(offset, e.start)
             return self.size
         raise OSError(errno.EINVAL, "whence must be SEEK_DATA or SEEK_HOLE")

@@ -163,3 +163,31 @@ def test_composition_is_contiguous_and_reads_only_data(spec):
     for e in ex:
         fill = bytes([e.depth + 1]) if e.kind is D else b"\0"
         assert data[e.start:e.end] == fill * e.length
+
+
+class BrokenAfter(FakeLayer):
+    """A layer whose metadata cannot be read past ``broken``: asking raises EIO."""
+
+    def __init__(self, size, runs, fill, broken):
+        super().__init__(size, runs, fill)
+        self.broken = broken
+
+    def extents(self, start, end):
+        for e in super().extents(start, end):
+            if e.end > self.broken:
+                raise OSError(errno.EIO, "unreadable")
+            yield e
+
+
+def test_seek_answers_without_looking_past_its_answer():
+    # Data in the top layer at [4096, 8192); the base cannot be read from 8192 on.
+    # SEEK_DATA from 0 finds 4096 in the top layer and must not touch the base
+    # past it (coalescing would, to see whether the next extent merges).
+    base = BrokenAfter(1 << 20, [(0, 4096, Z)], 2, broken=4096)
+    top = FakeLayer(1 << 20, [(4096, 8192, D)], 1)
+    c = chain(top, base)
+    assert c.seek(0, os.SEEK_DATA) == 4096
+    assert c.seek(4096, os.SEEK_DATA) == 4096
+    with pytest.raises(OSError) as exc:      # the hole's end lies in the broken range
+        c.seek(4096, os.SEEK_HOLE)
+    assert exc.value.errno == errno.EIO
