@@ -22,6 +22,7 @@ import errno
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import socket
 import stat
@@ -34,7 +35,7 @@ from typing import Any, Callable
 
 from .chain import SEEK_DATA, SEEK_HOLE, Chain, OpenOptions, open_chain
 from .dataindex import scan as scan_data
-from .errors import FlatfsError, MountError
+from .errors import FlatfsError, ImageError, MountError
 
 log = logging.getLogger("flatfs.fuse")
 
@@ -68,7 +69,7 @@ def errno_for(exc: BaseException, path: str | None = None, offset: int | None = 
     """
     if isinstance(exc, FlatfsError):
         code = getattr(exc, "errno", None) or errno.EIO
-        _log_once(path, offset, str(exc), None)
+        _log_once(path, offset, str(exc), None, key=_error_kind(exc))
         return code
     if isinstance(exc, OSError):
         return exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else errno.EIO
@@ -76,8 +77,24 @@ def errno_for(exc: BaseException, path: str | None = None, offset: int | None = 
     return errno.EIO
 
 
-def _log_once(path: str | None, offset: int | None, message: str, tb: str | None) -> None:
-    key = (path or "", message)
+_NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
+
+
+def _error_kind(exc: FlatfsError) -> str:
+    """What makes two errors "the same" for the log: the file and the reason, numbers aside.
+
+    A reader streaming through a broken region hits one error per request,
+    each at its own offset (and a short read names its own sizes); one line
+    per broken file and kind of damage is enough.
+    """
+    if isinstance(exc, ImageError):
+        return f"{type(exc).__name__}:{exc.path}:{_NUMBERS.sub('#', exc.reason)}"
+    return f"{type(exc).__name__}:{_NUMBERS.sub('#', str(exc))}"
+
+
+def _log_once(path: str | None, offset: int | None, message: str, tb: str | None,
+              key: str | None = None) -> None:
+    key = (path or "", key or message)
     with _log_lock:
         if key in _LOGGED:
             return

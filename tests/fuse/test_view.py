@@ -114,8 +114,13 @@ def test_errno_mapping_and_log_once(caplog: pytest.LogCaptureFixture) -> None:
     assert errno_for(UnsupportedImage("/img/c", "feature"), "/a.raw", 0) == errno.EOPNOTSUPP
     assert errno_for(OSError(errno.ENXIO, "x"), "/a.raw", 9) == errno.ENXIO
     assert errno_for(ValueError("bug"), "/a.raw", 1) == errno.EIO
+    # the same damage met by a streaming reader, at other offsets and sizes: not logged again
+    for i in range(5):
+        short = ImageIOError(f"/img/d{7}.qcow2", f"short read: {i} of 65536 bytes", 0x50000 + i * 4096)
+        assert errno_for(short, "/a.raw", 0x70000 + i * 4096) == errno.EIO
     msgs = [r.getMessage() for r in caplog.records]
     assert sum("/img/a.qcow2" in m for m in msgs) == 1          # logged once
+    assert sum("/img/d7.qcow2" in m for m in msgs) == 1
     assert any("/a.raw at offset 0x4000" in m and "L2 entry" in m for m in msgs)
     assert not any("ENXIO" in m or "/a.raw at offset 0x9" in m for m in msgs)   # an answer, not an error
 
