@@ -18,6 +18,41 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def mounts_under(folder: str | os.PathLike[str]) -> dict[str, str]:
+    """Mount point -> fstype of every mount at or under ``folder`` (FUSE views, loop-mounted guests)."""
+    base = os.path.realpath(folder)
+    out = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            fstype = parts[parts.index("-", 6) + 1]
+            mp = parts[4].encode().decode("unicode_escape") if "\\" in parts[4] else parts[4]
+            if mp == base or mp.startswith(base + os.sep):
+                out[mp] = fstype
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_mount_left_behind(tmp_path_factory: pytest.TempPathFactory):
+    """Every test mounts under the session's temp folder; nothing mounted there may outlive the session.
+
+    Scoped to this session's folder, so that a second pytest running on the
+    same machine is neither blamed nor unmounted.
+    """
+    base = tmp_path_factory.getbasetemp()
+    yield
+    if not os.path.exists("/proc/self/mountinfo"):
+        return
+    left = mounts_under(base)
+    for mp, fstype in sorted(left.items(), reverse=True):      # innermost first
+        fuse = fstype == "fuse" or fstype.startswith("fuse.")
+        for cmd in ((["fusermount3", "-u"], ["fusermount3", "-u", "-z"]) if fuse
+                    else (["umount"], ["umount", "-l"])):
+            if mp in mounts_under(mp):
+                subprocess.run([*cmd, mp], capture_output=True)
+    assert not left, f"mounts left behind: {left}"
+
+
 def require(ok: bool, why: str) -> None:
     """Skip locally, fail in CI."""
     if ok:
