@@ -18,6 +18,7 @@ class Figure:
     note: str = ""
     flatfs_range: tuple[float, float] | None = None   # (min, max) over the pairs
     qemu_range: tuple[float, float] | None = None
+    pair_ratio: float | None = None   # median of flatfs/QEMU within each pair
 
     @property
     def ratio(self) -> float | None:
@@ -99,11 +100,12 @@ def spread_markdown(figs: list[Figure]) -> str:
     """min–max over the pairs, for the figures that are medians of samples."""
     def rng(r: tuple[float, float] | None, unit: str) -> str:
         return "—" if r is None else f"{fmt(r[0], unit)} – {fmt(r[1], unit)}"
-    lines = ["| figure | flatfs min – max | QEMU min – max |", "|---|---|---|"]
+    lines = ["| figure | flatfs min – max | QEMU min – max | median of the pair ratios |", "|---|---|---|---|"]
     for f in figs:
         if f.flatfs_range is None and f.qemu_range is None:
             continue
-        lines.append(f"| {f.label} | {rng(f.flatfs_range, f.unit)} | {rng(f.qemu_range, f.unit)} |")
+        pr = "—" if f.pair_ratio is None else f"{f.pair_ratio:.2f}×"
+        lines.append(f"| {f.label} | {rng(f.flatfs_range, f.unit)} | {rng(f.qemu_range, f.unit)} | {pr} |")
     return "\n".join(lines)
 
 

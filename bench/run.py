@@ -284,8 +284,14 @@ def rng(xs: list[float | None]) -> tuple[float, float] | None:
     return (min(xs), max(xs)) if xs else None
 
 
+def paired(f: list[float | None], q: list[float | None]) -> float | None:
+    """Median over the pairs of flatfs/QEMU within each pair (both ran back to back)."""
+    rs = [a / b for a, b in zip(f, q) if a is not None and b]
+    return statistics.median(rs) if rs else None
+
+
 def with_ranges(figs: list[Figure], conv: dict, view: dict, layout: images.Layout) -> None:
-    """Attach min–max over the pairs to the figures that are medians of samples."""
+    """Attach min–max, and the median of the within-pair ratios, to the figures that are medians of samples."""
     c = {"convert_wall": ("seed-1t", "durable"), "convert_wall_exit": ("seed-1t", "wall"),
          "convert_cpu": ("seed-1t", "cpu"), "convert_rss": ("seed-1t", "rss_mib"),
          "convert64_wall": ("seed-64t", "durable"), "comp_wall": ("compressed", "durable"),
@@ -293,14 +299,14 @@ def with_ranges(figs: list[Figure], conv: dict, view: dict, layout: images.Layou
     for f in figs:
         if f.key in c:
             case, key = c[f.key]
-            f.flatfs_range = rng([r[key] for r in conv[case]["flatfs"]])
-            f.qemu_range = rng([r[key] for r in conv[case]["qemu"]])
+            xs, ys = [r[key] for r in conv[case]["flatfs"]], [r[key] for r in conv[case]["qemu"]]
         elif f.key == "read_throughput":
-            f.flatfs_range = rng([r["mibps"] for r in view["read"]["flatfs"]])
-            f.qemu_range = rng([r["mibps"] for r in view["read"]["qemu"]])
+            xs, ys = [r["mibps"] for r in view["read"]["flatfs"]], [r["mibps"] for r in view["read"]["qemu"]]
         elif f.key == "map_1t":
-            f.flatfs_range = rng([r["seconds"] for r in view["map"]["flatfs"]])
-            f.qemu_range = rng([r["seconds"] for r in view["map"]["qemu"]])
+            xs, ys = [r["seconds"] for r in view["map"]["flatfs"]], [r["seconds"] for r in view["map"]["qemu"]]
+        else:
+            continue
+        f.flatfs_range, f.qemu_range, f.pair_ratio = rng(xs), rng(ys), paired(xs, ys)
 
 
 def noise(conv: dict, cores: int) -> str | None:
