@@ -30,7 +30,7 @@ from typing import Iterator
 import pytest
 
 from ..conftest import Qemu
-from ..fuse.conftest import (ONE_LINE, Mounter, daemon_pid, data_extents, flatfs_mounts, is_mounted,
+from ..fuse.conftest import (ONE_LINE, Mounter, daemon_pid, data_extents, is_mounted,
                              mounter, qemu_map, seek_walk, unmount)  # noqa: F401  (mounter: a fixture)
 from .test_malformed import BROKEN, CS, OPEN_CASES, READ_CASES, TABLE_CASES, error_line
 
@@ -38,17 +38,6 @@ pytestmark = [pytest.mark.fuse, pytest.mark.qemu]
 
 K = 1 << 10
 M = 1 << 20
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _nothing_left_mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """No mount of ours outlives this module (other sessions' mounts are not ours)."""
-    ours = os.path.realpath(tmp_path_factory.getbasetemp())
-    yield
-    left = {mp for mp in flatfs_mounts() if mp.startswith(ours + os.sep)}
-    for mp in left:
-        unmount(mp)
-    assert not left, f"flatfs mounts left behind: {sorted(left)}"
 
 
 # -- helpers -------------------------------------------------------------------

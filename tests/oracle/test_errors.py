@@ -104,8 +104,16 @@ def test_image_backing_itself(qemu, tmp_path):
 
 def test_encrypted_image(qemu, tmp_path):
     img = tmp_path / "enc.qcow2"
-    qemu.img("create", "-q", "--object", "secret,id=sec0,data=123456", "-f", "qcow2",
-             "-o", "encrypt.format=luks,encrypt.key-secret=sec0", img, "1M")
+    # LUKS times its key derivation; on a busy machine qemu-img can fail with
+    # "Unable to get accurate CPU usage". That is QEMU's flake, not ours: retry it.
+    for attempt in range(5):
+        try:
+            qemu.img("create", "-q", "--object", "secret,id=sec0,data=123456", "-f", "qcow2",
+                     "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", img, "1M")
+            break
+        except subprocess.CalledProcessError as exc:
+            if "accurate CPU usage" not in f"{exc.stdout}{exc.stderr}" or attempt == 4:
+                raise
     one_line_error(["map", img], "enc.qcow2", "encrypted", "LUKS")
 
 
