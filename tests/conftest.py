@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,15 @@ def _no_mount_left_behind(tmp_path_factory: pytest.TempPathFactory):
             if mp in mounts_under(mp):
                 subprocess.run([*cmd, mp], capture_output=True)
     assert not left, f"mounts left behind: {left}"
+
+
+def run_threads(target, n: int) -> None:
+    """Run ``target(i)`` for i in range(n) on n threads at once, and wait for all of them."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def require(ok: bool, why: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Qemu
+from ..conftest import Qemu, run_threads
 from .conftest import Chain, data_extents, qemu_map, seek_walk
 
 pytestmark = pytest.mark.fuse
@@ -138,11 +138,7 @@ def test_eight_threads_random_reads(chains: dict[str, Chain], views: dict[str, P
         finally:
             os.close(fd)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, 8)
     assert not errors, errors
 
 
@@ -174,11 +170,7 @@ def test_worker_threads_that_come_and_go(chains: dict[str, Chain], mounter) -> N
             os.close(fd)
 
     for _ in range(6):                      # bursts: workers start, then go idle and exit
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(worker, 8)
         assert not errors, errors
     assert data_extents(qemu_map(Qemu(), view, "raw")) == c.data
 

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import pytest
 
-from ..conftest import Qemu
+from ..conftest import Qemu, run_threads
 from ..fuse.conftest import (ONE_LINE, Mounter, daemon_pid, data_extents, is_mounted,
                              mounter, qemu_map, seek_walk, unmount)  # noqa: F401  (mounter: a fixture)
 from .test_malformed import BROKEN, CS, OPEN_CASES, READ_CASES, TABLE_CASES, error_line
@@ -314,11 +314,7 @@ def test_sixteen_threads_read_one_chain(qemu: Qemu, tmp_path: Path) -> None:
             except Exception as exc:  # noqa: BLE001 - reported from the main thread
                 errors.append(f"reader {i}: {exc!r}")
 
-        threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(reader, 16)
     assert not errors, errors
 
 
@@ -354,11 +350,7 @@ def test_sixteen_readers_memory_stays_flat(qemu: Qemu, tmp_path: Path, mounter: 
             finally:
                 os.close(fd)
 
-        threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(reader, 16)
 
     phase(1.5, 1)                                  # warm-up: threads, buffers, L2 cache
     assert not errors, errors
