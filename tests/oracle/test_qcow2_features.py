@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flatfs import OpenOptions, open_chain
+from flatfs import open_chain
 
 from ..conftest import Qemu
 from .oracle import assert_matches_qemu
