@@ -752,7 +752,13 @@ class _RawJob(_Job):
     def __init__(self, src: Chain, fd: int, path: str, opts: ConvertOptions, summary: Summary,
                  progress: Progress | None) -> None:
         self.s = opts.sparse_size
-        self.gran = self.s or 4096
+        # Zeros are found in blocks of at most 4 KiB (a file system block):
+        # like qemu-img, a run of zero blocks is skipped when it is at least
+        # -S long, or when it starts or ends the data (next to a hole or a
+        # chunk edge), whatever its length. Only shorter runs between data
+        # are written, so that -S keeps the writes unfragmented.
+        self.gran = min(self.s, DEFAULT_SPARSE_SIZE) if self.s else DEFAULT_SPARSE_SIZE
+        self.min_run = -(-self.s // self.gran) if self.s else 0
         self.chunk_bytes = max(self.gran, CHUNK_BYTES - CHUNK_BYTES % self.gran)
         super().__init__(summary, progress)
         self.src = src
@@ -794,7 +800,33 @@ class _RawJob(_Job):
             return [(s - a, ln) for s, ln, _ in _coalesce_pieces(sp)], 0, 0
         g = self.gran
         zb = _zero_blocks(buf, 0, n, g, self.zh)
-        return [(i * g, min(n, j * g) - i * g) for i, j in _runs(zb, 0)], zb.count(1), 0
+        if self.min_run > 1:
+            self._keep_short_zero_runs(zb, a, n, sp)
+        skipped = zb.count(1) * g // self.s
+        return [(i * g, min(n, j * g) - i * g) for i, j in _runs(zb, 0)], skipped, 0
+
+    def _keep_short_zero_runs(self, zb: bytearray, a: int, n: int, pieces: list[Piece]) -> None:
+        """Clear (write) runs of zero blocks shorter than -S that lie between data.
+
+        A run is skipped (stays 1 in ``zb``) if it is at least -S long, touches
+        the chunk's edge, or touches a hole of the source (a gap between
+        ``pieces``): qemu-img never writes those either.
+        """
+        g = self.gran
+        nb = len(zb)
+        hole = bytearray(nb)
+        pos = 0
+        for s, ln, _ in _coalesce_pieces(pieces):
+            off = s - a
+            if off > pos:
+                hole[pos // g:-(-off // g)] = b"\x01" * (-(-off // g) - pos // g)
+            pos = off + ln
+        if pos < n:
+            hole[pos // g:nb] = b"\x01" * (nb - pos // g)
+        for i, j in list(_runs(zb, 1)):
+            if j - i >= self.min_run or i == 0 or j == nb or hole.find(1, i, j) >= 0:
+                continue
+            zb[i:j] = bytes(j - i)
 
     def apply(self, chunk: Chunk, slot: _Slot, prepared: tuple) -> None:
         writes, zskip, copied = prepared
