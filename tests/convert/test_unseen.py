@@ -8,6 +8,7 @@ with the equivalent options.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,103 @@ def test_raw_target_keeps_short_zero_runs_between_data(tmp_path):
     flatfs("convert", "-O", "raw", "-S", "4k", src, b)
     assert a.read_bytes() == b.read_bytes() == src.read_bytes()
     assert disk_usage(a) > disk_usage(b)      # the 16 KiB run is written only with -S 64k
+
+
+# -- chain kinds the red-team generator made, with the option sets it ran --------------
+#
+# Each recipe: (layers, qemu-io commands per layer). A layer is (name, format, size,
+# qemu-img create -o options); each overlay is created on the layer before it.
+
+RECIPES = {
+    # an odd-sized sparse raw base (not a multiple of 512) under a 1 KiB-cluster overlay
+    # that is shorter than its base, with a compressed write and an internal snapshot
+    "odd-raw-base-1k-overlay": (
+        [("base.raw", "raw", 5 * M + 1234, None), ("top.qcow2", "qcow2", 3 * M + 300, "cluster_size=1024")],
+        [["write -P 0x3c 1M 64k", "write -z 1200k 512", "write -P 0x0a 2M 1k", "write -P 0x44 5M 1024"],
+         ["write -P 0xdd 512k 64k", "discard 1M 2k", "write -c -P 0xa9 3M 512", "write -P 0 2M 1k"]],
+    ),
+    # extended L2 with partial subcluster writes and zeroed subclusters over a 2 MiB-cluster base
+    "extl2-subclusters-over-2M": (
+        [("base.qcow2", "qcow2", 6 * M, "cluster_size=2M"),
+         ("top.qcow2", "qcow2", 6 * M, "cluster_size=64k,extended_l2=on,compression_type=zstd")],
+        [["write -P 0x11 0 4M", "write -c -P 0x12 4M 2M"],
+         ["write -P 0x21 2k 1k", "write -z 8k 2k", "write -z -u 64k 64k", "write -P 0x22 130k 3k",
+          "write -c -P 0x23 1M 64k", "discard 4M 64k", "write -P 0 5M 8k"]],
+    ),
+    # compat 0.10 (no zero clusters) with 1-bit and 64-bit refcount layers above it
+    "compat010-refcount-1-64": (
+        [("base.qcow2", "qcow2", 4 * M, "compat=0.10,cluster_size=4096"),
+         ("mid.qcow2", "qcow2", 4 * M, "refcount_bits=1,cluster_size=512"),
+         ("top.qcow2", "qcow2", 4 * M + 4096, "refcount_bits=64,lazy_refcounts=on")],
+        [["write -P 0x31 0 2M", "write -P 0 2M 64k", "write -z 3M 8k"],
+         ["write -z 64k 4k", "write -P 0x32 1M 1536", "discard 1536k 64k"],
+         ["write -P 0x33 4M 4k", "write -z 0 512", "write -c -P 0x34 128k 64k"]],
+    ),
+}
+
+CONVERT_OPTS = {
+    "default": ([], ["-O", "qcow2"]),
+    "raw-S64k": (["-O", "raw", "-S", "64k"], ["-O", "raw", "-S", "64k"]),
+    "zstd-extl2-2M": (["-c", "--compression-type", "zstd", "--extended-l2", "--cluster-size", "2M"],
+                      ["-O", "qcow2", "-c", "-o", "compression_type=zstd,extended_l2=on,cluster_size=2M"]),
+    "compat010-512-S512": (["--compat", "0.10", "--cluster-size", "512", "-S", "512"],
+                           ["-O", "qcow2", "-S", "512", "-o", "compat=0.10,cluster_size=512"]),
+}
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory) -> dict[str, Path]:
+    from ..conftest import have_qemu, require
+    require(have_qemu(), "qemu-img/qemu-io are not installed")
+    q = Qemu()
+    out = {}
+    for name, (layers, cmds) in RECIPES.items():
+        d = tmp_path_factory.mktemp(name)
+        prev = None
+        for (fname, fmt, size, opts), io in zip(layers, cmds):
+            path = d / fname
+            if fmt == "raw":
+                q.create(path, size // 512 * 512, fmt="raw")
+            else:
+                q.create(path, size, backing=prev[0].name if prev else None,
+                         backing_fmt=prev[1] if prev else None, opts=opts)
+            q.io(path, *io, fmt=fmt)
+            if fmt == "raw" and size % 512:
+                os.truncate(path, size)
+            if name == "odd-raw-base-1k-overlay" and fmt == "qcow2":
+                q.img("snapshot", "-c", "s1", path)
+                q.io(path, "write -P 0xee 8k 4k", "write -z 520k 4k")
+            prev = (path, fmt)
+        out[name] = prev[0]
+    return out
+
+
+@pytest.mark.parametrize("opts", list(CONVERT_OPTS))
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_recipe_convert(qemu, tmp_path, recipes, recipe, opts):
+    src = recipes[recipe]
+    ours, theirs = CONVERT_OPTS[opts]
+    fmt = "raw" if "raw" in ours else "qcow2"
+    out = tmp_path / f"out.{fmt}"
+    flatfs("convert", *ours, src, out)
+    assert_valid_copy(qemu, src, out, fmt)
+    ref = _qemu_convert(qemu, src, tmp_path / f"ref.{fmt}", *theirs)
+    assert disk_usage(out) <= disk_usage(ref) * 1.1, (disk_usage(out), disk_usage(ref))
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_recipe_delta_onto_own_backing(qemu, tmp_path, recipes, recipe):
+    src = recipes[recipe]
+    layers = RECIPES[recipe][0]
+    bname, bfmt = layers[-2][0], layers[-2][1]
+    out = src.parent / f"delta-{tmp_path.name}.qcow2"
+    try:
+        flatfs("convert", "-B", bname, "-F", bfmt, src, out)
+        assert_valid_copy(qemu, src, out, backing=True)
+        ref = src.parent / f"ref-{tmp_path.name}.qcow2"
+        _qemu_convert(qemu, src, ref, "-O", "qcow2", "-B", bname, "-F", bfmt)
+        assert disk_usage(out) <= disk_usage(ref) * 1.1, (disk_usage(out), disk_usage(ref))
+    finally:
+        for p in (out, src.parent / f"ref-{tmp_path.name}.qcow2"):
+            if p.exists():
+                p.unlink()
