@@ -25,6 +25,12 @@ MAX_SNAPSHOTS = 65536           # QEMU's QCOW_MAX_SNAPSHOTS
 MAX_BACKING_NAME = 1023         # spec: "must not be longer than 1023 bytes"
 MAX_FORMAT_NAME = 15            # QEMU keeps the backing format in a 16-byte buffer
 MAX_L1_INDEX = (1 << 31) - 1    # QEMU: "Image is too big" beyond INT_MAX L1 entries
+MAX_TABLE_END = (1 << 63) - 1   # QEMU validates table offsets against INT64_MAX
+MAX_SNAPSHOT_EXTRA = 1024       # QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA
+MAX_SNAPSHOTS_BYTES = 64 << 20  # QEMU's QCOW_MAX_SNAPSHOTS_SIZE
+SNAPSHOT_HEADER = 40            # fixed part of a snapshot table entry
+MAX_BITMAPS = 65535             # QEMU's QCOW2_MAX_BITMAPS
+MAX_BITMAP_DIRECTORY = MAX_BITMAPS * 1024   # QEMU's QCOW2_MAX_BITMAP_DIRECTORY_SIZE
 
 # incompatible_features
 INCOMPAT_DIRTY = 1 << 0
@@ -94,6 +100,9 @@ class Header:
     data_file: str | None = None
     feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
     has_bitmaps: bool = False
+    # the bitmaps extension, when the bitmaps autoclear bit says it is valid:
+    # (nb_bitmaps, directory size, directory offset)
+    bitmaps: tuple[int, int, int] | None = None
 
     @property
     def cluster_size(self) -> int:
@@ -210,6 +219,10 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
         bits = [i for i in range(64) if unknown >> i & 1]
         label = ", ".join(names.get((0, b), f"bit {b}") for b in bits)
         raise UnsupportedImage(path, f"unsupported incompatible feature(s): {label}", 72)
+    if "crypto_at" in ext and crypt != CRYPT_LUKS:
+        # QEMU refuses the open: the extension only belongs with LUKS
+        raise CorruptImage(path, "full disk encryption header extension without LUKS encryption",
+                           ext["crypto_at"])
     if crypt == CRYPT_AES:
         raise UnsupportedImage(path, "encrypted images are not supported (AES)", 32)
     if crypt == CRYPT_LUKS:
@@ -228,9 +241,12 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
         raise CorruptImage(path, "data-file-raw is set without an external data file", 88)
 
     # -- tables --------------------------------------------------------------
+    bitmaps = None
+    if "bitmaps" in ext and autoclear & AUTOCLEAR_BITMAPS:
+        bitmaps = _check_bitmaps_extension(path, ext["bitmaps_at"], ext["bitmaps"], cs)
     hdr = Header(**fields, backing_file=None, backing_format=ext.get("backing_format"),
                  data_file=ext.get("data_file"), feature_names=names,
-                 has_bitmaps=ext.get("bitmaps", False))
+                 has_bitmaps="bitmaps" in ext, bitmaps=bitmaps)
     if size % 512 and version == 2:
         pass  # QEMU rounds v2 sizes; reads past the last sector are clipped anyway
     l1_needed = -(-size // hdr.l1_span)
@@ -241,15 +257,18 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
     if l1_size < l1_needed:
         raise CorruptImage(path, f"L1 table is too small: {l1_size} entries, "
                            f"the virtual size needs {l1_needed}", 36)
-    if l1_size:
-        _check_table(path, "L1 table", l1_off, l1_size * 8, cs, file_size, 40)
+    # QEMU checks a table's offset (aligned, below INT64_MAX) even when the table is empty
+    _check_table(path, "L1 table", l1_off, l1_size * 8, cs, file_size, 40)
     if rt_clusters > MAX_REFTABLE_BYTES // cs:
         raise CorruptImage(path, f"refcount table too large ({rt_clusters} clusters)", 56)
+    if rt_clusters == 0:
+        raise CorruptImage(path, "image does not contain a reference count table", 56)
     _check_table(path, "refcount table", rt_off, rt_clusters * cs, cs, file_size, 48)
     if nb_snap > MAX_SNAPSHOTS:
         raise CorruptImage(path, f"too many snapshots ({nb_snap})", 60)
-    if nb_snap:
-        _check_table(path, "snapshot table", snap_off, 40 * nb_snap, cs, file_size, 64)
+    # The entries themselves are read at open (qcow2/layer.py); like QEMU, a
+    # table past the end of the file reads as zeros, so only the offset is checked here.
+    _check_offset(path, "snapshot table", snap_off, SNAPSHOT_HEADER * nb_snap, cs, 64)
 
     # -- backing file name -----------------------------------------------------
     backing = None
@@ -261,9 +280,8 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
         if bf_off + bf_size > len(head):
             raise CorruptImage(path, "backing file name lies past the end of the file", bf_off)
         if bf_size:
-            backing = _name(head[bf_off:bf_off + bf_size])
-            if "\0" in backing:
-                raise CorruptImage(path, "backing file name contains a NUL byte", bf_off)
+            # QEMU keeps the name as a C string: it ends at the first NUL
+            backing = _name(head[bf_off:bf_off + bf_size]).split("\0", 1)[0] or None
     if hdr.has_data_file and hdr.data_file is None:
         raise UnsupportedImage(path, "external data file is required but its name is not recorded "
                                "(no data file name extension)", 72)
@@ -275,12 +293,20 @@ def _replace(hdr: Header, **kw: object) -> Header:
     return replace(hdr, **kw)
 
 
-def _check_table(path: str, what: str, offset: int, length: int, cs: int, file_size: int,
-                 field_at: int) -> None:
-    if length == 0:
-        return
+def _check_offset(path: str, what: str, offset: int, length: int, cs: int, field_at: int) -> None:
+    """QEMU's check of a table's place, made even when the table is empty."""
     if offset % cs:
         raise CorruptImage(path, f"{what} offset 0x{offset:x} is not cluster aligned", field_at)
+    if offset > MAX_TABLE_END - length:
+        raise CorruptImage(path, f"{what} at 0x{offset:x} (+{length} bytes) lies past the end of "
+                           "any possible file", field_at)
+
+
+def _check_table(path: str, what: str, offset: int, length: int, cs: int, file_size: int,
+                 field_at: int) -> None:
+    _check_offset(path, what, offset, length, cs, field_at)
+    if length == 0:
+        return
     if offset == 0:
         raise CorruptImage(path, f"{what} overlaps the header", field_at)
     if offset + length > file_size:
@@ -313,16 +339,35 @@ def _parse_extensions(path: str, head: bytes, start: int, bf_off: int, cs: int) 
                 raise CorruptImage(path, f"backing format name too long ({elen} bytes)", off)
             out["backing_format"] = _name(data).rstrip("\0") or None
         elif etype == EXT_DATA_FILE:
-            name = _name(data).rstrip("\0")
-            if "\0" in name:
-                raise CorruptImage(path, "data file name contains a NUL byte", off)
-            out["data_file"] = name or None
+            # a C string in QEMU: the name ends at the first NUL
+            out["data_file"] = _name(data).split("\0", 1)[0] or None
         elif etype == EXT_FEATURE_TABLE:
             names = {}
             for i in range(0, elen - elen % 48, 48):
                 names[(data[i], data[i + 1])] = data[i + 2:i + 48].split(b"\0", 1)[0].decode("ascii", "replace")
             out["feature_names"] = names
         elif etype == EXT_BITMAPS:
-            out["bitmaps"] = True
+            if elen != 24:
+                raise CorruptImage(path, f"bitmaps extension has an invalid length ({elen} bytes)", off)
+            out["bitmaps"] = struct.unpack_from(">IIQQ", data)
+            out["bitmaps_at"] = off
+        elif etype == EXT_CRYPTO:
+            out["crypto_at"] = off
         off = data_at + ((elen + 7) & ~7)
     return out
+
+
+def _check_bitmaps_extension(path: str, at: int, ext: tuple[int, int, int, int],
+                             cs: int) -> tuple[int, int, int]:
+    """QEMU's checks of a bitmaps extension that the autoclear bit declares valid."""
+    nb, reserved, dir_size, dir_off = ext
+    if reserved:
+        raise CorruptImage(path, "bitmaps extension: reserved field is not zero", at)
+    if nb == 0:
+        raise CorruptImage(path, "bitmaps extension with zero bitmaps", at)
+    if nb > MAX_BITMAPS:
+        raise CorruptImage(path, f"bitmaps extension: {nb} bitmaps, more than {MAX_BITMAPS}", at)
+    if dir_size > MAX_BITMAP_DIRECTORY:
+        raise CorruptImage(path, f"bitmaps extension: bitmap directory too large ({dir_size} bytes)", at)
+    _check_offset(path, "bitmap directory", dir_off, dir_size, cs, at)
+    return nb, dir_size, dir_off
