@@ -81,8 +81,12 @@ def decode(raw: bytes) -> array:
     return a
 
 
-def classify(raw: bytes, cluster_bits: int, *, extended: bool, data_file: bool) -> Table:
-    """Classify every entry of one L2 table (``raw`` is the table as stored)."""
+def classify(raw: bytes, cluster_bits: int, *, extended: bool, data_file: bool, base: int = 0) -> Table:
+    """Classify every entry of one L2 table (``raw`` is the table as stored).
+
+    ``base`` is the guest offset the table starts at: in an external data file
+    every allocated cluster must sit at its own guest offset (QEMU: EIO otherwise).
+    """
     cs = 1 << cluster_bits
     entries = decode(raw)
     step = 2 if extended else 1
@@ -111,6 +115,14 @@ def classify(raw: bytes, cluster_bits: int, *, extended: bool, data_file: bool) 
             continue
         host = e & OFFSET_MASK
         allocated = bool(host) or (data_file and bool(e & OFLAG_COPIED))
+        if (data_file and allocated and host != base + gstart
+                and not (host == 0 and e & OFLAG_ZERO and not extended)):
+            # QEMU: every cluster with a host offset (all but a plain zero
+            # cluster) must sit at its own guest offset in the data file
+            b.add(gstart, cs, BAD, i, f"data file offset 0x{host:x} does not match the guest "
+                  f"offset 0x{base + gstart:x}")
+            i += 1
+            continue
         if not extended:
             if e & OFLAG_ZERO:
                 if allocated and host % cs:

@@ -96,7 +96,7 @@ class Qcow2Layer:
         raw = bytearray(self.cluster_size)
         pread_exact(self.fd, self.path, memoryview(raw), l2_off)
         t = C.classify(bytes(raw), self.cluster_bits, extended=self.header.extended_l2,
-                       data_file=self.header.has_data_file)
+                       data_file=self.header.has_data_file, base=l1_index * self.l1_span)
         t.l2_offset = l2_off
         with self._lock:
             if l1_index not in self._cache:
