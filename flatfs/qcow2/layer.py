@@ -8,6 +8,7 @@ whatever the virtual size.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import zlib
 from bisect import bisect_left
@@ -19,8 +20,17 @@ from ..extents import Extent, Kind
 from ..hostfile import data_runs, pread_exact, pread_padded
 from ..layer import BackingRef, Format, register
 from . import clusters as C
-from .spec import (COMPRESSION_NAMES, COMPRESSION_ZSTD, OFFSET_MASK, Header, looks_like_qcow2,
-                   parse_header)
+from .spec import (COMPRESSION_NAMES, COMPRESSION_ZSTD, MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOTS_BYTES,
+                   OFFSET_MASK, SNAPSHOT_HEADER, Header, looks_like_qcow2, parse_header)
+
+# QEMU's limits on a persistent dirty bitmap (block/qcow2-bitmap.c), checked at open
+BITMAP_MAX_TABLE = 0x8000000
+BITMAP_MAX_PHYS = 0x20000000
+BITMAP_MAX_NAME = 1023
+BITMAP_RESERVED_FLAGS = 0xFFFFFFFC
+BITMAP_IN_USE = 1
+BITMAP_TABLE_RESERVED = 0xFF000000000001FE
+_BITMAP_ENTRY = struct.Struct(">QIIBBHI")
 
 # Bound on decoded runs kept in the L2 cache (all tables together). A run is
 # ~100 bytes, so this caps the cache near 25 MiB even for pathological
@@ -52,6 +62,11 @@ class Qcow2Layer:
         self.cluster_size = hdr.cluster_size
         self.l1_span = hdr.l1_span
         self.backing = BackingRef(hdr.backing_file, hdr.backing_format) if hdr.backing_file else None
+        # QEMU reads the snapshot table and the bitmap directory at open, and
+        # refuses the image if either is broken: so does flatfs
+        self._check_snapshots()
+        if hdr.bitmaps is not None:
+            self._check_bitmaps()
 
         # the file holding guest clusters
         if hdr.has_data_file:
@@ -76,6 +91,95 @@ class Qcow2Layer:
         self._lock = threading.Lock()
         self._decompress = _decompressor(hdr.compression_type, self.cluster_size)
         self._prealloc: bool | None = None
+
+    # -- open-time checks ----------------------------------------------------
+    def _read(self, offset: int, n: int) -> bytes:
+        """``n`` bytes of the image at ``offset``; past its end, zeros (as QEMU reads them)."""
+        buf = bytearray(n)
+        pread_padded(self.fd, self.path, memoryview(buf), offset, self.file_size)
+        return bytes(buf)
+
+    def _check_snapshots(self) -> None:
+        """Walk the snapshot table as QEMU does at open: only its size is checked."""
+        h = self.header
+        offset = start = h.snapshots_offset
+        length = 0
+        window, window_at = b"", 0          # the table is read 64 KiB at a time
+        for i in range(h.nb_snapshots):
+            offset = (offset + 7) & ~7
+            length = (length + 7) & ~7
+            if not window_at <= offset <= window_at + len(window) - SNAPSHOT_HEADER:
+                window, window_at = self._read(offset, 64 << 10), offset
+            rel = offset - window_at
+            id_size, name_size = struct.unpack_from(">HH", window, rel + 12)
+            extra = struct.unpack_from(">I", window, rel + 36)[0]
+            if extra > MAX_SNAPSHOT_EXTRA:
+                raise CorruptImage(self.path, f"snapshot table entry {i} has too much extra data "
+                                   f"({extra} bytes)", offset + 36)
+            size = SNAPSHOT_HEADER + extra + id_size + name_size
+            offset += size
+            length += size
+            if length > MAX_SNAPSHOTS_BYTES or offset - start > (1 << 31) - 1:
+                raise CorruptImage(self.path, f"snapshot table is too big ({h.nb_snapshots} entries)",
+                                   h.snapshots_offset)
+
+    def _check_bitmaps(self) -> None:
+        """QEMU loads every persistent dirty bitmap at open, even read-only, and
+        refuses the image if the bitmap directory or a bitmap table is broken."""
+        assert self.header.bitmaps is not None
+        nb, size, at = self.header.bitmaps
+        cs = self.cluster_size
+        if size == 0:
+            raise CorruptImage(self.path, "bitmap directory size is zero", at)
+        directory = self._read(at, size)
+        pos = count = 0
+        names: set[bytes] = set()
+        while pos < size:
+            where = at + pos
+            if pos + _BITMAP_ENTRY.size > size:
+                raise CorruptImage(self.path, "broken bitmap directory", where)
+            count += 1
+            if count > nb:
+                raise CorruptImage(self.path, "more bitmaps in the bitmap directory than the "
+                                   "bitmaps extension says", where)
+            t_off, t_size, flags, btype, gbits, name_size, extra = _BITMAP_ENTRY.unpack_from(directory, pos)
+            entry_size = (_BITMAP_ENTRY.size + name_size + extra + 7) & ~7
+            if pos + entry_size > size:
+                raise CorruptImage(self.path, "broken bitmap directory", where)
+            if extra:
+                raise CorruptImage(self.path, "bitmap directory entry with extra data", where)
+            name = directory[pos + _BITMAP_ENTRY.size:pos + _BITMAP_ENTRY.size + name_size]
+            label = name.decode("utf-8", "replace")
+            phys = t_size * cs
+            if (t_size == 0 or t_off == 0 or t_off % cs or t_size > BITMAP_MAX_TABLE
+                    or not 9 <= gbits <= 31 or flags & BITMAP_RESERVED_FLAGS
+                    or name_size > BITMAP_MAX_NAME or btype != 1 or phys > BITMAP_MAX_PHYS
+                    or (not flags & BITMAP_IN_USE and self.size > (phys * 8) << gbits)):
+                raise CorruptImage(self.path, f"bitmap {label!r} does not satisfy the constraints", where)
+            cname = name.split(b"\0", 1)[0]
+            if cname in names:
+                raise CorruptImage(self.path, f"bitmap {label!r} appears twice", where)
+            names.add(cname)
+            if not flags & BITMAP_IN_USE:
+                self._check_bitmap_table(label, t_off, t_size, gbits)
+            pos += entry_size
+        if count != nb:
+            raise CorruptImage(self.path, "fewer bitmaps in the bitmap directory than the "
+                               "bitmaps extension says", at)
+
+    def _check_bitmap_table(self, label: str, offset: int, n: int, gbits: int) -> None:
+        cs = self.cluster_size
+        table = C.decode(self._read(offset, n * 8))
+        for k, e in enumerate(table):
+            data = e & OFFSET_MASK
+            if e & BITMAP_TABLE_RESERVED or (data and (e & 1 or data % cs)):
+                raise CorruptImage(self.path, f"invalid entry in the table of bitmap {label!r}",
+                                   offset + 8 * k)
+        bits = -(-self.size >> gbits) if self.size else 0
+        need = -(-(-(-bits // 64) * 8) // cs)
+        if need != n:
+            raise CorruptImage(self.path, f"bitmap {label!r} has a table of {n} clusters, its size "
+                               f"needs {need}", offset)
 
     # -- mapping -------------------------------------------------------------
     def _table(self, l1_index: int) -> C.Table | None:
