@@ -239,10 +239,9 @@ def open_layer(path: str, fmt: str | None, opener: Opener, *, top: bool,
                     f"{referrer}: backing file {path!r} has no recorded format and does not look like "
                     "any image format; refusing to probe it as raw (use --allow-probe-raw)")
             fmt = "raw"
-    try:
-        entry = _layer.FORMATS[fmt]
-    except KeyError:
-        raise UnsupportedImage(path, f"unknown or unsupported format {fmt!r}") from None
+    entry = _layer.lookup(fmt)
+    if entry is None:
+        raise UnsupportedImage(path, f"unknown or unsupported format {fmt!r}")
     return entry.open(path, fd, opener=opener)
 
 

@@ -61,6 +61,14 @@ def register(fmt: Format) -> None:
     FORMATS[fmt.name] = fmt
 
 
+def lookup(name: str) -> Format | None:
+    """The format registered as ``name`` or under it as an alias."""
+    fmt = FORMATS.get(name)
+    if fmt is None:
+        fmt = next((f for f in FORMATS.values() if name in f.aliases), None)
+    return fmt
+
+
 # Image formats flatfs does not read. Probing one of these as raw would show
 # its metadata as guest data, so they are refused by name instead.
 FOREIGN_MAGICS: tuple[tuple[int, bytes, str], ...] = (

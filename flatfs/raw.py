@@ -45,4 +45,5 @@ class RawLayer:
         pass  # the chain owns the fd
 
 
-register(Format("raw", probe=lambda head: True, open=RawLayer))
+# QEMU also takes its protocol driver "file" as a backing format: the host file, raw
+register(Format("raw", probe=lambda head: True, open=RawLayer, aliases=("file",)))
