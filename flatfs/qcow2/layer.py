@@ -51,8 +51,14 @@ class Qcow2Layer:
             self.file_size = os.fstat(fd).st_size
         except OSError as exc:
             raise ImageIOError.from_oserror(path, exc) from None
+        # Read the header cluster and nothing past it: reading a data cluster
+        # would put its pages in the page cache, and ext4 then reports the
+        # unwritten extents under them as data, which changes the answer of
+        # SEEK_DATA (and so of QEMU's block status) for everybody.
         try:
-            head = os.pread(fd, 1 << 21, 0) if self.file_size else b""
+            head = os.pread(fd, 4096, 0) if self.file_size else b""
+            if len(head) == 4096 and _claimed_cluster_size(head) > 4096:
+                head += os.pread(fd, _claimed_cluster_size(head) - 4096, 4096)
         except OSError as exc:
             raise ImageIOError.from_oserror(path, exc, 0) from None
         hdr = parse_header(path, head[:_first_cluster(head)], self.file_size)
@@ -355,13 +361,15 @@ class Qcow2Layer:
             self._cache_runs = 0
 
 
-def _first_cluster(head: bytes) -> int:
-    """How much of ``head`` is the first cluster (cluster_bits read unvalidated, clamped)."""
-    if len(head) < 24:
-        return len(head)
+def _claimed_cluster_size(head: bytes) -> int:
+    """The cluster size the header claims (cluster_bits read unvalidated, clamped to 512 B..2 MiB)."""
     bits = int.from_bytes(head[20:24], "big")
-    bits = min(max(bits, 9), 21)
-    return min(len(head), 1 << bits)
+    return 1 << min(max(bits, 9), 21)
+
+
+def _first_cluster(head: bytes) -> int:
+    """How much of ``head`` is the first cluster."""
+    return len(head) if len(head) < 24 else min(len(head), _claimed_cluster_size(head))
 
 
 def _decompressor(ctype: int, cluster_size: int):

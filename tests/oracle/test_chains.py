@@ -182,3 +182,23 @@ def test_raw_file_of_odd_size_is_counted_in_whole_sectors(qemu, tmp_path):
         with open_chain(img) as chain:
             assert chain.size == 1024
         assert_matches_qemu(qemu, img, tmp_path)
+
+
+@pytest.mark.qemu
+def test_opening_an_image_does_not_change_its_block_status(qemu, tmp_path):
+    """flatfs reads the header cluster and nothing else at open.
+
+    On ext4, reading pages over an unwritten extent puts them in the page
+    cache, and SEEK_DATA then reports them as data: reading a small image's
+    first 2 MiB once changed what `qemu-img map` said about its partly
+    written clusters (QEMU probes those with SEEK_DATA on images that look
+    metadata-preallocated).
+    """
+    img = qemu.create(tmp_path / "a.qcow2", 2340993, opts="cluster_size=32768")
+    qemu.io(img, "write -c -P 94 1835008 131072", "write -c -P 43 1769472 32768",
+            "write -P 131 720896 4096", "write -P 0 762706 54352", "write -z 1483776 65536",
+            "write -P 126 1933824 512", "write -P 170 2097152 65536", "write -c -P 186 1441792 131072")
+    before = project_map(qemu.map(img))
+    ours = json.loads(flatfs("map", "--output=json", img).stdout)
+    assert project_map(qemu.map(img)) == before
+    assert project_map(ours) == before
