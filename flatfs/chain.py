@@ -200,6 +200,21 @@ class Chain:
             return self.size
         raise OSError(errno.EINVAL, "whence must be SEEK_DATA or SEEK_HOLE")
 
+    def no_readahead(self) -> None:
+        """Ask the kernel not to read ahead in any file of the chain (best effort).
+
+        flatfs reads exactly the DATA it needs. Readahead past a data extent
+        fills the page cache over the unwritten extents next to it, and ext4's
+        SEEK_DATA then reports those as data: reads through a long-lived view
+        would change what `qemu-img map` says about the image, and no longer
+        match the view's own SEEK_DATA/SEEK_HOLE, which is computed at mount.
+        """
+        for fd in self._opener.fds:
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            except OSError:
+                pass
+
     def data_bytes(self) -> int:
         """Bytes of allocated data in the flattened view (for st_blocks)."""
         return sum(e.length for e in self.extents() if e.kind.is_data)

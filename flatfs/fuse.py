@@ -670,6 +670,7 @@ class _Server:
         """Serve until unmounted or signalled. Raises MountError if the mount never got live."""
         FlatfsFUSE, Operations = _glue()
         chain = open_chain(self.req.image, self.req.options)
+        chain.no_readahead()
         try:
             top = chain.layers[0]
             view = View(chain, view_name(self.req.image) if self.is_dir else None, os.fstat(top.fd))

@@ -191,3 +191,33 @@ def test_huge_sparse_overlay_seek(tmp_path: Path, mounter, capsys: pytest.Captur
     assert os.stat(view).st_blocks == 3 * 65536 // 512
     with capsys.disabled():
         print(f"\n64 TiB overlay: {per_call * 1e3:.3f} ms per SEEK_DATA/SEEK_HOLE", end="")
+
+
+def test_reading_the_view_leaves_the_image_block_status_alone(tmp_path: Path, mounter) -> None:
+    """Reads through the view must not change what `qemu-img map` says about the image.
+
+    A raw base whose zeroed ranges are ext4 unwritten extents (qemu-io `write -z`
+    uses fallocate), right after its data: readahead past the data would fill the
+    page cache over them, ext4's SEEK_DATA would then call them data, and the
+    image's map would no longer match the view's SEEK walk (computed at mount).
+    """
+    q = Qemu()
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"")
+    os.truncate(base, 64 << 20)
+    q.io(base, *[f"write -P {i + 1} {i * 16 << 20} 4M" for i in range(4)], fmt="raw")
+    q.io(base, *[f"write -z {(i * 16 << 20) + (4 << 20)} 1M" for i in range(4)], fmt="raw")
+    fd = os.open(base, os.O_RDONLY)                  # cold: evict the base's pages, so reads reach the disk
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    top = q.create(tmp_path / "top.qcow2", 64 << 20, backing=base, backing_fmt="raw")
+    before = data_extents(qemu_map(q, top))
+    view = mounter.mount(top)
+    with open(view, "rb") as f:                       # a buffered, sequential read of it all
+        while f.read(1 << 20):
+            pass
+    assert seek_walk(view) == before
+    assert data_extents(qemu_map(q, top)) == before
