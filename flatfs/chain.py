@@ -40,6 +40,7 @@ class OpenOptions:
     allow_special: bool = False        # allow backing/data files that are devices or FIFOs
     force_share: bool = False          # skip QEMU-compatible image locking
     max_depth: int = MAX_CHAIN_DEPTH
+    readahead: bool = True             # False: POSIX_FADV_RANDOM on every file, before its first read
 
 
 class Opener:
@@ -94,6 +95,17 @@ class Opener:
                 raise ChainError(f"{referrer}: {what} {path!r} is not a regular file "
                                  "(use --allow-special to allow devices)")
         os.set_blocking(fd, True)
+        if not self.options.readahead:
+            # Before the first read: even the 4 KiB probe of the header would
+            # otherwise start a readahead of several MiB. Readahead past a data
+            # extent fills the page cache over the unwritten extents next to
+            # it, and ext4's SEEK_DATA then reports those as data: reads through
+            # a long-lived view would change what `qemu-img map` says about the
+            # image, and stop matching the view's SEEK walk, computed at mount.
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            except OSError:
+                pass
         if not self.options.force_share:
             from .locking import lock_shared_readonly  # local: keeps the import graph flat
             self.locks.append(lock_shared_readonly(fd, path))
@@ -199,21 +211,6 @@ class Chain:
                     return max(offset, e.start)
             return self.size
         raise OSError(errno.EINVAL, "whence must be SEEK_DATA or SEEK_HOLE")
-
-    def no_readahead(self) -> None:
-        """Ask the kernel not to read ahead in any file of the chain (best effort).
-
-        flatfs reads exactly the DATA it needs. Readahead past a data extent
-        fills the page cache over the unwritten extents next to it, and ext4's
-        SEEK_DATA then reports those as data: reads through a long-lived view
-        would change what `qemu-img map` says about the image, and no longer
-        match the view's own SEEK_DATA/SEEK_HOLE, which is computed at mount.
-        """
-        for fd in self._opener.fds:
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            except OSError:
-                pass
 
     def data_bytes(self) -> int:
         """Bytes of allocated data in the flattened view (for st_blocks)."""

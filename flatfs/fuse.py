@@ -18,6 +18,7 @@ Three parts, top to bottom:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import logging
 import logging.handlers
@@ -669,8 +670,8 @@ class _Server:
     def run(self) -> None:
         """Serve until unmounted or signalled. Raises MountError if the mount never got live."""
         FlatfsFUSE, Operations = _glue()
-        chain = open_chain(self.req.image, self.req.options)
-        chain.no_readahead()
+        # The view reads exactly the data it needs, in 1 MiB requests: no readahead (see OpenOptions)
+        chain = open_chain(self.req.image, dataclasses.replace(self.req.options, readahead=False))
         try:
             top = chain.layers[0]
             view = View(chain, view_name(self.req.image) if self.is_dir else None, os.fstat(top.fd))
