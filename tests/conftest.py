@@ -54,6 +54,37 @@ def _no_mount_left_behind(tmp_path_factory: pytest.TempPathFactory):
     assert not left, f"mounts left behind: {left}"
 
 
+def build_recipe(q: "Qemu", d: Path, layers: list[tuple[str, str, int, str | None]],
+                 cmds: list[list[str]]) -> Path:
+    """Build a chain in ``d``: ``layers`` are (file, format, size, -o options), base first,
+    each qcow2 created over the layer before it; ``cmds`` are the qemu-io commands of each
+    layer, where "snapshot" takes an internal snapshot. Returns the top image."""
+    prev: tuple[Path, str] | None = None
+    for (fname, fmt, size, opts), io in zip(layers, cmds):
+        path = d / fname
+        if fmt == "raw":
+            q.create(path, size // 512 * 512, fmt="raw")
+        else:
+            q.create(path, size, backing=prev[0].name if prev else None,
+                     backing_fmt=prev[1] if prev else None, opts=opts)
+        steps = [[]]
+        for c in io:
+            if c == "snapshot":
+                steps.append([])
+            else:
+                steps[-1].append(c)
+        for k, step in enumerate(steps):
+            if k:
+                q.img("snapshot", "-c", f"s{k}", path)
+            if step:
+                q.io(path, *step, fmt=fmt)
+        if fmt == "raw" and size % 512:
+            os.truncate(path, size)
+        prev = (path, fmt)
+    assert prev is not None
+    return prev[0]
+
+
 def run_threads(target, n: int) -> None:
     """Run ``target(i)`` for i in range(n) on n threads at once, and wait for all of them."""
     threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]

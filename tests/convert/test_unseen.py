@@ -8,12 +8,11 @@ with the equivalent options.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from ..conftest import Qemu, flatfs
+from ..conftest import Qemu, build_recipe, flatfs
 from .helpers import K, M, assert_valid_copy, disk_usage, pattern, write_sparse_raw
 
 pytestmark = pytest.mark.qemu
@@ -83,7 +82,8 @@ RECIPES = {
     "odd-raw-base-1k-overlay": (
         [("base.raw", "raw", 5 * M + 1234, None), ("top.qcow2", "qcow2", 3 * M + 300, "cluster_size=1024")],
         [["write -P 0x3c 1M 64k", "write -z 1200k 512", "write -P 0x0a 2M 1k", "write -P 0x44 5M 1024"],
-         ["write -P 0xdd 512k 64k", "discard 1M 2k", "write -c -P 0xa9 3M 512", "write -P 0 2M 1k"]],
+         ["write -P 0xdd 512k 64k", "discard 1M 2k", "write -c -P 0xa9 3M 512", "write -P 0 2M 1k",
+          "snapshot", "write -P 0xee 8k 4k", "write -z 520k 4k"]],
     ),
     # extended L2 with partial subcluster writes and zeroed subclusters over a 2 MiB-cluster base
     "extl2-subclusters-over-2M": (
@@ -122,22 +122,7 @@ def recipes(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, (layers, cmds) in RECIPES.items():
         d = tmp_path_factory.mktemp(name)
-        prev = None
-        for (fname, fmt, size, opts), io in zip(layers, cmds):
-            path = d / fname
-            if fmt == "raw":
-                q.create(path, size // 512 * 512, fmt="raw")
-            else:
-                q.create(path, size, backing=prev[0].name if prev else None,
-                         backing_fmt=prev[1] if prev else None, opts=opts)
-            q.io(path, *io, fmt=fmt)
-            if fmt == "raw" and size % 512:
-                os.truncate(path, size)
-            if name == "odd-raw-base-1k-overlay" and fmt == "qcow2":
-                q.img("snapshot", "-c", "s1", path)
-                q.io(path, "write -P 0xee 8k 4k", "write -z 520k 4k")
-            prev = (path, fmt)
-        out[name] = prev[0]
+        out[name] = build_recipe(q, d, layers, cmds)
     return out
 
 

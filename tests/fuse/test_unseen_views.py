@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from ..conftest import Qemu, flatfs, have_fuse, have_qemu, require
+from ..conftest import Qemu, build_recipe, flatfs, have_fuse, have_qemu, require
 from .conftest import Mounter, data_extents, qemu_map, seek_walk
 
 pytestmark = [pytest.mark.qemu, pytest.mark.fuse]
@@ -57,25 +57,7 @@ RECIPES = {
 
 
 def _build(q: Qemu, d: Path, name: str) -> Path:
-    layers, cmds = RECIPES[name]
-    prev: tuple[Path, str] | None = None
-    for (fname, fmt, size, opts), io in zip(layers, cmds):
-        path = d / fname
-        if fmt == "raw":
-            q.create(path, size // 512 * 512, fmt="raw")
-        else:
-            q.create(path, size, backing=prev[0].name if prev else None,
-                     backing_fmt=prev[1] if prev else None, opts=opts)
-        before = io[:io.index("snapshot")] if "snapshot" in io else io
-        q.io(path, *before, fmt=fmt)
-        if "snapshot" in io:
-            q.img("snapshot", "-c", "s1", path)
-            q.io(path, *io[io.index("snapshot") + 1:], fmt=fmt)
-        if fmt == "raw" and size % 512:
-            os.truncate(path, size)
-        prev = (path, fmt)
-    assert prev is not None
-    return prev[0]
+    return build_recipe(q, d, *RECIPES[name])
 
 
 @pytest.fixture(scope="module")
