@@ -19,18 +19,21 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def mounts_under(folder: str | os.PathLike[str]) -> dict[str, str]:
-    """Mount point -> fstype of every mount at or under ``folder`` (FUSE views, loop-mounted guests)."""
-    base = os.path.realpath(folder)
+def mount_table() -> dict[str, str]:
+    """Mount point -> fstype of every mount in this namespace (from /proc/self/mountinfo)."""
     out = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
             parts = line.split()
-            fstype = parts[parts.index("-", 6) + 1]
             mp = parts[4].encode().decode("unicode_escape") if "\\" in parts[4] else parts[4]
-            if mp == base or mp.startswith(base + os.sep):
-                out[mp] = fstype
+            out[mp] = parts[parts.index("-", 6) + 1]
     return out
+
+
+def mounts_under(folder: str | os.PathLike[str]) -> dict[str, str]:
+    """Mount point -> fstype of every mount at or under ``folder`` (FUSE views, loop-mounted guests)."""
+    base = os.path.realpath(folder)
+    return {mp: t for mp, t in mount_table().items() if mp == base or mp.startswith(base + os.sep)}
 
 
 @pytest.fixture(scope="session", autouse=True)

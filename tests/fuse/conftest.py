@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from ..conftest import Qemu, flatfs, have_fuse, have_qemu, require
+from ..conftest import Qemu, flatfs, have_fuse, have_qemu, mount_table, require
 
 FSTYPE = "fuse.flatfs"
 M = 1 << 20
@@ -25,20 +25,9 @@ M = 1 << 20
 
 # -- mount table ---------------------------------------------------------------
 
-def _unescape(s: str) -> str:
-    return s.encode().decode("unicode_escape") if "\\" in s else s
-
-
 def flatfs_mounts() -> set[str]:
     """Mount points of every flatfs mount in this mount namespace."""
-    out = set()
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            sep = parts.index("-", 6)
-            if parts[sep + 1] == FSTYPE:
-                out.add(_unescape(parts[4]))
-    return out
+    return {mp for mp, fstype in mount_table().items() if fstype == FSTYPE}
 
 
 def is_mounted(mp: Path | str) -> bool:
