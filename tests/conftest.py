@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -86,6 +87,20 @@ def build_recipe(q: "Qemu", d: Path, layers: list[tuple[str, str, int, str | Non
         prev = (path, fmt)
     assert prev is not None
     return prev[0]
+
+
+def poke(path: str | os.PathLike[str], offset: int, fmt: str, *values: int | bytes) -> None:
+    """Overwrite the bytes of ``path`` at ``offset`` with ``struct.pack(fmt, *values)``."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, *values))
+
+
+def peek(path: str | os.PathLike[str], offset: int, fmt: str) -> int:
+    """The first value of ``struct.unpack(fmt, ...)`` of the bytes of ``path`` at ``offset``."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
 
 def run_threads(target, n: int) -> None:

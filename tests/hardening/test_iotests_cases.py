@@ -29,7 +29,7 @@ from click.testing import CliRunner
 
 from flatfs.cli import main as flatfs_main
 
-from ..conftest import Qemu
+from ..conftest import Qemu, peek, poke
 from ..fuse.conftest import ONE_LINE, Mounter, is_mounted, mounter  # noqa: F401  (mounter: a fixture)
 from .test_malformed import assert_words, error_line
 
@@ -46,18 +46,6 @@ EXT_CRYPTO = 0x0537BE77
 
 
 # -- bytes of a qcow2 file -------------------------------------------------------
-
-def poke(path: Path, offset: int, fmt: str, *values: int | bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, *values))
-
-
-def peek(path: Path, offset: int, fmt: str) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
 
 def l2_table(img: Path) -> int:
     """Offset of the first L2 table."""

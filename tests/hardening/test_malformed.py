@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Callable
 
 import pytest
 
-from ..conftest import Qemu, flatfs, project_map, require
+from ..conftest import Qemu, flatfs, peek, poke, project_map, require
 
 pytestmark = pytest.mark.qemu
 
@@ -36,24 +35,12 @@ COMPRESSED = 1 << 62
 
 # -- bytes of a qcow2 file -------------------------------------------------------
 
-def patch(path: Path, offset: int, fmt: str, value: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, value))
-
-
-def read_u(path: Path, offset: int, fmt: str) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-
 def cluster_bits(img: Path) -> int:
-    return read_u(img, 20, ">I")
+    return peek(img, 20, ">I")
 
 
 def l1_offset(img: Path) -> int:
-    return read_u(img, 40, ">Q")
+    return peek(img, 40, ">Q")
 
 
 def l2_entry_at(img: Path, guest: int, entry_size: int = 8) -> int:
@@ -61,7 +48,7 @@ def l2_entry_at(img: Path, guest: int, entry_size: int = 8) -> int:
     cs = 1 << cluster_bits(img)
     per_table = cs // entry_size
     l1i, l2i = divmod(guest // cs, per_table)
-    l2 = read_u(img, l1_offset(img) + 8 * l1i, ">Q") & OFFSET_MASK
+    l2 = peek(img, l1_offset(img) + 8 * l1i, ">Q") & OFFSET_MASK
     assert l2, f"no L2 table for guest offset {guest:#x}"
     return l2 + l2i * entry_size
 
@@ -69,7 +56,7 @@ def l2_entry_at(img: Path, guest: int, entry_size: int = 8) -> int:
 def compressed_at(img: Path, guest: int) -> tuple[int, int, int]:
     """(L2 entry offset, host offset, sector-count field) of the compressed cluster at ``guest``."""
     at = l2_entry_at(img, guest)
-    e = read_u(img, at, ">Q")
+    e = peek(img, at, ">Q")
     assert e & COMPRESSED, f"cluster at {guest:#x} is not compressed"
     shift = 62 - (cluster_bits(img) - 8)
     return at, e & ((1 << shift) - 1), (e >> shift) & ((1 << (cluster_bits(img) - 8)) - 1)
@@ -77,7 +64,7 @@ def compressed_at(img: Path, guest: int) -> tuple[int, int, int]:
 
 def set_compressed(img: Path, at: int, host: int, count_field: int) -> None:
     shift = 62 - (cluster_bits(img) - 8)
-    patch(img, at, ">Q", COMPRESSED | (count_field << shift) | host)
+    poke(img, at, ">Q", COMPRESSED | (count_field << shift) | host)
 
 
 # -- qemu-made images ------------------------------------------------------------
@@ -114,7 +101,7 @@ def last_compressed(img: Path) -> int:
     """Guest offset of the compressed cluster stored last in the file."""
     best = (-1, 0)
     for guest in range(0, 4 * M, CS):
-        e = read_u(img, l2_entry_at(img, guest), ">Q")
+        e = peek(img, l2_entry_at(img, guest), ">Q")
         if e & COMPRESSED:
             best = max(best, (compressed_at(img, guest)[1], guest))
     return best[1]
@@ -130,16 +117,16 @@ def _header(offset: int, fmt: str, value: int | Callable[[Path], int], *words: s
             opts: str | None = None) -> Case:
     def make(q: Qemu, d: Path) -> tuple[Path, list[str]]:
         img = plain_image(q, d, opts=opts)
-        patch(img, offset, fmt, value(img) if callable(value) else value)
+        poke(img, offset, fmt, value(img) if callable(value) else value)
         return img, ["img.qcow2", *words]
     return make
 
 
 def _extension_overrun(q: Qemu, d: Path) -> tuple[Path, list[str]]:
     img = plain_image(q, d)
-    hlen = read_u(img, 100, ">I")
-    assert read_u(img, hlen, ">I") != 0, "qemu-img wrote no header extension"
-    patch(img, hlen + 4, ">I", CS)                 # first extension claims the whole cluster
+    hlen = peek(img, 100, ">I")
+    assert peek(img, hlen, ">I") != 0, "qemu-img wrote no header extension"
+    poke(img, hlen + 4, ">I", CS)                 # first extension claims the whole cluster
     return img, ["img.qcow2", "overruns the header area"]
 
 
@@ -149,9 +136,9 @@ def _l2_entry(mutate: Callable[[Path, int], int], *words: str, opts: str | None 
         img = plain_image(q, d, opts=opts)
         at = l2_entry_at(img, 64 * K, entry_size)
         if entry_size == 16:
-            patch(img, at + 8, ">Q", mutate(img, read_u(img, at + 8, ">Q")))
+            poke(img, at + 8, ">Q", mutate(img, peek(img, at + 8, ">Q")))
         else:
-            patch(img, at, ">Q", mutate(img, read_u(img, at, ">Q")))
+            poke(img, at, ">Q", mutate(img, peek(img, at, ">Q")))
         return img, ["img.qcow2", *words]
     return make
 
@@ -160,7 +147,7 @@ def _l1_entry(value: Callable[[Path, int], int], *words: str) -> Case:
     def make(q: Qemu, d: Path) -> tuple[Path, list[str]]:
         img = plain_image(q, d)
         at = l1_offset(img)
-        patch(img, at, ">Q", value(img, read_u(img, at, ">Q")))
+        poke(img, at, ">Q", value(img, peek(img, at, ">Q")))
         return img, ["img.qcow2", *words]
     return make
 
@@ -221,7 +208,7 @@ OPEN_CASES: dict[str, Case] = {
     "l1-size-absurd": _header(36, ">I", 1 << 31, "L1 table too large"),
     "l1-too-small-for-size": _header(24, ">Q", 1 << 40, "L1 table is too small"),
     "virtual-size-huge": _header(24, ">Q", 1 << 62, "virtual size", "too big"),       # 2^62 bytes
-    "refcount-table-unaligned": _header(48, ">Q", lambda img: read_u(img, 48, ">Q") + 512,
+    "refcount-table-unaligned": _header(48, ">Q", lambda img: peek(img, 48, ">Q") + 512,
                                         "refcount table", "not cluster aligned"),
     "refcount-table-past-eof": _header(48, ">Q", 1 << 40, "refcount table", "past the end"),
     "backing-is-a-directory": _backing_directory,
@@ -250,7 +237,7 @@ def _garbage_compressed(ctype: str) -> Case:
         img = compressed_image(q, d, ctype, name="img.qcow2")
         q.to_raw(img, d / "ref.raw")                 # the intact bytes, for the mount tests
         _, host, _ = compressed_at(img, BROKEN)
-        patch(img, host, ">Q", (1 << 64) - 1)        # not a deflate block, not a zstd frame
+        poke(img, host, ">Q", (1 << 64) - 1)        # not a deflate block, not a zstd frame
         return img, ["img.qcow2", "compressed cluster", f"guest offset {BROKEN:#x}", "does not decompress"]
     return make
 
@@ -412,7 +399,7 @@ def test_virtual_size_zero(qemu: Qemu, tmp_path: Path) -> None:
 def test_data_cluster_past_eof_reads_like_qemu(qemu: Qemu, tmp_path: Path) -> None:
     """QEMU reads a data cluster that lies past the end of the file as zeros."""
     img = plain_image(qemu, tmp_path)
-    patch(img, l2_entry_at(img, 64 * K), ">Q", COPIED | 1 << 40)
+    poke(img, l2_entry_at(img, 64 * K), ">Q", COPIED | 1 << 40)
     _same_as_qemu(qemu, img)
 
 

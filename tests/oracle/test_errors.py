@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import flatfs
+from ..conftest import flatfs, poke
 
 pytestmark = pytest.mark.qemu
 
@@ -23,12 +23,6 @@ def one_line_error(args, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
-
-
-def patch(path: Path, offset: int, fmt: str, value: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, value))
 
 
 @pytest.fixture
@@ -77,7 +71,7 @@ def test_truncated_tables(image):
 
 
 def test_l1_table_past_end_of_file(image):
-    patch(image, 40, ">Q", 1 << 40)
+    poke(image, 40, ">Q", 1 << 40)
     one_line_error(["map", image], "img.qcow2", "L1 table", "past the end")
 
 
@@ -85,7 +79,7 @@ def test_l2_table_past_end_of_file(image):
     with open(image, "rb") as f:
         f.seek(40)
         (l1_off,) = struct.unpack(">Q", f.read(8))
-    patch(image, l1_off, ">Q", (1 << 40) | (1 << 63))
+    poke(image, l1_off, ">Q", (1 << 40) | (1 << 63))
     one_line_error(["map", image], "img.qcow2", "L2 table", "past the end", "(at 0x")
 
 
@@ -118,12 +112,12 @@ def test_encrypted_image(qemu, tmp_path):
 
 
 def test_aes_encrypted_image(image):
-    patch(image, 32, ">I", 1)
+    poke(image, 32, ">I", 1)
     one_line_error(["map", image], "img.qcow2", "encrypted", "AES")
 
 
 def test_unknown_incompatible_bit(image):
-    patch(image, 72, ">Q", 1 << 9)
+    poke(image, 72, ">Q", 1 << 9)
     one_line_error(["map", image], "img.qcow2", "unsupported incompatible feature", "bit 9")
 
 
@@ -131,7 +125,7 @@ def forget_backing_format(path: Path) -> None:
     """Turn the backing-format header extension into an unknown one, as in old images."""
     data = path.read_bytes()
     at = data.index(struct.pack(">I", 0xE2792ACA), 72)
-    patch(path, at, ">I", 0x0BADF00D)
+    poke(path, at, ">I", 0x0BADF00D)
 
 
 def test_unrecorded_raw_backing_is_not_probed(qemu, tmp_path):
@@ -150,22 +144,22 @@ def test_unrecorded_qcow2_backing_is_probed(qemu, tmp_path):
 
 
 def test_absurd_l1_size(image):
-    patch(image, 36, ">I", 1 << 31)
+    poke(image, 36, ">I", 1 << 31)
     one_line_error(["map", image], "img.qcow2", "L1 table too large")
 
 
 def test_l1_too_small_for_size(image):
-    patch(image, 24, ">Q", 1 << 40)
+    poke(image, 24, ">Q", 1 << 40)
     one_line_error(["map", image], "img.qcow2", "L1 table is too small")
 
 
 def test_huge_virtual_size(image):
-    patch(image, 24, ">Q", 1 << 62)
+    poke(image, 24, ">Q", 1 << 62)
     one_line_error(["map", image], "img.qcow2", "too big")
 
 
 def test_bad_cluster_bits(image):
-    patch(image, 20, ">I", 30)
+    poke(image, 20, ">I", 30)
     one_line_error(["info", image], "img.qcow2", "cluster_bits")
 
 
