@@ -246,6 +246,17 @@ def _loadable(soname: str) -> bool:
     return True
 
 
+def _negative_errno(exc: Exception, offset: int) -> int:
+    """A direct callback's answer to an exception: ``-errno``.
+
+    Operations turns every exception into a FuseOSError (an OSError with its
+    errno set); anything else would be a bug in the glue, mapped by errno_for.
+    """
+    if isinstance(exc, OSError):
+        return -(exc.errno or errno.EIO)
+    return -errno_for(exc, None, offset)
+
+
 def _gilstate_ensure() -> None:
     """One ``PyGILState_Ensure`` on the calling thread (which holds the GIL), never released."""
     ctypes.pythonapi.PyGILState_Ensure()
@@ -313,10 +324,8 @@ def _glue() -> tuple[type, type]:
         def lseek(self, path: bytes | None, off: int, whence: int, fip: Any) -> int:
             try:
                 return self.operations.lseek(self._decode(path), off, whence, fip)
-            except OSError as exc:            # FuseOSError from Operations: its errno is set
-                return -(exc.errno or errno.EIO)
-            except Exception as exc:          # not reached: Operations maps every exception
-                return -errno_for(exc, None, off)
+            except Exception as exc:
+                return _negative_errno(exc, off)
 
         def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
             if size <= 0:
@@ -325,10 +334,8 @@ def _glue() -> tuple[type, type]:
                 addr = ctypes.cast(buf, ctypes.c_void_p).value
                 mv = memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")
                 return self.operations.readinto(self._decode(path), mv, offset, fip)
-            except OSError as exc:
-                return -(exc.errno or errno.EIO)
             except Exception as exc:
-                return -errno_for(exc, None, offset)
+                return _negative_errno(exc, offset)
 
         def _decode(self, path: bytes | None) -> str | None:
             return None if path is None else path.decode(self.encoding, self.errors)
