@@ -38,7 +38,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
 
-POOL_BYTES = 16 * MiB        # each content pool; slices are taken at random offsets
+POOL_BYTES = 16 * MiB  # each content pool; slices are taken at random offsets
 SEED = 0x5EED
 
 
@@ -55,28 +55,41 @@ class Mix:
 class Layout:
     """Sizes of one run of the benchmark (already scaled)."""
 
-    base_size: int            # virtual size of the seed base
-    data: int                 # bytes of data in the seed base
-    dense: int                # the first ``dense`` bytes of the base are all data
-    read_bytes: int           # how much of the view the read test streams
-    extent_min: int           # scattered extents: log-uniform sizes in [min, max]
+    base_size: int  # virtual size of the seed base
+    data: int  # bytes of data in the seed base
+    dense: int  # the first ``dense`` bytes of the base are all data
+    read_bytes: int  # how much of the view the read test streams
+    extent_min: int  # scattered extents: log-uniform sizes in [min, max]
     extent_max: int
-    comp_size: int            # virtual size of the compressed-scenario image
-    comp_data: int            # its data
+    comp_size: int  # virtual size of the compressed-scenario image
+    comp_data: int  # its data
     overlay_small: int = 1 * TiB
     overlay_big: int = 64 * TiB
-    seed_mix: Mix = field(default_factory=lambda: Mix(
-        {"random": 0.45, "text": 0.30, "records": 0.20, "zero": 0.05}, 4 * KiB, 256 * KiB))
-    comp_mix: Mix = field(default_factory=lambda: Mix(
-        {"text": 0.40, "random": 0.25, "records": 0.15, "zero": 0.20}, 4 * KiB, 64 * KiB))
+    seed_mix: Mix = field(
+        default_factory=lambda: Mix(
+            {"random": 0.45, "text": 0.30, "records": 0.20, "zero": 0.05}, 4 * KiB, 256 * KiB
+        )
+    )
+    comp_mix: Mix = field(
+        default_factory=lambda: Mix(
+            {"text": 0.40, "random": 0.25, "records": 0.15, "zero": 0.20}, 4 * KiB, 64 * KiB
+        )
+    )
 
     @classmethod
-    def make(cls, scale: float = 1.0, quick: bool = False) -> "Layout":
+    def make(cls, scale: float = 1.0, quick: bool = False) -> Layout:
         if quick:
             # Small enough for a smoke test: 64 MiB of data, 16 MiB compressed.
-            return cls(base_size=128 * MiB, data=64 * MiB, dense=32 * MiB, read_bytes=32 * MiB,
-                       extent_min=64 * KiB, extent_max=2 * MiB,
-                       comp_size=64 * MiB, comp_data=16 * MiB)
+            return cls(
+                base_size=128 * MiB,
+                data=64 * MiB,
+                dense=32 * MiB,
+                read_bytes=32 * MiB,
+                extent_min=64 * KiB,
+                extent_max=2 * MiB,
+                comp_size=64 * MiB,
+                comp_data=16 * MiB,
+            )
         if scale <= 0:
             raise ValueError("scale must be positive")
 
@@ -84,20 +97,27 @@ class Layout:
             return max(64 * KiB, int(n * scale) // MiB * MiB)
 
         data = sz(2 * GiB)
-        return cls(base_size=sz(4 * GiB), data=data, dense=data // 2,
-                   read_bytes=min(1 * GiB, data // 2), extent_min=64 * KiB, extent_max=16 * MiB,
-                   comp_size=sz(1 * GiB), comp_data=sz(512 * MiB))
+        return cls(
+            base_size=sz(4 * GiB),
+            data=data,
+            dense=data // 2,
+            read_bytes=min(1 * GiB, data // 2),
+            extent_min=64 * KiB,
+            extent_max=16 * MiB,
+            comp_size=sz(1 * GiB),
+            comp_data=sz(512 * MiB),
+        )
 
     def overlay_writes(self) -> list[str]:
         """qemu-io commands for both overlays: a few scattered writes and one zero write."""
         d, b = self.dense, self.base_size
         return [
-            f"write -P 0x5a {d // 4} 4M",             # over the dense data (the read test sees it)
-            f"write -z {d // 2} 8M",                  # the zero write, over data
-            f"write -P 0xa5 {b * 3 // 4} 1M",         # over the scattered part of the base
-            f"write -P 0x3c {100 * GiB} 2M",          # far above the base
+            f"write -P 0x5a {d // 4} 4M",  # over the dense data (the read test sees it)
+            f"write -z {d // 2} 8M",  # the zero write, over data
+            f"write -P 0xa5 {b * 3 // 4} 1M",  # over the scattered part of the base
+            f"write -P 0x3c {100 * GiB} 2M",  # far above the base
             f"write -P 0xc3 {700 * GiB} 64k",
-            f"write -P 0x69 {self.overlay_small - 1 * MiB} 1M",   # the last MiB of the 1 TiB disk
+            f"write -P 0x69 {self.overlay_small - 1 * MiB} 1M",  # the last MiB of the 1 TiB disk
         ]
 
     def disk_needed(self) -> int:
@@ -107,10 +127,12 @@ class Layout:
 
 # -- content ---------------------------------------------------------------------
 
-_WORDS = ("the of and to in is for on with as by at from this that error info debug warn user "
-          "system kernel disk block write read cluster offset table entry image backing chain "
-          "request timeout session config value null true false return static void int char "
-          "struct include define http GET POST 200 404 500 json path file open close").split()
+_WORDS = (
+    "the of and to in is for on with as by at from this that error info debug warn user "
+    "system kernel disk block write read cluster offset table entry image backing chain "
+    "request timeout session config value null true false return static void int char "
+    "struct include define http GET POST 200 404 500 json path file open close"
+).split()
 
 
 class Pools:
@@ -136,28 +158,30 @@ class Pools:
         while total < n:
             t += rng.randint(0, 5)
             words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 14)))
-            line = f"{t} host{rng.randint(1, 40):02d} [{rng.randint(100, 99999)}] {words} id={rng.getrandbits(32):08x}\n"
+            host = f"host{rng.randint(1, 40):02d} [{rng.randint(100, 99999)}]"
+            line = f"{t} {host} {words} id={rng.getrandbits(32):08x}\n"
             lines.append(line)
             total += len(line)
         return "".join(lines).encode()[:n]
 
     @staticmethod
     def _records(rng: random.Random, n: int) -> bytes:
-        rec = struct.Struct("<QIIdd16s16x")        # 64-byte records, some padding
+        rec = struct.Struct("<QIIdd16s16x")  # 64-byte records, some padding
         out = bytearray()
         key = rng.getrandbits(40)
         while len(out) < n:
             key += rng.randint(1, 9)
             name = f"item-{key % 100000:05d}".encode()
-            out += rec.pack(key, rng.randint(0, 3), rng.randint(0, 1 << 20),
-                            rng.random() * 1000, float(key % 977), name)
+            out += rec.pack(
+                key, rng.randint(0, 3), rng.randint(0, 1 << 20), rng.random() * 1000, float(key % 977), name
+            )
         return bytes(out[:n])
 
     def piece(self, kind: str, n: int) -> memoryview:
         if kind == "zero":
             return memoryview(self.zeros)[:n]
         off = self.rng.randrange(POOL_BYTES)
-        return self._doubled[kind][off:off + n]
+        return self._doubled[kind][off : off + n]
 
     def fill(self, n: int, mix: Mix) -> bytearray:
         """n bytes of mixed content, in pieces of 4 KiB multiples."""
@@ -172,8 +196,9 @@ class Pools:
         return out
 
 
-def extents_layout(rng: random.Random, start: int, end: int, data: int, lo: int, hi: int,
-                   align: int = 64 * KiB) -> list[tuple[int, int]]:
+def extents_layout(
+    rng: random.Random, start: int, end: int, data: int, lo: int, hi: int, align: int = 64 * KiB
+) -> list[tuple[int, int]]:
     """Scatter ``data`` bytes over [start, end) in aligned extents of log-uniform sizes."""
     sizes = []
     left = data
@@ -204,8 +229,9 @@ def extents_layout(rng: random.Random, start: int, end: int, data: int, lo: int,
     return out
 
 
-def write_raw(path: Path, size: int, extents: list[tuple[int, int]], pools: Pools, mix: Mix,
-              chunk: int = 8 * MiB) -> None:
+def write_raw(
+    path: Path, size: int, extents: list[tuple[int, int]], pools: Pools, mix: Mix, chunk: int = 8 * MiB
+) -> None:
     """A sparse raw file of ``size`` bytes with mixed content in ``extents``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -222,6 +248,7 @@ def write_raw(path: Path, size: int, extents: list[tuple[int, int]], pools: Pool
 
 
 # -- qemu ------------------------------------------------------------------------
+
 
 def run(cmd: list[str], cwd: Path | None = None) -> str:
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
@@ -240,15 +267,16 @@ def qemu_io(path: Path, cmds: list[str]) -> None:
 @dataclass
 class Images:
     base: Path
-    top_small: Path       # 1 TiB overlay
-    top_big: Path         # 64 TiB overlay
-    comp: Path            # compressed-scenario source
-    base_extents: int     # how many data extents the base was written with
-    data_bytes: int       # allocated bytes of the base (qemu-img map)
+    top_small: Path  # 1 TiB overlay
+    top_big: Path  # 64 TiB overlay
+    comp: Path  # compressed-scenario source
+    base_extents: int  # how many data extents the base was written with
+    data_bytes: int  # allocated bytes of the base (qemu-img map)
 
 
 def _facts(work: Path, base: Path) -> int:
     import json
+
     m = json.loads(run(["qemu-img", "map", "--output=json", base.name], cwd=work))
     return sum(e["length"] for e in m if e.get("data"))
 
@@ -270,8 +298,9 @@ def build(work: Path, layout: Layout, log=print) -> Images:
 
     # Seed base: dense region, then scattered extents.
     raw = work / "base.raw"
-    scattered = extents_layout(rng, layout.dense, layout.base_size, layout.data - layout.dense,
-                               layout.extent_min, layout.extent_max)
+    scattered = extents_layout(
+        rng, layout.dense, layout.base_size, layout.data - layout.dense, layout.extent_min, layout.extent_max
+    )
     extents = [(0, layout.dense)] + scattered
     log(f"  writing {layout.data / GiB:.2f} GiB of mixed content in {len(extents)} extents")
     write_raw(raw, layout.base_size, extents, pools, layout.seed_mix)
@@ -280,22 +309,30 @@ def build(work: Path, layout: Layout, log=print) -> Images:
     raw.unlink()
     # A few allocated clusters that hold zeros (not zero clusters): zero
     # detection must find them.
-    zs = [s + (l // 2 - l // 2 % (64 * KiB)) for s, l in scattered[:: max(1, len(scattered) // 4)]][:4]
+    zs = [s + (ln // 2 - ln // 2 % (64 * KiB)) for s, ln in scattered[:: max(1, len(scattered) // 4)]][:4]
     qemu_io(base, [f"write -P 0 {z} 64k" for z in zs])
 
     tops = []
     for name, size in (("top-1t.qcow2", layout.overlay_small), ("top-64t.qcow2", layout.overlay_big)):
         top = work / name
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top.name,
-             str(size)], cwd=work)
+        run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top.name, str(size)],
+            cwd=work,
+        )
         qemu_io(top, layout.overlay_writes())
         tops.append(top)
 
     # Compressed scenario.
     log(f"  writing {layout.comp_data / MiB:.0f} MiB of mixed content for the compressed scenario")
     craw = work / "comp.raw"
-    cext = extents_layout(rng, 0, layout.comp_size, layout.comp_data, 256 * KiB,
-                          max(256 * KiB, min(32 * MiB, layout.comp_data // 8)))
+    cext = extents_layout(
+        rng,
+        0,
+        layout.comp_size,
+        layout.comp_data,
+        256 * KiB,
+        max(256 * KiB, min(32 * MiB, layout.comp_data // 8)),
+    )
     write_raw(craw, layout.comp_size, cext, pools, layout.comp_mix)
     comp = work / "comp.qcow2"
     run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", craw.name, comp.name], cwd=work)

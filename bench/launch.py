@@ -26,8 +26,7 @@ def main() -> int:
     _, status, ru = os.wait4(pid, 0)
     wall = time.perf_counter() - t0
     with open(out, "w") as f:
-        json.dump({"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime,
-                   "maxrss_kib": ru.ru_maxrss}, f)
+        json.dump({"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "maxrss_kib": ru.ru_maxrss}, f)
     return os.waitstatus_to_exitcode(status)
 
 

@@ -9,16 +9,16 @@ from dataclasses import asdict, dataclass
 class Figure:
     key: str
     label: str
-    unit: str                       # "s", "ms", "MiB", "MiB/s", "x"
+    unit: str  # "s", "ms", "MiB", "MiB/s", "x"
     flatfs: float | None
     qemu: float | None
-    qemu_note: str = ""             # e.g. "first 120 calls" when QEMU's side was capped
+    qemu_note: str = ""  # e.g. "first 120 calls" when QEMU's side was capped
     # target: ("ratio<=", 1.0) | ("ratio>=", 1.0) | ("flatfs<=", 80) | None
     target: tuple[str, float] | None = None
     note: str = ""
-    flatfs_range: tuple[float, float] | None = None   # (min, max) over the pairs
+    flatfs_range: tuple[float, float] | None = None  # (min, max) over the pairs
     qemu_range: tuple[float, float] | None = None
-    pair_ratio: float | None = None   # median of flatfs/QEMU within each pair
+    pair_ratio: float | None = None  # median of flatfs/QEMU within each pair
 
     @property
     def ratio(self) -> float | None:
@@ -98,9 +98,14 @@ def table_text(figs: list[Figure]) -> str:
 
 def spread_markdown(figs: list[Figure]) -> str:
     """min–max over the pairs, for the figures that are medians of samples."""
+
     def rng(r: tuple[float, float] | None, unit: str) -> str:
         return "—" if r is None else f"{fmt(r[0], unit)} – {fmt(r[1], unit)}"
-    lines = ["| figure | flatfs min – max | QEMU min – max | median of the pair ratios |", "|---|---|---|---|"]
+
+    lines = [
+        "| figure | flatfs min – max | QEMU min – max | median of the pair ratios |",
+        "|---|---|---|---|",
+    ]
     for f in figs:
         if f.flatfs_range is None and f.qemu_range is None:
             continue

@@ -55,9 +55,24 @@ from views import FlatfsView, QsdView, View, flatfs_cmd, read_sequential, seek_o
 GiB = images.GiB
 MiB = images.MiB
 TOOLS = ("flatfs", "qemu")
-FIGURE_KEYS = ("convert_wall", "convert_wall_exit", "convert_cpu", "convert_rss", "convert64_wall",
-               "size_ratio_64_1", "comp_wall", "comp_cpu", "comp_size", "read_throughput",
-               "read_cpu", "seek_walk", "seek_typical", "seek_tail", "map_1t", "mount_time")
+FIGURE_KEYS = (
+    "convert_wall",
+    "convert_wall_exit",
+    "convert_cpu",
+    "convert_rss",
+    "convert64_wall",
+    "size_ratio_64_1",
+    "comp_wall",
+    "comp_cpu",
+    "comp_size",
+    "read_throughput",
+    "read_cpu",
+    "seek_walk",
+    "seek_typical",
+    "seek_tail",
+    "map_1t",
+    "mount_time",
+)
 
 
 def log(msg: str) -> None:
@@ -66,9 +81,11 @@ def log(msg: str) -> None:
 
 # -- environment -----------------------------------------------------------------
 
+
 def check_tools() -> list[str]:
-    missing = [t for t in ("qemu-img", "qemu-io", "qemu-storage-daemon", "fusermount3")
-               if shutil.which(t) is None]
+    missing = [
+        t for t in ("qemu-img", "qemu-io", "qemu-storage-daemon", "fusermount3") if shutil.which(t) is None
+    ]
     if not os.path.exists("/dev/fuse"):
         missing.append("/dev/fuse")
     return missing
@@ -90,8 +107,13 @@ def machine() -> dict:
             mem = int(f.readline().split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return {"cores": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem / GiB, 1),
-            "kernel": platform.release(), "python": platform.python_version()}
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": round(mem / GiB, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 def versions() -> dict:
@@ -100,15 +122,20 @@ def versions() -> dict:
             return subprocess.run(cmd, capture_output=True, text=True, cwd=HERE).stdout.strip()
         except OSError:
             return ""
+
     qemu = out(["qemu-img", "--version"]).splitlines()
     flat = out(flatfs_cmd() + ["--version"])
     commit = out(["git", "rev-parse", "--short", "HEAD"])
     dirty = out(["git", "status", "--porcelain", "--untracked-files=no", "--", "flatfs"])
-    return {"qemu": qemu[0] if qemu else "", "flatfs": flat,
-            "flatfs_commit": commit + ("+dirty" if dirty else "")}
+    return {
+        "qemu": qemu[0] if qemu else "",
+        "flatfs": flat,
+        "flatfs_commit": commit + ("+dirty" if dirty else ""),
+    }
 
 
 # -- convert ---------------------------------------------------------------------------
+
 
 def convert_cmd(tool: str, src: Path, dst: Path, compress: bool) -> list[str]:
     if tool == "flatfs":
@@ -116,8 +143,9 @@ def convert_cmd(tool: str, src: Path, dst: Path, compress: bool) -> list[str]:
     return ["qemu-img", "convert"] + (["-c"] if compress else []) + ["-O", "qcow2", src.name, dst.name]
 
 
-def convert_once(tool: str, src: Path, work: Path, compress: bool, cache: Cache,
-                 keep_output: bool = False) -> dict:
+def convert_once(
+    tool: str, src: Path, work: Path, compress: bool, cache: Cache, keep_output: bool = False
+) -> dict:
     dst = work / f"out-{tool}.qcow2"
     dst.unlink(missing_ok=True)
     cache.reset()
@@ -130,19 +158,36 @@ def convert_once(tool: str, src: Path, work: Path, compress: bool, cache: Cache,
     st = dst.stat()
     if not keep_output:
         dst.unlink()
-    return {"wall": r.wall, "durable": r.wall + flush, "flush": flush, "cpu": r.cpu, "user": r.user,
-            "sys": r.sys, "rss_mib": r.maxrss_mib, "file_size": st.st_size,
-            "allocated": st.st_blocks * 512, "other_cpu": other}
+    return {
+        "wall": r.wall,
+        "durable": r.wall + flush,
+        "flush": flush,
+        "cpu": r.cpu,
+        "user": r.user,
+        "sys": r.sys,
+        "rss_mib": r.maxrss_mib,
+        "file_size": st.st_size,
+        "allocated": st.st_blocks * 512,
+        "other_cpu": other,
+    }
 
 
 def compare_outputs(work: Path) -> str:
     """qemu-img compare of the two tools' outputs: 'identical' or the first difference."""
-    r = subprocess.run(["qemu-img", "compare", "-q", "out-flatfs.qcow2", "out-qemu.qcow2"],
-                       cwd=work, capture_output=True, text=True)
+    r = subprocess.run(
+        ["qemu-img", "compare", "-q", "out-flatfs.qcow2", "out-qemu.qcow2"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode == 0:
         return "identical"
-    r2 = subprocess.run(["qemu-img", "compare", "out-flatfs.qcow2", "out-qemu.qcow2"],
-                        cwd=work, capture_output=True, text=True)
+    r2 = subprocess.run(
+        ["qemu-img", "compare", "out-flatfs.qcow2", "out-qemu.qcow2"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
     return "DIFFERENT: " + (r2.stdout + r2.stderr).strip().splitlines()[-1]
 
 
@@ -163,8 +208,11 @@ def empty_view_samples() -> dict:
 
 
 def run_converts(imgs: images.Images, work: Path, cache: Cache, pairs: int) -> tuple[dict, dict]:
-    cases = {"seed-1t": (imgs.top_small, False), "seed-64t": (imgs.top_big, False),
-             "compressed": (imgs.comp, True)}
+    cases = {
+        "seed-1t": (imgs.top_small, False),
+        "seed-64t": (imgs.top_big, False),
+        "compressed": (imgs.comp, True),
+    }
     samples = empty_samples()
     checks: dict = {}
     for pair in range(pairs + 1):
@@ -175,8 +223,11 @@ def run_converts(imgs: images.Images, work: Path, cache: Cache, pairs: int) -> t
                 r = convert_once(tool, src, work, comp, cache, keep_output=warm)
                 if not warm:
                     samples[case][tool].append(r)
-                log(f"    {case:10} {tool:6} wall {r['wall']:7.3f} s  durable {r['durable']:7.3f} s  "
-                    f"cpu {r['cpu']:7.3f} s  rss {r['rss_mib']:6.1f} MiB  (others' cpu {r['other_cpu']:.1f} s)")
+                log(
+                    f"    {case:10} {tool:6} wall {r['wall']:7.3f} s  durable {r['durable']:7.3f} s  "
+                    f"cpu {r['cpu']:7.3f} s  rss {r['rss_mib']:6.1f} MiB  "
+                    f"(others' cpu {r['other_cpu']:.1f} s)"
+                )
             if warm:
                 checks[f"convert {case}: flatfs output vs qemu-img output"] = compare_outputs(work)
                 for t in TOOLS:
@@ -186,8 +237,16 @@ def run_converts(imgs: images.Images, work: Path, cache: Cache, pairs: int) -> t
 
 # -- views ----------------------------------------------------------------------------
 
-def run_views(imgs: images.Images, work: Path, cache: Cache, pairs: int, layout: images.Layout,
-              seek_budget: float, map_timeout: float) -> tuple[dict, dict]:
+
+def run_views(
+    imgs: images.Images,
+    work: Path,
+    cache: Cache,
+    pairs: int,
+    layout: images.Layout,
+    seek_budget: float,
+    map_timeout: float,
+) -> tuple[dict, dict]:
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     views: dict[tuple[str, str], View] = {}
@@ -200,8 +259,9 @@ def run_views(imgs: images.Images, work: Path, cache: Cache, pairs: int, layout:
                 v = cls(img, work / f"view-{tool}-{size}.raw", logs / f"{tool}-{size}.log")
                 views[(tool, size)] = v
                 v.start()
-                samples["mount"][tool].append({"view": size, "seconds": v.mount_seconds,
-                                               "options": v.options})
+                samples["mount"][tool].append(
+                    {"view": size, "seconds": v.mount_seconds, "options": v.options}
+                )
                 log(f"  mounted {tool} {size} view in {v.mount_seconds:.3f} s ({v.options})")
 
         # Warm-up: checksums, map outputs, a full flatfs walk, a capped QEMU walk.
@@ -211,24 +271,34 @@ def run_views(imgs: images.Images, work: Path, cache: Cache, pairs: int, layout:
             _, n, crcs[tool] = read_sequential(v.mountpoint, layout.read_bytes, checksum=True)
             out = work / f"map-{tool}.txt"
             with open(out, "wb") as f:
-                run_child(["qemu-img", "map", "-f", "raw", v.mountpoint.name], cwd=work, stdout=f,
-                          timeout=map_timeout)
+                run_child(
+                    ["qemu-img", "map", "-f", "raw", v.mountpoint.name],
+                    cwd=work,
+                    stdout=f,
+                    timeout=map_timeout,
+                )
             maps[tool] = out.read_text().replace(v.mountpoint.name, "VIEW")
         checks["view read: crc32 of the bytes read"] = (
-            "identical" if crcs["flatfs"] == crcs["qemu"] else f"DIFFERENT: {crcs}")
+            "identical" if crcs["flatfs"] == crcs["qemu"] else f"DIFFERENT: {crcs}"
+        )
         checks["qemu-img map -f raw of the 1 TiB views"] = (
-            "identical" if maps["flatfs"] == maps["qemu"] else "DIFFERENT")
+            "identical" if maps["flatfs"] == maps["qemu"] else "DIFFERENT"
+        )
         ref = seek_walk(views[("flatfs", "64t")].mountpoint, budget=600)
         qwarm = seek_walk(views[("qemu", "64t")].mountpoint, budget=seek_budget)
         ext_f, ext_q = ref["extents"], qwarm["extents"]
-        same = ext_q == ext_f[:len(ext_q)]
+        same = ext_q == ext_f[: len(ext_q)]
         checks["SEEK_DATA/SEEK_HOLE walk of the 64 TiB views"] = (
             ("identical" if qwarm["complete"] else f"identical over the {len(ext_q)} extents QEMU reached")
-            if same else "DIFFERENT")
+            if same
+            else "DIFFERENT"
+        )
         tail = ref["calls"][-1][1] if ref["complete"] and ref["calls"][-1][0] == os.SEEK_DATA else None
-        log(f"  64 TiB view: {len(ext_f)} data extents, {len(ref['calls'])} lseek calls "
+        log(
+            f"  64 TiB view: {len(ext_f)} data extents, {len(ref['calls'])} lseek calls "
             f"(flatfs walk {ref['seconds']:.2f} s; QEMU reached {len(qwarm['calls'])} calls in "
-            f"{qwarm['seconds']:.2f} s{'' if qwarm['complete'] else ', capped'})")
+            f"{qwarm['seconds']:.2f} s{'' if qwarm['complete'] else ', capped'})"
+        )
 
         for pair in range(pairs):
             log(f"  view pair {pair + 1}/{pairs}")
@@ -240,8 +310,15 @@ def run_views(imgs: images.Images, work: Path, cache: Cache, pairs: int, layout:
                 secs, n, _ = read_sequential(v1.mountpoint, layout.read_bytes)
                 cpu = proc_cpu(v1.pid) - c0
                 other = max(0.0, busy_seconds() - b0 - cpu - (time.process_time() - p0))
-                samples["read"][tool].append({"seconds": secs, "bytes": n, "mibps": n / MiB / secs,
-                                              "daemon_cpu": cpu, "other_cpu": other})
+                samples["read"][tool].append(
+                    {
+                        "seconds": secs,
+                        "bytes": n,
+                        "mibps": n / MiB / secs,
+                        "daemon_cpu": cpu,
+                        "other_cpu": other,
+                    }
+                )
                 # SEEK walk of the 64 TiB view, then the tail call alone
                 cache.reset()
                 w = seek_walk(v64.mountpoint, budget=600 if tool == "flatfs" else seek_budget)
@@ -250,20 +327,33 @@ def run_views(imgs: images.Images, work: Path, cache: Cache, pairs: int, layout:
                     tail_s, res = seek_once(v64.mountpoint, tail, os.SEEK_DATA)
                     if res is not None:
                         checks[f"{tool}: SEEK_DATA past the last data"] = f"DIFFERENT: returned {res}"
-                samples["seek"][tool].append({
-                    "calls": len(w["calls"]), "complete": w["complete"], "seconds": w["seconds"],
-                    "per_call": [round(c[2], 7) for c in w["calls"]], "tail": tail_s})
+                samples["seek"][tool].append(
+                    {
+                        "calls": len(w["calls"]),
+                        "complete": w["complete"],
+                        "seconds": w["seconds"],
+                        "per_call": [round(c[2], 7) for c in w["calls"]],
+                        "tail": tail_s,
+                    }
+                )
                 # qemu-img map -f raw of the 1 TiB view
                 cache.reset()
                 with open(os.devnull, "wb") as null:
-                    r = run_child(["qemu-img", "map", "-f", "raw", v1.mountpoint.name], cwd=work,
-                                  stdout=null, timeout=map_timeout)
+                    r = run_child(
+                        ["qemu-img", "map", "-f", "raw", v1.mountpoint.name],
+                        cwd=work,
+                        stdout=null,
+                        timeout=map_timeout,
+                    )
                 samples["map"][tool].append({"seconds": r.wall})
                 s = samples["seek"][tool][-1]
-                log(f"    {tool:6} read {n / MiB / secs:7.0f} MiB/s (daemon cpu {cpu:.2f} s)  "
+                log(
+                    f"    {tool:6} read {n / MiB / secs:7.0f} MiB/s (daemon cpu {cpu:.2f} s)  "
                     f"seek {s['seconds'] / max(1, s['calls']) * 1e3:8.3f} ms/call over {s['calls']} calls"
-                    f"{'' if s['complete'] else ' (capped)'}  tail {0 if tail_s is None else tail_s * 1e3:.1f} ms"
-                    f"  map {r.wall:.3f} s")
+                    f"{'' if s['complete'] else ' (capped)'}  "
+                    f"tail {0 if tail_s is None else tail_s * 1e3:.1f} ms"
+                    f"  map {r.wall:.3f} s"
+                )
     finally:
         for v in views.values():
             try:
@@ -274,6 +364,7 @@ def run_views(imgs: images.Images, work: Path, cache: Cache, pairs: int, layout:
 
 
 # -- figures --------------------------------------------------------------------------
+
 
 def med(runs: list[dict], key: str) -> float | None:
     return summary([r[key] for r in runs])["median"] if runs else None
@@ -291,11 +382,16 @@ def paired(f: list[float | None], q: list[float | None]) -> float | None:
 
 
 def with_ranges(figs: list[Figure], conv: dict, view: dict, layout: images.Layout) -> None:
-    """Attach min–max, and the median of the within-pair ratios, to the figures that are medians of samples."""
-    c = {"convert_wall": ("seed-1t", "durable"), "convert_wall_exit": ("seed-1t", "wall"),
-         "convert_cpu": ("seed-1t", "cpu"), "convert_rss": ("seed-1t", "rss_mib"),
-         "convert64_wall": ("seed-64t", "durable"), "comp_wall": ("compressed", "durable"),
-         "comp_cpu": ("compressed", "cpu")}
+    """Attach min–max and the median of the within-pair ratios to the figures that are medians."""
+    c = {
+        "convert_wall": ("seed-1t", "durable"),
+        "convert_wall_exit": ("seed-1t", "wall"),
+        "convert_cpu": ("seed-1t", "cpu"),
+        "convert_rss": ("seed-1t", "rss_mib"),
+        "convert64_wall": ("seed-64t", "durable"),
+        "comp_wall": ("compressed", "durable"),
+        "comp_cpu": ("compressed", "cpu"),
+    }
     for f in figs:
         if f.key in c:
             case, key = c[f.key]
@@ -303,7 +399,10 @@ def with_ranges(figs: list[Figure], conv: dict, view: dict, layout: images.Layou
         elif f.key == "read_throughput":
             xs, ys = [r["mibps"] for r in view["read"]["flatfs"]], [r["mibps"] for r in view["read"]["qemu"]]
         elif f.key == "map_1t":
-            xs, ys = [r["seconds"] for r in view["map"]["flatfs"]], [r["seconds"] for r in view["map"]["qemu"]]
+            xs, ys = (
+                [r["seconds"] for r in view["map"]["flatfs"]],
+                [r["seconds"] for r in view["map"]["qemu"]],
+            )
         else:
             continue
         f.flatfs_range, f.qemu_range, f.pair_ratio = rng(xs), rng(ys), paired(xs, ys)
@@ -315,8 +414,10 @@ def noise(conv: dict, cores: int) -> str | None:
     if not runs:
         return None
     share = [r["other_cpu"] / max(r["wall"], 1e-9) / cores for r in runs]
-    return (f"other processes kept a median {statistics.median(share):.0%} (max {max(share):.0%}) of the "
-            f"machine's {cores} cores busy during the convert runs (from /proc/stat)")
+    return (
+        f"other processes kept a median {statistics.median(share):.0%} (max {max(share):.0%}) of the "
+        f"machine's {cores} cores busy during the convert runs (from /proc/stat)"
+    )
 
 
 def div(a: float | None, b: float) -> float | None:
@@ -326,49 +427,114 @@ def div(a: float | None, b: float) -> float | None:
 def figures(conv: dict, view: dict, layout: images.Layout) -> list[Figure]:
     s1, s64, sc = conv["seed-1t"], conv["seed-64t"], conv["compressed"]
     figs = [
-        Figure("convert_wall", "convert, 1 TiB seed: wall to durable (s)", "s",
-               med(s1["flatfs"], "durable"), med(s1["qemu"], "durable"), target=("ratio<=", 1.0),
-               note="process wall + an fsync of the output after exit (qemu-img convert does not flush)"),
-        Figure("convert_wall_exit", "convert, 1 TiB seed: wall to exit (s)", "s",
-               med(s1["flatfs"], "wall"), med(s1["qemu"], "wall"),
-               note="as a user sees it: flatfs fsyncs before exit, qemu-img leaves dirty pages"),
-        Figure("convert_cpu", "convert, 1 TiB seed: CPU user+sys (s)", "s",
-               med(s1["flatfs"], "cpu"), med(s1["qemu"], "cpu"), target=("ratio<=", 1.2)),
-        Figure("convert_rss", "convert, 1 TiB seed: peak RSS (MiB)", "MiB",
-               med(s1["flatfs"], "rss_mib"), med(s1["qemu"], "rss_mib"), target=("flatfs<=", 80.0)),
-        Figure("convert64_wall", "convert, 64 TiB seed: wall to durable (s)", "s",
-               med(s64["flatfs"], "durable"), med(s64["qemu"], "durable")),
+        Figure(
+            "convert_wall",
+            "convert, 1 TiB seed: wall to durable (s)",
+            "s",
+            med(s1["flatfs"], "durable"),
+            med(s1["qemu"], "durable"),
+            target=("ratio<=", 1.0),
+            note="process wall + an fsync of the output after exit (qemu-img convert does not flush)",
+        ),
+        Figure(
+            "convert_wall_exit",
+            "convert, 1 TiB seed: wall to exit (s)",
+            "s",
+            med(s1["flatfs"], "wall"),
+            med(s1["qemu"], "wall"),
+            note="as a user sees it: flatfs fsyncs before exit, qemu-img leaves dirty pages",
+        ),
+        Figure(
+            "convert_cpu",
+            "convert, 1 TiB seed: CPU user+sys (s)",
+            "s",
+            med(s1["flatfs"], "cpu"),
+            med(s1["qemu"], "cpu"),
+            target=("ratio<=", 1.2),
+        ),
+        Figure(
+            "convert_rss",
+            "convert, 1 TiB seed: peak RSS (MiB)",
+            "MiB",
+            med(s1["flatfs"], "rss_mib"),
+            med(s1["qemu"], "rss_mib"),
+            target=("flatfs<=", 80.0),
+        ),
+        Figure(
+            "convert64_wall",
+            "convert, 64 TiB seed: wall to durable (s)",
+            "s",
+            med(s64["flatfs"], "durable"),
+            med(s64["qemu"], "durable"),
+        ),
     ]
     ratios = {}
     for t in TOOLS:
         a, b = med(s64[t], "durable"), med(s1[t], "durable")
         ratios[t] = a / b if a and b else None
-    figs.append(Figure("size_ratio_64_1", "convert wall, 64 TiB / 1 TiB", "x", ratios["flatfs"],
-                       ratios["qemu"], target=("flatfs<=", 1.10)))
+    figs.append(
+        Figure(
+            "size_ratio_64_1",
+            "convert wall, 64 TiB / 1 TiB",
+            "x",
+            ratios["flatfs"],
+            ratios["qemu"],
+            target=("flatfs<=", 1.10),
+        )
+    )
     figs += [
-        Figure("comp_wall", "compressed convert (-c): wall to durable (s)", "s",
-               med(sc["flatfs"], "durable"), med(sc["qemu"], "durable"), target=("ratio<=", 1.0)),
-        Figure("comp_cpu", "compressed convert (-c): CPU user+sys (s)", "s",
-               med(sc["flatfs"], "cpu"), med(sc["qemu"], "cpu")),
-        Figure("comp_size", "compressed convert (-c): output size (MiB)", "MiB",
-               div(med(sc["flatfs"], "file_size"), MiB), div(med(sc["qemu"], "file_size"), MiB)),
+        Figure(
+            "comp_wall",
+            "compressed convert (-c): wall to durable (s)",
+            "s",
+            med(sc["flatfs"], "durable"),
+            med(sc["qemu"], "durable"),
+            target=("ratio<=", 1.0),
+        ),
+        Figure(
+            "comp_cpu",
+            "compressed convert (-c): CPU user+sys (s)",
+            "s",
+            med(sc["flatfs"], "cpu"),
+            med(sc["qemu"], "cpu"),
+        ),
+        Figure(
+            "comp_size",
+            "compressed convert (-c): output size (MiB)",
+            "MiB",
+            div(med(sc["flatfs"], "file_size"), MiB),
+            div(med(sc["qemu"], "file_size"), MiB),
+        ),
     ]
     rd = view["read"]
     rf = [r["bytes"] / MiB / r["seconds"] for r in rd["flatfs"]]
     rq = [r["bytes"] / MiB / r["seconds"] for r in rd["qemu"]]
     gib = layout.read_bytes / GiB
     figs += [
-        Figure("read_throughput", f"view: sequential read, 1 MiB reads, {layout.read_bytes / MiB:.0f} MiB (MiB/s)",
-               "MiB/s", summary(rf)["median"], summary(rq)["median"], target=("ratio>=", 1.0)),
-        Figure("read_cpu", "view: daemon CPU per GiB read (s/GiB)", "s/GiB",
-               div(med(rd["flatfs"], "daemon_cpu"), gib), div(med(rd["qemu"], "daemon_cpu"), gib)),
+        Figure(
+            "read_throughput",
+            f"view: sequential read, 1 MiB reads, {layout.read_bytes / MiB:.0f} MiB (MiB/s)",
+            "MiB/s",
+            summary(rf)["median"],
+            summary(rq)["median"],
+            target=("ratio>=", 1.0),
+        ),
+        Figure(
+            "read_cpu",
+            "view: daemon CPU per GiB read (s/GiB)",
+            "s/GiB",
+            div(med(rd["flatfs"], "daemon_cpu"), gib),
+            div(med(rd["qemu"], "daemon_cpu"), gib),
+        ),
     ]
     sk = view["seek"]
+
     # A typical call: the median call among the first k calls of both walks, k = the
     # calls QEMU made within its budget, leaving out the last call of a complete walk
     # (SEEK_DATA over the empty tail, which has its own row).
     def body(s: dict) -> list[float]:
         return s["per_call"][:-1] if s["complete"] else s["per_call"]
+
     k = min(len(body(s)) for s in sk["qemu"] + sk["flatfs"]) if sk["qemu"] and sk["flatfs"] else 0
     pf = [statistics.median(body(s)[:k]) * 1e3 for s in sk["flatfs"]] if k else []
     pq = [statistics.median(body(s)[:k]) * 1e3 for s in sk["qemu"]] if k else []
@@ -377,25 +543,51 @@ def figures(conv: dict, view: dict, layout: images.Layout) -> list[Figure]:
     wf = [s["seconds"] / s["calls"] * 1e3 for s in sk["flatfs"] if s["calls"]]
     wq = [s["seconds"] / s["calls"] * 1e3 for s in sk["qemu"] if s["calls"] and s["complete"]]
     figs += [
-        Figure("seek_walk", f"view: SEEK_DATA/SEEK_HOLE walk of 64 TiB, whole ({total_calls} calls), ms/call",
-               "ms", summary(wf)["median"], summary(wq)["median"] if q_complete else None,
-               qemu_note="" if q_complete else "capped, not timed", target=("flatfs<=", 5.0)),
-        Figure("seek_typical", f"view: same walk, median call of the first {k} (ms)", "ms",
-               summary(pf)["median"], summary(pq)["median"],
-               note="per-request cost: the same calls on both views, the empty-tail call left out"),
-        Figure("seek_tail", "view: one SEEK_DATA over the empty tail of 64 TiB (ms)", "ms",
-               summary([s["tail"] * 1e3 for s in sk["flatfs"] if s["tail"] is not None])["median"],
-               summary([s["tail"] * 1e3 for s in sk["qemu"] if s["tail"] is not None])["median"]),
-        Figure("map_1t", "view: qemu-img map -f raw of 1 TiB (s)", "s",
-               med(view["map"]["flatfs"], "seconds"), med(view["map"]["qemu"], "seconds"),
-               target=("ratio<=", 1.0)),
-        Figure("mount_time", "view: time to mount until readable (s)", "s",
-               med(view["mount"]["flatfs"], "seconds"), med(view["mount"]["qemu"], "seconds")),
+        Figure(
+            "seek_walk",
+            f"view: SEEK_DATA/SEEK_HOLE walk of 64 TiB, whole ({total_calls} calls), ms/call",
+            "ms",
+            summary(wf)["median"],
+            summary(wq)["median"] if q_complete else None,
+            qemu_note="" if q_complete else "capped, not timed",
+            target=("flatfs<=", 5.0),
+        ),
+        Figure(
+            "seek_typical",
+            f"view: same walk, median call of the first {k} (ms)",
+            "ms",
+            summary(pf)["median"],
+            summary(pq)["median"],
+            note="per-request cost: the same calls on both views, the empty-tail call left out",
+        ),
+        Figure(
+            "seek_tail",
+            "view: one SEEK_DATA over the empty tail of 64 TiB (ms)",
+            "ms",
+            summary([s["tail"] * 1e3 for s in sk["flatfs"] if s["tail"] is not None])["median"],
+            summary([s["tail"] * 1e3 for s in sk["qemu"] if s["tail"] is not None])["median"],
+        ),
+        Figure(
+            "map_1t",
+            "view: qemu-img map -f raw of 1 TiB (s)",
+            "s",
+            med(view["map"]["flatfs"], "seconds"),
+            med(view["map"]["qemu"], "seconds"),
+            target=("ratio<=", 1.0),
+        ),
+        Figure(
+            "mount_time",
+            "view: time to mount until readable (s)",
+            "s",
+            med(view["mount"]["flatfs"], "seconds"),
+            med(view["mount"]["qemu"], "seconds"),
+        ),
     ]
     return figs
 
 
 # -- output --------------------------------------------------------------------------------
+
 
 def markdown(res: dict, figs: list[Figure]) -> str:
     m, lay = res["machine"], res["layout"]
@@ -427,26 +619,50 @@ def markdown(res: dict, figs: list[Figure]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", type=float, default=1.0,
-                    help="multiply the data sizes (10 for 20 GiB of data); default 1")
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny images (64 MiB of data) and one pair: a smoke test, not a measurement")
-    ap.add_argument("--pairs", type=int, default=None,
-                    help="timed A/B pairs after the warm-up (default 5; 1 with --quick)")
-    ap.add_argument("--out", default="/var/tmp/flatfs-bench",
-                    help="results (bench.json, bench.md) go here, images under OUT/work")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--scale", type=float, default=1.0, help="multiply the data sizes (10 for 20 GiB of data); default 1"
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny images (64 MiB of data) and one pair: a smoke test, not a measurement",
+    )
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="timed A/B pairs after the warm-up (default 5; 1 with --quick)",
+    )
+    ap.add_argument(
+        "--out",
+        default="/var/tmp/flatfs-bench",
+        help="results (bench.json, bench.md) go here, images under OUT/work",
+    )
     ap.add_argument("--keep", action="store_true", help="keep OUT/work (the images) afterwards")
-    ap.add_argument("--reuse", action="store_true",
-                    help="reuse the images a --keep run left in OUT/work (same scale), do not rebuild")
-    ap.add_argument("--only", choices=("convert", "views"), default=None,
-                    help="run one phase only (the other's figures show as —)")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse the images a --keep run left in OUT/work (same scale), do not rebuild",
+    )
+    ap.add_argument(
+        "--only",
+        choices=("convert", "views"),
+        default=None,
+        help="run one phase only (the other's figures show as —)",
+    )
     ap.add_argument("--warm", action="store_true", help="do not drop caches (warm cache for both)")
-    ap.add_argument("--seek-budget", type=float, default=None,
-                    help="seconds of QEMU's SEEK walk per run (default 15; 2 with --quick)")
-    ap.add_argument("--map-timeout", type=float, default=600.0,
-                    help="give up on one qemu-img map after this many seconds")
+    ap.add_argument(
+        "--seek-budget",
+        type=float,
+        default=None,
+        help="seconds of QEMU's SEEK walk per run (default 15; 2 with --quick)",
+    )
+    ap.add_argument(
+        "--map-timeout", type=float, default=600.0, help="give up on one qemu-img map after this many seconds"
+    )
     args = ap.parse_args(argv)
 
     missing = check_tools()
@@ -472,34 +688,57 @@ def main(argv: list[str] | None = None) -> int:
     free = shutil.disk_usage(out).free
     need = layout.disk_needed() if not reuse else 2 * layout.data + (512 << 20)
     if free < need:
-        print(f"bench: {out} has {free / GiB:.1f} GiB free; this run needs about {need / GiB:.1f} GiB "
-              f"(3x the data). Use --out on a bigger file system or a smaller --scale.", file=sys.stderr)
+        print(
+            f"bench: {out} has {free / GiB:.1f} GiB free; this run needs about {need / GiB:.1f} GiB "
+            f"(3x the data). Use --out on a bigger file system or a smaller --scale.",
+            file=sys.stderr,
+        )
         return 2
 
     r = subprocess.run(flatfs_cmd() + ["--version"], capture_output=True, text=True)
     if r.returncode != 0:
-        print(f"bench: cannot run {' '.join(flatfs_cmd())}: run it with the venv's python "
-              f"(.venv/bin/python bench/run.py, or make bench)", file=sys.stderr)
+        print(
+            f"bench: cannot run {' '.join(flatfs_cmd())}: run it with the venv's python "
+            f"(.venv/bin/python bench/run.py, or make bench)",
+            file=sys.stderr,
+        )
         return 2
     # flatfs runs with its bytecode cached, as an installed package does, even
     # where PYTHONDONTWRITEBYTECODE is set; the cache lives in the scratch folder.
     work.mkdir(parents=True, exist_ok=True)
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-    cache = Cache(not args.warm, warm_cmds=[
-        [sys.executable, "-c", "import flatfs.cli, flatfs.cli_convert, flatfs.cli_mount, flatfs.convert, "
-         "flatfs.chain, flatfs.qcow2.layer, flatfs.qcow2.writer, flatfs.fuse, concurrent.futures, zlib"],
-        flatfs_cmd() + ["convert", "--help"],
-        ["qemu-img", "--version"], ["qemu-img", "convert", "--help"]])
+    cache = Cache(
+        not args.warm,
+        warm_cmds=[
+            [
+                sys.executable,
+                "-c",
+                "import flatfs.cli, flatfs.cli_convert, flatfs.cli_mount, flatfs.convert, "
+                "flatfs.chain, flatfs.qcow2.layer, flatfs.qcow2.writer, flatfs.fuse, "
+                "concurrent.futures, zlib",
+            ],
+            flatfs_cmd() + ["convert", "--help"],
+            ["qemu-img", "--version"],
+            ["qemu-img", "convert", "--help"],
+        ],
+    )
     res: dict = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(), "versions": versions(), "cache": cache.mode,
-        "scale": args.scale, "quick": args.quick, "pairs": pairs, "seek_budget": seek_budget,
+        "machine": machine(),
+        "versions": versions(),
+        "cache": cache.mode,
+        "scale": args.scale,
+        "quick": args.quick,
+        "pairs": pairs,
+        "seek_budget": seek_budget,
         "layout": {k: v for k, v in vars(layout).items() if isinstance(v, int)},
         "load_start": [round(x, 2) for x in os.getloadavg()],
     }
-    log(f"flatfs bench: {res['machine']['cores']} cores, {cache.mode} cache, scale {args.scale}"
-        f"{' (quick)' if args.quick else ''}, {pairs} pairs; images in {work}")
+    log(
+        f"flatfs bench: {res['machine']['cores']} cores, {cache.mode} cache, scale {args.scale}"
+        f"{' (quick)' if args.quick else ''}, {pairs} pairs; images in {work}"
+    )
     t0 = time.monotonic()
     try:
         tb = time.monotonic()
@@ -510,9 +749,15 @@ def main(argv: list[str] | None = None) -> int:
             log("building images")
             imgs = images.build(work, layout, log=log)
             stamp.write_text(want)
-        res["images"] = {"base_data_bytes": imgs.data_bytes, "base_extents_written": imgs.base_extents,
-                         "build_seconds": round(time.monotonic() - tb, 1)}
-        log(f"  done in {res['images']['build_seconds']} s ({imgs.data_bytes / GiB:.2f} GiB allocated in the base)")
+        res["images"] = {
+            "base_data_bytes": imgs.data_bytes,
+            "base_extents_written": imgs.base_extents,
+            "build_seconds": round(time.monotonic() - tb, 1),
+        }
+        log(
+            f"  done in {res['images']['build_seconds']} s "
+            f"({imgs.data_bytes / GiB:.2f} GiB allocated in the base)"
+        )
         conv, view, checks = empty_samples(), empty_view_samples(), {}
         if args.only in (None, "convert"):
             log("convert (flatfs convert vs qemu-img convert -O qcow2)")
@@ -532,15 +777,19 @@ def main(argv: list[str] | None = None) -> int:
     with_ranges(figs, conv, view, layout)
     res["noise"] = noise(conv, res["machine"]["cores"] or 1)
     if any(not s["complete"] for s in view["seek"]["qemu"]):
-        res["seek_budget_note"] = (f"QEMU's SEEK walk of the 64 TiB view was capped at {seek_budget:g} s "
-                                   "per run; its whole-walk figure is not timed, the prefix and tail rows are")
+        res["seek_budget_note"] = (
+            f"QEMU's SEEK walk of the 64 TiB view was capped at {seek_budget:g} s "
+            "per run; its whole-walk figure is not timed, the prefix and tail rows are"
+        )
     res["figures"] = [f.as_dict() for f in figs]
     res["samples"] = {"convert": conv, "view": view}
 
     print()
-    print(f"Medians of {pairs} pairs, {cache.mode} cache, {res['machine']['cores']} cores, "
-          f"{res['date']} (total {res['elapsed_seconds']:.0f} s, load average {res['load_start'][0]:.2f} "
-          f"at the start, {res['load_end'][0]:.2f} at the end)")
+    print(
+        f"Medians of {pairs} pairs, {cache.mode} cache, {res['machine']['cores']} cores, "
+        f"{res['date']} (total {res['elapsed_seconds']:.0f} s, load average {res['load_start'][0]:.2f} "
+        f"at the start, {res['load_end'][0]:.2f} at the end)"
+    )
     print(table_text(figs))
     for k, v in checks.items():
         print(f"check: {k}: {v}")

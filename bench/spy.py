@@ -82,14 +82,23 @@ def frame_key(frame: str, with_line: bool = False) -> str:
 
 
 # Leaves where a thread waits rather than works: counted apart, left out of the tables.
-WAITING = ("Condition.wait", "_worker (concurrent/futures/thread.py)", "FUSE.__init__ (mfusepy",
-           "Event.wait", "Thread.join", "Semaphore.acquire", "Lock.acquire")
+WAITING = (
+    "Condition.wait",
+    "_worker (concurrent/futures/thread.py)",
+    "FUSE.__init__ (mfusepy",
+    "Event.wait",
+    "Thread.join",
+    "Semaphore.acquire",
+    "Lock.acquire",
+)
 
 
 def summarize(name: str, path: Path, top: int) -> str:
     stacks = parse(path)
+
     def waits(frames: list[str]) -> bool:
         return bool(frames) and frame_key(frames[-1]).startswith(WAITING)
+
     waiting = sum(n for frames, n in stacks if waits(frames))
     stacks = [(f, n) for f, n in stacks if len(f) > 1 and not waits(f)]
     # --threads puts "thread (0x...)" first; the main thread is the one running <module>
@@ -108,8 +117,11 @@ def summarize(name: str, path: Path, top: int) -> str:
             g = "other threads"
         groups.setdefault(g, []).append((body, n))
     total = sum(n for _, n in stacks)
-    lines = [f"### {name}: {total} samples working ({waiting} more waiting on locks, queues or "
-             f"the FUSE loop, left out)", ""]
+    lines = [
+        f"### {name}: {total} samples working ({waiting} more waiting on locks, queues or "
+        f"the FUSE loop, left out)",
+        "",
+    ]
     if not total:
         return "\n".join(lines)
     for g, items in sorted(groups.items(), key=lambda kv: -sum(n for _, n in kv[1])):
@@ -131,9 +143,13 @@ def summarize(name: str, path: Path, top: int) -> str:
         lines.append("|---:|---|---|---:|---|")
         s_items = selfc.most_common(top)
         # inclusive: skip the entry points (the CLI, click, the interpreter)
-        i_items = [(k, v) for k, v in incl.most_common()
-                   if v < gt and not k.startswith("<module>")
-                   and not any(x in k for x in ("(click/", "(flatfs/cli", "(threading.py)"))][:top]
+        i_items = [
+            (k, v)
+            for k, v in incl.most_common()
+            if v < gt
+            and not k.startswith("<module>")
+            and not any(x in k for x in ("(click/", "(flatfs/cli", "(threading.py)"))
+        ][:top]
         for i in range(max(len(s_items), len(i_items))):
             a = b = ""
             if i < len(s_items):
@@ -153,8 +169,9 @@ def summarize(name: str, path: Path, top: int) -> str:
     return "\n".join(lines)
 
 
-def attribution(imgs: images.Images, v1: FlatfsView, v64: FlatfsView, read_bytes: int,
-                seconds: float = 1.0) -> str:
+def attribution(
+    imgs: images.Images, v1: FlatfsView, v64: FlatfsView, read_bytes: int, seconds: float = 1.0
+) -> str:
     """Per-request cost in-process (the chain alone) against the same work through FUSE.
 
     Warm cache, no profiler attached: the difference is what the FUSE path
@@ -175,7 +192,7 @@ def attribution(imgs: images.Images, v1: FlatfsView, v64: FlatfsView, read_bytes
         except OSError:
             return n + 1
 
-    def timed(fn) -> float:                              # µs per call
+    def timed(fn) -> float:  # µs per call
         t0 = time.perf_counter()
         calls = 0
         while time.perf_counter() - t0 < seconds:
@@ -185,7 +202,7 @@ def attribution(imgs: images.Images, v1: FlatfsView, v64: FlatfsView, read_bytes
     with open_chain(str(imgs.top_big)) as chain:
         walk_inproc(chain.seek, chain.size)
         inproc = min(timed(lambda: walk_inproc(chain.seek, chain.size)) for _ in range(3))
-        index, _ = scan(chain.size, chain.extents())     # what the mounted view answers from
+        index, _ = scan(chain.size, chain.extents())  # what the mounted view answers from
         assert index is not None
         inindex = min(timed(lambda: walk_inproc(index.seek, chain.size)) for _ in range(3))
     seek_walk(v64.mountpoint)
@@ -194,7 +211,7 @@ def attribution(imgs: images.Images, v1: FlatfsView, v64: FlatfsView, read_bytes
     mv = memoryview(buf)
     best_in = best_view = best_cached = float("inf")
     with open_chain(str(imgs.top_small)) as chain:
-        for _ in range(4):                                # the first pass warms the page cache
+        for _ in range(4):  # the first pass warms the page cache
             t0 = time.perf_counter()
             for off in range(0, read_bytes, 1 << 20):
                 chain.readinto(off, mv)
@@ -208,26 +225,42 @@ def attribution(imgs: images.Images, v1: FlatfsView, v64: FlatfsView, read_bytes
         best_cached = min(best_cached, secs)
     mib = read_bytes / (1 << 20)
     rin, rview, rcached = mib / best_in, mib / best_view, mib / best_cached
-    return "\n".join([
-        "Per-request cost, warm cache, no profiler attached:",
-        "",
-        "| path | in-process (Chain) | through the FUSE view |",
-        "|---|---:|---:|",
-        f"| SEEK_DATA/SEEK_HOLE walk of the 64 TiB view | {inproc:.1f} µs/call (Chain.seek); "
-        f"{inindex:.2f} µs/call (the view's data-run index) | {fuse:.1f} µs/call |",
-        f"| 1 MiB reads of the read region (image in page cache), best of 3 | {rin:.0f} MiB/s | "
-        f"{rview:.0f} MiB/s (view pages dropped; {rcached:.0f} MiB/s from the view's own page cache) |",
-        "",
-    ])
+    return "\n".join(
+        [
+            "Per-request cost, warm cache, no profiler attached:",
+            "",
+            "| path | in-process (Chain) | through the FUSE view |",
+            "|---|---:|---:|",
+            f"| SEEK_DATA/SEEK_HOLE walk of the 64 TiB view | {inproc:.1f} µs/call (Chain.seek); "
+            f"{inindex:.2f} µs/call (the view's data-run index) | {fuse:.1f} µs/call |",
+            f"| 1 MiB reads of the read region (image in page cache), best of 3 | {rin:.0f} MiB/s | "
+            f"{rview:.0f} MiB/s (view pages dropped; {rcached:.0f} MiB/s from the view's own page cache) |",
+            "",
+        ]
+    )
 
 
 class Recorder:
     """py-spy record attached to a running pid, stopped with SIGINT."""
 
     def __init__(self, spy: str, pid: int, out: Path, rate: int) -> None:
-        self.p = subprocess.Popen([spy, "record", "--pid", str(pid), "--threads", "--rate", str(rate),
-                                   "--format", "raw", "-o", str(out)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.p = subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--threads",
+                "--rate",
+                str(rate),
+                "--format",
+                "raw",
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         time.sleep(1.0)  # let it attach
 
     def stop(self) -> None:
@@ -248,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=int, default=250, help="samples per second")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--seek-seconds", type=float, default=5.0)
-    ap.add_argument("--keep", action="store_true",
-                    help="keep images this run had to build (images reused from run.py --keep stay anyway)")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep images this run had to build (images reused from run.py --keep stay anyway)",
+    )
     args = ap.parse_args(argv)
 
     spy = py_spy()
@@ -280,17 +316,23 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def record_all(args: argparse.Namespace, spy: str, layout: images.Layout, imgs: images.Images,
-               work: Path, prof: Path) -> int:
+def record_all(
+    args: argparse.Namespace, spy: str, layout: images.Layout, imgs: images.Images, work: Path, prof: Path
+) -> int:
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     cache = Cache(True, warm_cmds=[flatfs_cmd() + ["convert", "--help"]])
-    summaries = [f"flatfs py-spy profiles, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
-                 f"{cache.mode} cache, scale {args.scale}{' (quick)' if args.quick else ''}", ""]
+    summaries = [
+        f"flatfs py-spy profiles, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
+        f"{cache.mode} cache, scale {args.scale}{' (quick)' if args.quick else ''}",
+        "",
+    ]
 
     # 1-2. convert, convert -c
-    for name, src, extra, idle in (("convert", imgs.top_small, [], False),
-                                   ("convert-c", imgs.comp, ["-c"], False)):
+    for name, src, extra, idle in (
+        ("convert", imgs.top_small, [], False),
+        ("convert-c", imgs.comp, ["-c"], False),
+    ):
         dst = work / "spy-out.qcow2"
         dst.unlink(missing_ok=True)
         subprocess.run(flatfs_cmd() + ["info", str(src)], capture_output=True)  # compile bytecode
@@ -302,8 +344,10 @@ def record_all(args: argparse.Namespace, spy: str, layout: images.Layout, imgs: 
         subprocess.run(cmd, cwd=work, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
         dst.unlink(missing_ok=True)
-        summaries.append(f"`flatfs convert {' '.join(extra + [src.name])}`: {wall:.2f} s under py-spy"
-                         f"{' (--idle: blocked time counted)' if idle else ' (CPU samples only)'}")
+        summaries.append(
+            f"`flatfs convert {' '.join(extra + [src.name])}`: {wall:.2f} s under py-spy"
+            f"{' (--idle: blocked time counted)' if idle else ' (CPU samples only)'}"
+        )
         summaries.append("")
         summaries.append(summarize(name, raw, args.top))
         print(f"recorded {name} ({wall:.1f} s)")
@@ -326,8 +370,10 @@ def record_all(args: argparse.Namespace, spy: str, layout: images.Layout, imgs: 
                 mbps.append(n / secs / (1 << 20))
         finally:
             rec.stop()
-        summaries.append(f"view read: {layout.read_bytes >> 20} MiB twice with 1 MiB reads, cold cache, "
-                         f"{' and '.join(f'{x:.0f}' for x in mbps)} MiB/s under py-spy (CPU samples only)")
+        summaries.append(
+            f"view read: {layout.read_bytes >> 20} MiB twice with 1 MiB reads, cold cache, "
+            f"{' and '.join(f'{x:.0f}' for x in mbps)} MiB/s under py-spy (CPU samples only)"
+        )
         summaries.append("")
         summaries.append(summarize("view-read", raw, args.top))
         print("recorded view-read")
@@ -345,14 +391,20 @@ def record_all(args: argparse.Namespace, spy: str, layout: images.Layout, imgs: 
             seek_ms = (time.perf_counter() - t0) / calls * 1e3
             t1 = time.perf_counter()
             for _ in range(3):
-                subprocess.run(["qemu-img", "map", "-f", "raw", v1.mountpoint.name], cwd=work,
-                               stdout=subprocess.DEVNULL, check=True)
+                subprocess.run(
+                    ["qemu-img", "map", "-f", "raw", v1.mountpoint.name],
+                    cwd=work,
+                    stdout=subprocess.DEVNULL,
+                    check=True,
+                )
             map_s = (time.perf_counter() - t1) / 3
         finally:
             rec64.stop()
             rec1.stop()
-        summaries.append(f"view seek: {walks} walks of the 64 TiB view ({calls} calls, {seek_ms:.3f} ms/call "
-                         f"under py-spy), CPU samples only")
+        summaries.append(
+            f"view seek: {walks} walks of the 64 TiB view ({calls} calls, {seek_ms:.3f} ms/call "
+            f"under py-spy), CPU samples only"
+        )
         summaries.append("")
         summaries.append(summarize("view-seek", raw, args.top))
         summaries.append(f"qemu-img map -f raw of the 1 TiB view, 3 runs, {map_s:.3f} s each under py-spy")

@@ -49,48 +49,62 @@ class Cache:
                 f.write("3\n")
             if programs:
                 for cmd in self.warm_cmds:
-                    subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+                    subprocess.run(
+                        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                    )
 
 
 @dataclass
 class ChildRun:
-    wall: float           # seconds from spawn to exit
-    cpu: float            # user + sys of the child (all its threads)
+    wall: float  # seconds from spawn to exit
+    cpu: float  # user + sys of the child (all its threads)
     user: float
     sys: float
-    maxrss_mib: float     # peak resident set of the child
+    maxrss_mib: float  # peak resident set of the child
     returncode: int
 
 
 LAUNCHER = Path(__file__).resolve().parent / "launch.py"
 
 
-def run_child(cmd: list[str], cwd: Path | None = None, stdout=subprocess.DEVNULL,
-              timeout: float | None = None, env: dict | None = None) -> ChildRun:
+def run_child(
+    cmd: list[str],
+    cwd: Path | None = None,
+    stdout=subprocess.DEVNULL,
+    timeout: float | None = None,
+    env: dict | None = None,
+) -> ChildRun:
     """Run ``cmd`` through launch.py: wall, CPU and peak RSS of the command alone."""
     import json
     import signal
     import tempfile
+
     fd, report = tempfile.mkstemp(prefix="flatfs-bench-", suffix=".json")
     os.close(fd)
     try:
-        p = subprocess.Popen([sys.executable, "-I", "-S", str(LAUNCHER), report, *map(str, cmd)],
-                             cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
-                             env=env, start_new_session=True)
+        p = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(LAUNCHER), report, *map(str, cmd)],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
         try:
             _, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
             raise TimeoutError(f"{cmd[0]} took longer than {timeout:.0f} s") from None
-        except BaseException:                  # Ctrl-C: the command is in its own session
+        except BaseException:  # Ctrl-C: the command is in its own session
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             raise
         if p.returncode != 0:
-            raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}): "
-                               f"{err.decode(errors='replace').strip()}")
+            raise RuntimeError(
+                f"{' '.join(map(str, cmd))} failed ({p.returncode}): {err.decode(errors='replace').strip()}"
+            )
         with open(report) as f:
             r = json.load(f)
     finally:
@@ -139,5 +153,10 @@ def summary(xs: list[float]) -> dict:
     xs = [x for x in xs if x is not None]
     if not xs:
         return {"median": None, "min": None, "max": None, "n": 0, "samples": []}
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs),
-            "samples": [round(x, 6) for x in xs]}
+    return {
+        "median": statistics.median(xs),
+        "min": min(xs),
+        "max": max(xs),
+        "n": len(xs),
+        "samples": [round(x, 6) for x in xs],
+    }

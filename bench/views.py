@@ -25,8 +25,8 @@ def _unescape(s: str) -> str:
         return s
     out, i, raw = bytearray(), 0, s.encode()
     while i < len(raw):
-        if raw[i] == 0x5C and raw[i + 1:i + 4].isdigit():
-            out.append(int(raw[i + 1:i + 4], 8))
+        if raw[i] == 0x5C and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
             i += 4
         else:
             out.append(raw[i])
@@ -76,12 +76,13 @@ class View:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self, timeout: float = 60.0) -> "View":
+    def start(self, timeout: float = 60.0) -> View:
         self.mountpoint.touch()
         t0 = time.perf_counter()
         with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=logf, cwd=self.image.parent)
+            self.proc = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=self.image.parent
+            )
         while True:
             ent = mount_entry(self.mountpoint)
             if ent is not None and ent[0].startswith("fuse"):
@@ -96,8 +97,10 @@ class View:
                 except OSError:
                     pass
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.tool} exited ({self.proc.returncode}) before mounting "
-                                   f"{self.image.name}; see {self.log}")
+                raise RuntimeError(
+                    f"{self.tool} exited ({self.proc.returncode}) before mounting "
+                    f"{self.image.name}; see {self.log}"
+                )
             if time.perf_counter() - t0 > timeout:
                 self.stop()
                 raise RuntimeError(f"{self.tool} did not mount {self.image.name} within {timeout:.0f} s")
@@ -139,13 +142,19 @@ class QsdView(View):
     tool = "qsd"
 
     def command(self) -> list[str]:
-        return ["qemu-storage-daemon",
-                "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
-                "--blockdev", "driver=qcow2,node-name=disk0,file=file0,read-only=on",
-                "--export", f"type=fuse,id=exp0,node-name=disk0,mountpoint={self.mountpoint}"]
+        return [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,node-name=file0,filename={self.image}",
+            "--blockdev",
+            "driver=qcow2,node-name=disk0,file=file0,read-only=on",
+            "--export",
+            f"type=fuse,id=exp0,node-name=disk0,mountpoint={self.mountpoint}",
+        ]
 
 
 # -- measurements through a view ----------------------------------------------------
+
 
 def drop_view_pages(path: Path) -> None:
     """Evict the view's own page cache (flatfs keeps it across opens; qsd does not)."""
@@ -156,14 +165,16 @@ def drop_view_pages(path: Path) -> None:
         os.close(fd)
 
 
-def read_sequential(path: Path, nbytes: int, bufsize: int = MiB, checksum: bool = False,
-                    drop: bool = True) -> tuple[float, int, int | None]:
+def read_sequential(
+    path: Path, nbytes: int, bufsize: int = MiB, checksum: bool = False, drop: bool = True
+) -> tuple[float, int, int | None]:
     """Read [0, nbytes) with ``bufsize`` reads. Returns (seconds, bytes, crc32 or None).
 
     With ``drop`` the view's own cached pages are evicted first, so that every
     read is a request to the daemon, whatever the image files' cache state.
     """
     import zlib
+
     if drop:
         drop_view_pages(path)
     buf = bytearray(bufsize)
@@ -203,8 +214,9 @@ def seek_walk(path: Path, budget: float | None = None, max_calls: int | None = N
         size = os.fstat(fd).st_size
         off = 0
         while off < size:
-            if (budget is not None and time.perf_counter() - t_start > budget) or \
-               (max_calls is not None and len(calls) >= max_calls):
+            if (budget is not None and time.perf_counter() - t_start > budget) or (
+                max_calls is not None and len(calls) >= max_calls
+            ):
                 break
             t0 = time.perf_counter()
             try:
@@ -216,8 +228,9 @@ def seek_walk(path: Path, budget: float | None = None, max_calls: int | None = N
                 complete = True
                 break
             calls.append((os.SEEK_DATA, off, time.perf_counter() - t0))
-            if (budget is not None and time.perf_counter() - t_start > budget) or \
-               (max_calls is not None and len(calls) >= max_calls):
+            if (budget is not None and time.perf_counter() - t_start > budget) or (
+                max_calls is not None and len(calls) >= max_calls
+            ):
                 break
             t0 = time.perf_counter()
             h = os.lseek(fd, d, os.SEEK_HOLE)
@@ -228,8 +241,12 @@ def seek_walk(path: Path, budget: float | None = None, max_calls: int | None = N
             complete = True
     finally:
         os.close(fd)
-    return {"calls": calls, "extents": extents, "complete": complete,
-            "seconds": time.perf_counter() - t_start}
+    return {
+        "calls": calls,
+        "extents": extents,
+        "complete": complete,
+        "seconds": time.perf_counter() - t_start,
+    }
 
 
 def seek_once(path: Path, offset: int, whence: int) -> tuple[float, int | None]:

@@ -86,31 +86,32 @@ def usage(p: Path) -> str:
 def make_disk(path: Path) -> None:
     """A sparse 1 GiB disk: a boot area, text, random data, and a tail, with holes between."""
     rnd = random.Random(2024)
-    text = b"".join(f"line {i:06d}: the quick brown fox jumps over the lazy dog\n".encode()
-                    for i in range(40000))
+    text = b"".join(
+        f"line {i:06d}: the quick brown fox jumps over the lazy dog\n".encode() for i in range(40000)
+    )
     with open(path, "wb") as f:
         f.truncate(G)
         f.seek(0)
-        f.write(rnd.randbytes(M))                                 # "boot sector" area
+        f.write(rnd.randbytes(M))  # "boot sector" area
         f.seek(100 * M)
-        f.write(text[:2 * M])                                     # compressible text
+        f.write(text[: 2 * M])  # compressible text
         f.seek(300 * M)
         f.write(rnd.randbytes(512 * K) + bytes(256 * K) + rnd.randbytes(256 * K))  # zeros inside data
         f.seek(640 * M + 12345)
         f.write(b"unaligned data " * 4000)
         f.seek(G - 512 * K)
-        f.write(rnd.randbytes(512 * K))                           # the very end
+        f.write(rnd.randbytes(512 * K))  # the very end
 
 
 def change_disk(path: Path) -> None:
     rnd = random.Random(7)
     with open(path, "r+b") as f:
         f.seek(100 * M + 64 * K)
-        f.write(b"CHANGED " * 8192)                               # 64 KiB rewritten
+        f.write(b"CHANGED " * 8192)  # 64 KiB rewritten
         f.seek(300 * M)
-        f.write(bytes(128 * K))                                   # zeros over old data
+        f.write(bytes(128 * K))  # zeros over old data
         f.seek(800 * M)
-        f.write(rnd.randbytes(M))                                 # new data in a hole
+        f.write(rnd.randbytes(M))  # new data in a hole
 
 
 def same_content(chain, raw_path: Path) -> bool:
@@ -120,8 +121,10 @@ def same_content(chain, raw_path: Path) -> bool:
     with open_chain(raw_path, OpenOptions(format="raw")) as raw:
         if raw.size != chain.size:
             return False
-        ranges = sorted([(e.start, e.end) for e in chain.extents() if e.kind.must_read]
-                        + [(e.start, e.end) for e in raw.extents() if e.kind.must_read])
+        ranges = sorted(
+            [(e.start, e.end) for e in chain.extents() if e.kind.must_read]
+            + [(e.start, e.end) for e in raw.extents() if e.kind.must_read]
+        )
         pos = 0
         for start, end in ranges:
             start = max(start, pos)
@@ -153,20 +156,24 @@ def main() -> None:
     base = OUT / "base.qcow2"
     res = flatfs("convert", "--output=json", disk, base)
     s = json.loads(res.stdout)
-    say(f"    read {human(s['data-read'])} of data, wrote {human(s['bytes-written'])}, "
-        f"skipped {s['zero-clusters-skipped']} all-zero clusters, in {s['seconds']:.2f} s")
+    say(
+        f"    read {human(s['data-read'])} of data, wrote {human(s['bytes-written'])}, "
+        f"skipped {s['zero-clusters-skipped']} all-zero clusters, in {s['seconds']:.2f} s"
+    )
     say(f"base.qcow2: {usage(base)}")
 
     step("3. Change a copy of the disk and write only the difference, as an overlay")
     changed = OUT / "changed.raw"
-    flatfs("convert", "-O", "raw", disk, changed)                 # a sparse copy
+    flatfs("convert", "-O", "raw", disk, changed)  # a sparse copy
     change_disk(changed)
     say("changed.raw: 64 KiB rewritten at 100 MiB, 128 KiB zeroed at 300 MiB, 1 MiB new at 800 MiB")
     overlay = OUT / "overlay.qcow2"
     res = flatfs("convert", "--output=json", "-B", "base.qcow2", "-F", "qcow2", changed, overlay)
     s = json.loads(res.stdout)
-    say(f"    {s['data-clusters']} data clusters and {s['zero-clusters']} zero clusters stored; "
-        f"{s['same-as-backing-clusters']} clusters left to base.qcow2")
+    say(
+        f"    {s['data-clusters']} data clusters and {s['zero-clusters']} zero clusters stored; "
+        f"{s['same-as-backing-clusters']} clusters left to base.qcow2"
+    )
     say(f"overlay.qcow2: {usage(overlay)}")
 
     step("4. Look at the chain")
@@ -203,21 +210,28 @@ def main() -> None:
     t0 = time.monotonic()
     res = flatfs("convert", "--output=json", overlay, flat)
     s = json.loads(res.stdout)
-    say(f"    read {human(s['data-read'])}, wrote {human(s['bytes-written'])} in {time.monotonic() - t0:.2f} s")
+    say(
+        f"    read {human(s['data-read'])}, wrote {human(s['bytes-written'])} "
+        f"in {time.monotonic() - t0:.2f} s"
+    )
     say(f"flat.qcow2: {usage(flat)}")
     with open_chain(flat) as chain:
         assert len(chain.layers) == 1, "flat.qcow2 must not have a backing file"
         ok = same_content(chain, changed)
-    say(f"    flat.qcow2 has no backing file and reads {'exactly as' if ok else 'DIFFERENTLY from'} "
-        "changed.raw")
+    say(
+        f"    flat.qcow2 has no backing file and reads {'exactly as' if ok else 'DIFFERENTLY from'} "
+        "changed.raw"
+    )
     if not ok:
         raise SystemExit("demo: flattened image differs from changed.raw")
     from_view = OUT / "from-view.qcow2"
     if from_view.exists():
         with open_chain(from_view) as chain:
             ok = same_content(chain, changed)
-        say(f"    from-view.qcow2 (converted from the mounted view) reads "
-            f"{'exactly as' if ok else 'DIFFERENTLY from'} changed.raw")
+        say(
+            f"    from-view.qcow2 (converted from the mounted view) reads "
+            f"{'exactly as' if ok else 'DIFFERENTLY from'} changed.raw"
+        )
         if not ok:
             raise SystemExit("demo: the image converted from the view differs from changed.raw")
 

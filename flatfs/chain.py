@@ -12,8 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from . import layer as _layer
 from .errors import ChainError, FlatfsError, ImageIOError, UnsupportedImage
@@ -33,14 +33,14 @@ SEEK_HOLE = os.SEEK_HOLE
 class OpenOptions:
     """How to open a chain. The defaults are the safe ones."""
 
-    format: str | None = None          # format of the top image; None = probe
-    backing_dir: str | None = None     # refuse backing/data files that resolve outside it
-    no_backing: bool = False           # show the top layer alone
-    allow_probe_raw: bool = False      # let an unrecorded backing format be probed as raw
-    allow_special: bool = False        # allow backing/data files that are devices or FIFOs
-    force_share: bool = False          # skip QEMU-compatible image locking
+    format: str | None = None  # format of the top image; None = probe
+    backing_dir: str | None = None  # refuse backing/data files that resolve outside it
+    no_backing: bool = False  # show the top layer alone
+    allow_probe_raw: bool = False  # let an unrecorded backing format be probed as raw
+    allow_special: bool = False  # allow backing/data files that are devices or FIFOs
+    force_share: bool = False  # skip QEMU-compatible image locking
     max_depth: int = MAX_CHAIN_DEPTH
-    readahead: bool = True             # False: POSIX_FADV_RANDOM on every file, before its first read
+    readahead: bool = True  # False: POSIX_FADV_RANDOM on every file, before its first read
 
 
 class Opener:
@@ -69,7 +69,9 @@ class Opener:
         real = os.path.realpath(path)
         root = os.path.realpath(bdir)
         if os.path.commonpath([real, root]) != root:
-            raise ChainError(f"{referrer}: {what} {path!r} resolves to {real!r}, outside --backing-dir {bdir!r}")
+            raise ChainError(
+                f"{referrer}: {what} {path!r} resolves to {real!r}, outside --backing-dir {bdir!r}"
+            )
 
     def open(self, path: str, *, top: bool, referrer: str | None = None, what: str = "backing file") -> int:
         try:
@@ -92,8 +94,10 @@ class Opener:
             if top and not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise ImageIOError(path, "not a regular file or block device")
             if not top and not stat.S_ISREG(st.st_mode):
-                raise ChainError(f"{referrer}: {what} {path!r} is not a regular file "
-                                 "(use --allow-special to allow devices)")
+                raise ChainError(
+                    f"{referrer}: {what} {path!r} is not a regular file "
+                    "(use --allow-special to allow devices)"
+                )
         os.set_blocking(fd, True)
         if not self.options.readahead:
             # Before the first read: even the 4 KiB probe of the header would
@@ -108,6 +112,7 @@ class Opener:
                 pass
         if not self.options.force_share:
             from .locking import lock_shared_readonly  # local: keeps the import graph flat
+
             self.locks.append(lock_shared_readonly(fd, path))
         return fd
 
@@ -189,7 +194,7 @@ class Chain:
         for e in self.extents(offset, offset + n):
             if e.kind is Kind.DATA:
                 a = e.start - offset
-                self.layers[e.depth].readinto(e.start, mv[a:a + e.length])
+                self.layers[e.depth].readinto(e.start, mv[a : a + e.length])
         return bytes(buf)
 
     def seek(self, offset: int, whence: int) -> int:
@@ -221,7 +226,7 @@ class Chain:
             lay.close()
         self._opener.close()
 
-    def __enter__(self) -> "Chain":
+    def __enter__(self) -> Chain:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -238,8 +243,9 @@ def _zeros(n: int) -> bytes:
     return _ZERO_CACHE[:n]
 
 
-def open_layer(path: str, fmt: str | None, opener: Opener, *, top: bool,
-               referrer: str | None = None) -> Layer:
+def open_layer(
+    path: str, fmt: str | None, opener: Opener, *, top: bool, referrer: str | None = None
+) -> Layer:
     """Open one image file as a layer, probing its format when ``fmt`` is None."""
     fd = opener.open(path, top=top, referrer=referrer)
     head = read_head(path, fd)
@@ -249,7 +255,8 @@ def open_layer(path: str, fmt: str | None, opener: Opener, *, top: bool,
             if not top and not opener.options.allow_probe_raw:
                 raise ChainError(
                     f"{referrer}: backing file {path!r} has no recorded format and does not look like "
-                    "any image format; refusing to probe it as raw (use --allow-probe-raw)")
+                    "any image format; refusing to probe it as raw (use --allow-probe-raw)"
+                )
             fmt = "raw"
     entry = _layer.lookup(fmt)
     if entry is None:
@@ -259,8 +266,10 @@ def open_layer(path: str, fmt: str | None, opener: Opener, *, top: bool,
 
 def open_chain(path: str | os.PathLike[str], options: OpenOptions | None = None) -> Chain:
     """Open ``path`` and every backing file below it."""
-    from . import qcow2  # noqa: F401  (registers the format)
-    from . import raw  # noqa: F401
+    from . import (
+        qcow2,  # noqa: F401  (registers the format)
+        raw,  # noqa: F401
+    )
 
     options = options or OpenOptions()
     path = os.fspath(path)

@@ -8,7 +8,8 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -38,29 +39,59 @@ def chain_options(format_flag: tuple[str, ...] = ("-f", "--format")) -> Callable
 
     def deco(fn: Callable) -> Callable:
         opts = [
-            click.option(*format_flag, "fmt", type=click.Choice(["qcow2", "raw"]), default=None,
-                         help="Format of the top image (default: probe)."),
-            click.option("--backing-dir", type=click.Path(file_okay=False), default=None,
-                         help="Refuse backing and data files that resolve outside DIR."),
+            click.option(
+                *format_flag,
+                "fmt",
+                type=click.Choice(["qcow2", "raw"]),
+                default=None,
+                help="Format of the top image (default: probe).",
+            ),
+            click.option(
+                "--backing-dir",
+                type=click.Path(file_okay=False),
+                default=None,
+                help="Refuse backing and data files that resolve outside DIR.",
+            ),
             click.option("--no-backing", is_flag=True, help="Show the top image alone."),
-            click.option("--allow-probe-raw", is_flag=True,
-                         help="Probe a backing file with no recorded format as raw."),
-            click.option("--allow-special", is_flag=True,
-                         help="Allow backing/data files that are devices or FIFOs."),
-            click.option("-U", "--force-share", is_flag=True,
-                         help="Open images even if a writer holds them (no locking)."),
+            click.option(
+                "--allow-probe-raw", is_flag=True, help="Probe a backing file with no recorded format as raw."
+            ),
+            click.option(
+                "--allow-special", is_flag=True, help="Allow backing/data files that are devices or FIFOs."
+            ),
+            click.option(
+                "-U",
+                "--force-share",
+                is_flag=True,
+                help="Open images even if a writer holds them (no locking).",
+            ),
         ]
         for o in reversed(opts):
             fn = o(fn)
 
         @functools.wraps(fn)
-        def wrapper(*args: Any, fmt: str | None, backing_dir: str | None, no_backing: bool,
-                    allow_probe_raw: bool, allow_special: bool, force_share: bool, **kw: Any) -> Any:
-            kw["options"] = OpenOptions(format=fmt, backing_dir=backing_dir, no_backing=no_backing,
-                                        allow_probe_raw=allow_probe_raw, allow_special=allow_special,
-                                        force_share=force_share)
+        def wrapper(
+            *args: Any,
+            fmt: str | None,
+            backing_dir: str | None,
+            no_backing: bool,
+            allow_probe_raw: bool,
+            allow_special: bool,
+            force_share: bool,
+            **kw: Any,
+        ) -> Any:
+            kw["options"] = OpenOptions(
+                format=fmt,
+                backing_dir=backing_dir,
+                no_backing=no_backing,
+                allow_probe_raw=allow_probe_raw,
+                allow_special=allow_special,
+                force_share=force_share,
+            )
             return fn(*args, **kw)
+
         return wrapper
+
     return deco
 
 
@@ -121,22 +152,34 @@ def map_(image: str, output: str, options: OpenOptions) -> None:
             out.write("[")
             first = True
             for e in chain.extents():
-                rec = {"start": e.start, "length": e.length, "depth": e.depth,
-                       "present": e.kind.present, "zero": e.kind is not Kind.DATA,
-                       "data": e.kind.is_data}
+                rec = {
+                    "start": e.start,
+                    "length": e.length,
+                    "depth": e.depth,
+                    "present": e.kind.present,
+                    "zero": e.kind is not Kind.DATA,
+                    "data": e.kind.is_data,
+                }
                 out.write(("" if first else ",\n") + json.dumps(rec))
                 first = False
             if first:
                 # An empty disk: qemu-img prints one zero-length entry, so a
                 # comparison of the two maps must not need a special case.
-                out.write(json.dumps({"start": 0, "length": 0, "depth": 0, "present": False,
-                                      "zero": False, "data": False}))
+                out.write(
+                    json.dumps(
+                        {"start": 0, "length": 0, "depth": 0, "present": False, "zero": False, "data": False}
+                    )
+                )
             out.write("]\n")
             return
         click.echo(f"{'Offset':>20}  {'Length':>20}  {'Depth':>5}  Kind")
         for e in chain.extents():
-            what = {Kind.DATA: "data", Kind.ALLOC_ZERO: "data (reads as zeros)",
-                    Kind.ZERO: "zero", Kind.ABSENT: "unallocated (zeros)"}[e.kind]
+            what = {
+                Kind.DATA: "data",
+                Kind.ALLOC_ZERO: "data (reads as zeros)",
+                Kind.ZERO: "zero",
+                Kind.ABSENT: "unallocated (zeros)",
+            }[e.kind]
             click.echo(f"{e.start:#20x}  {e.length:#20x}  {e.depth:>5}  {what}")
 
 

@@ -33,35 +33,86 @@ SIZE = SizeParam()
 @main.command()
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.argument("target", type=click.Path(dir_okay=False))
-@click.option("-O", "--target-format", type=click.Choice(["qcow2", "raw"]), default="qcow2",
-              show_default=True, help="Format of TARGET.")
-@click.option("-S", "--sparse-size", type=SIZE, default="4k", show_default=True,
-              help="Inside the data, aligned runs of zeros this long are not written; 0 writes every "
-                   "byte of the data (holes of SOURCE stay holes).")
-@click.option("--compat", type=click.Choice(["0.10", "1.1"]), default=None,
-              help="qcow2 version: 1.1 (v3, default) or 0.10 (v2).")
-@click.option("--cluster-size", type=SIZE, default=None,
-              help="qcow2 cluster size, 512 to 2M (default 64k).")
+@click.option(
+    "-O",
+    "--target-format",
+    type=click.Choice(["qcow2", "raw"]),
+    default="qcow2",
+    show_default=True,
+    help="Format of TARGET.",
+)
+@click.option(
+    "-S",
+    "--sparse-size",
+    type=SIZE,
+    default="4k",
+    show_default=True,
+    help="Inside the data, aligned runs of zeros this long are not written; 0 writes every "
+    "byte of the data (holes of SOURCE stay holes).",
+)
+@click.option(
+    "--compat",
+    type=click.Choice(["0.10", "1.1"]),
+    default=None,
+    help="qcow2 version: 1.1 (v3, default) or 0.10 (v2).",
+)
+@click.option("--cluster-size", type=SIZE, default=None, help="qcow2 cluster size, 512 to 2M (default 64k).")
 @click.option("-c", "--compress", is_flag=True, help="Write compressed qcow2 clusters.")
-@click.option("--compression-type", type=click.Choice(["zlib", "zstd"]), default=None,
-              help="Compression algorithm recorded in the image (default zlib).")
-@click.option("--extended-l2", is_flag=True,
-              help="Write extended L2 entries (32 subclusters per cluster; clusters >= 16k).")
-@click.option("-B", "--backing", "backing", default=None, metavar="BACKING",
-              help="Write TARGET as an overlay on BACKING, storing only what differs. The name is "
-                   "stored as given and resolved against TARGET's folder.")
-@click.option("-F", "--backing-format", type=click.Choice(["qcow2", "raw"]), default=None,
-              help="Format of BACKING (default: probe).")
+@click.option(
+    "--compression-type",
+    type=click.Choice(["zlib", "zstd"]),
+    default=None,
+    help="Compression algorithm recorded in the image (default zlib).",
+)
+@click.option(
+    "--extended-l2",
+    is_flag=True,
+    help="Write extended L2 entries (32 subclusters per cluster; clusters >= 16k).",
+)
+@click.option(
+    "-B",
+    "--backing",
+    "backing",
+    default=None,
+    metavar="BACKING",
+    help="Write TARGET as an overlay on BACKING, storing only what differs. The name is "
+    "stored as given and resolved against TARGET's folder.",
+)
+@click.option(
+    "-F",
+    "--backing-format",
+    type=click.Choice(["qcow2", "raw"]),
+    default=None,
+    help="Format of BACKING (default: probe).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing TARGET.")
 @click.option("-p", "--progress", is_flag=True, help="Show a progress bar on stderr.")
-@click.option("--output", type=click.Choice(["human", "json"]), default="human",
-              help="json: print a summary of the work done.")
+@click.option(
+    "--output",
+    type=click.Choice(["human", "json"]),
+    default="human",
+    help="json: print a summary of the work done.",
+)
 @chain_options(format_flag=("-f", "--source-format"))
 @click.pass_context
-def convert(ctx: click.Context, source: str, target: str, target_format: str, sparse_size: int,
-            compat: str | None, cluster_size: int | None, compress: bool, compression_type: str | None,
-            extended_l2: bool, backing: str | None, backing_format: str | None, force: bool,
-            progress: bool, output: str, options: OpenOptions) -> None:
+def convert(
+    ctx: click.Context,
+    source: str,
+    target: str,
+    target_format: str,
+    sparse_size: int,
+    compat: str | None,
+    cluster_size: int | None,
+    compress: bool,
+    compression_type: str | None,
+    extended_l2: bool,
+    backing: str | None,
+    backing_format: str | None,
+    force: bool,
+    progress: bool,
+    output: str,
+    options: OpenOptions,
+) -> None:
     """Write SOURCE's flattened chain to TARGET, reading only its data.
 
     SOURCE is any image flatfs reads (a qcow2 chain, or a raw file such as a
@@ -71,10 +122,18 @@ def convert(ctx: click.Context, source: str, target: str, target_format: str, sp
     from .convert import ConvertOptions, Interrupted
     from .convert import convert as do_convert
 
-    opts = ConvertOptions(target_format=target_format, sparse_size=sparse_size, compat=compat,
-                          cluster_size=cluster_size, compress=compress,
-                          compression_type=compression_type, extended_l2=extended_l2,
-                          backing=backing, backing_format=backing_format, force=force)
+    opts = ConvertOptions(
+        target_format=target_format,
+        sparse_size=sparse_size,
+        compat=compat,
+        cluster_size=cluster_size,
+        compress=compress,
+        compression_type=compression_type,
+        extended_l2=extended_l2,
+        backing=backing,
+        backing_format=backing_format,
+        force=force,
+    )
     try:
         summary = do_convert(source, target, opts, options, progress=progress)
     except Interrupted as exc:

@@ -11,16 +11,35 @@ from .cli import chain_options, main
 @main.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path())
-@click.option("-f", "--foreground", is_flag=True,
-              help="Stay in the foreground (for systemd Type=notify: READY=1 once live).")
-@click.option("--allow-other", is_flag=True,
-              help="Let other users read the view (non-root needs user_allow_other in /etc/fuse.conf).")
+@click.option(
+    "-f",
+    "--foreground",
+    is_flag=True,
+    help="Stay in the foreground (for systemd Type=notify: READY=1 once live).",
+)
+@click.option(
+    "--allow-other",
+    is_flag=True,
+    help="Let other users read the view (non-root needs user_allow_other in /etc/fuse.conf).",
+)
 @click.option("--debug", is_flag=True, help="Log every FUSE request to stderr (implies --foreground).")
-@click.option("-o", "fuse_options", multiple=True, metavar="OPT[,OPT...]",
-              help="Extra FUSE mount options, e.g. -o max_idle_threads=16.")
+@click.option(
+    "-o",
+    "fuse_options",
+    multiple=True,
+    metavar="OPT[,OPT...]",
+    help="Extra FUSE mount options, e.g. -o max_idle_threads=16.",
+)
 @chain_options(format_flag=("-F", "--format"))
-def mount(image: str, mountpoint: str, foreground: bool, allow_other: bool, debug: bool,
-          fuse_options: tuple[str, ...], options: OpenOptions) -> None:
+def mount(
+    image: str,
+    mountpoint: str,
+    foreground: bool,
+    allow_other: bool,
+    debug: bool,
+    fuse_options: tuple[str, ...],
+    options: OpenOptions,
+) -> None:
     """Show IMAGE's flattened chain as one read-only raw file at MOUNTPOINT.
 
     If MOUNTPOINT is a directory, the view is MOUNTPOINT/<name>.raw (vm.qcow2 ->
@@ -28,10 +47,20 @@ def mount(image: str, mountpoint: str, foreground: bool, allow_other: bool, debu
     the view is readable; the server then runs in the background until
     `flatfs umount MOUNTPOINT`, SIGTERM or SIGINT.
     """
-    from .fuse import MountRequest, mount as do_mount
+    from .fuse import MountRequest
+    from .fuse import mount as do_mount
 
-    do_mount(MountRequest(image=image, mountpoint=mountpoint, options=options, foreground=foreground,
-                          allow_other=allow_other, debug=debug, fuse_options=fuse_options))
+    do_mount(
+        MountRequest(
+            image=image,
+            mountpoint=mountpoint,
+            options=options,
+            foreground=foreground,
+            allow_other=allow_other,
+            debug=debug,
+            fuse_options=fuse_options,
+        )
+    )
 
 
 @main.command()

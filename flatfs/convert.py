@@ -36,24 +36,31 @@ import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
+from typing import Any, TextIO
 
 from .chain import Chain, OpenOptions, open_chain
 from .errors import ConvertError, FlatfsError, ImageIOError
-from .qcow2.writer import (ALL_ALLOC, DEFAULT_CLUSTER_SIZE, SUBCLUSTERS, Qcow2Writer,
-                           cluster_bits_of, pwritev_all)
+from .qcow2.writer import (
+    ALL_ALLOC,
+    DEFAULT_CLUSTER_SIZE,
+    SUBCLUSTERS,
+    Qcow2Writer,
+    cluster_bits_of,
+    pwritev_all,
+)
 
 # 1 MiB: a chunk read is still in the CPU cache when it is written out. Larger
 # chunks measured 2-4x slower here (each copy then goes through memory).
-CHUNK_BYTES = 1 << 20          # read, classify and write this much at a time
+CHUNK_BYTES = 1 << 20  # read, classify and write this much at a time
 COMPRESS_CHUNK_BYTES = 1 << 20  # compressed: one thread-pool task
 MAX_COMPRESS_THREADS = 8
-DEFAULT_SPARSE_SIZE = 4096     # qemu-img's default -S
-ZLIB_LEVEL = 6                 # what QEMU uses (Z_DEFAULT_COMPRESSION)
-ZLIB_WBITS = -12               # raw deflate, 4 KiB window: what qcow2 requires
-ZSTD_LEVEL = 3                 # QEMU's zstd default
+DEFAULT_SPARSE_SIZE = 4096  # qemu-img's default -S
+ZLIB_LEVEL = 6  # what QEMU uses (Z_DEFAULT_COMPRESSION)
+ZLIB_WBITS = -12  # raw deflate, 4 KiB window: what qcow2 requires
+ZSTD_LEVEL = 3  # QEMU's zstd default
 TEST_DELAY_ENV = "FLATFS_CONVERT_TEST_DELAY"
 TMP_MARK = ".flatfs-tmp-"
 
@@ -74,17 +81,17 @@ class Interrupted(ConvertError):
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    target_format: str = "qcow2"              # "qcow2" or "raw"
-    sparse_size: int = DEFAULT_SPARSE_SIZE    # 0: write every byte of the data extents
-    compat: str | None = None                 # "0.10" or "1.1" (default)
-    cluster_size: int | None = None           # default 64 KiB
+    target_format: str = "qcow2"  # "qcow2" or "raw"
+    sparse_size: int = DEFAULT_SPARSE_SIZE  # 0: write every byte of the data extents
+    compat: str | None = None  # "0.10" or "1.1" (default)
+    cluster_size: int | None = None  # default 64 KiB
     compress: bool = False
-    compression_type: str | None = None       # "zlib" (default) or "zstd"
+    compression_type: str | None = None  # "zlib" (default) or "zstd"
     extended_l2: bool = False
-    backing: str | None = None                # stored as given; resolved against TARGET's folder
-    backing_format: str | None = None         # default: the backing image's own format
-    force: bool = False                       # overwrite an existing TARGET
-    threads: int | None = None                # compression threads (default: CPUs, at most 8)
+    backing: str | None = None  # stored as given; resolved against TARGET's folder
+    backing_format: str | None = None  # default: the backing image's own format
+    force: bool = False  # overwrite an existing TARGET
+    threads: int | None = None  # compression threads (default: CPUs, at most 8)
 
 
 @dataclass
@@ -93,11 +100,11 @@ class Summary:
     target: str
     target_format: str
     virtual_size: int = 0
-    data_read: int = 0               # bytes read from the source (and backing) chains
-    bytes_written: int = 0           # bytes written to the target file
-    zero_clusters_skipped: int = 0   # granules of data that were all zeros, not written
-    granularity: int = 0             # size of those granules (cluster, or -S for raw)
-    same_as_backing: int = 0         # clusters not written because they equal the backing
+    data_read: int = 0  # bytes read from the source (and backing) chains
+    bytes_written: int = 0  # bytes written to the target file
+    zero_clusters_skipped: int = 0  # granules of data that were all zeros, not written
+    granularity: int = 0  # size of those granules (cluster, or -S for raw)
+    same_as_backing: int = 0  # clusters not written because they equal the backing
     data_clusters: int = 0
     compressed_clusters: int = 0
     zero_clusters: int = 0
@@ -107,21 +114,31 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         d = {
-            "source": self.source, "target": self.target, "format": self.target_format,
+            "source": self.source,
+            "target": self.target,
+            "format": self.target_format,
             "virtual-size": self.virtual_size,
-            "data-read": self.data_read, "bytes-written": self.bytes_written,
-            "zero-clusters-skipped": self.zero_clusters_skipped, "granularity": self.granularity,
-            "seconds": round(self.seconds, 3), "file-size": self.file_size,
+            "data-read": self.data_read,
+            "bytes-written": self.bytes_written,
+            "zero-clusters-skipped": self.zero_clusters_skipped,
+            "granularity": self.granularity,
+            "seconds": round(self.seconds, 3),
+            "file-size": self.file_size,
         }
         if self.target_format == "qcow2":
-            d.update({"data-clusters": self.data_clusters,
-                      "compressed-clusters": self.compressed_clusters,
-                      "zero-clusters": self.zero_clusters,
-                      "same-as-backing-clusters": self.same_as_backing})
+            d.update(
+                {
+                    "data-clusters": self.data_clusters,
+                    "compressed-clusters": self.compressed_clusters,
+                    "zero-clusters": self.zero_clusters,
+                    "same-as-backing-clusters": self.same_as_backing,
+                }
+            )
         return d
 
 
 # -- progress ----------------------------------------------------------------
+
 
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
@@ -163,8 +180,9 @@ class Progress:
             eta = f"ETA {secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
         else:
             eta = "ETA --:--:--"
-        line = (f"  {frac * 100:5.1f}% [{bar:<30}] {_human(self.done)} / {_human(total)}"
-                f"  {_human(rate)}/s  {eta}")
+        line = (
+            f"  {frac * 100:5.1f}% [{bar:<30}] {_human(self.done)} / {_human(total)}  {_human(rate)}/s  {eta}"
+        )
         pad = max(0, self._width - len(line))
         self._width = len(line)
         self.stream.write("\r" + line + " " * pad)
@@ -178,7 +196,7 @@ class Progress:
 
 # -- reading only the data -------------------------------------------------------
 
-Piece = tuple[int, int, int]     # (guest offset, length, depth)
+Piece = tuple[int, int, int]  # (guest offset, length, depth)
 
 
 def _data_items(chain: Chain, which: int, end: int) -> Iterator[tuple[int, int, int, int]]:
@@ -188,8 +206,9 @@ def _data_items(chain: Chain, which: int, end: int) -> Iterator[tuple[int, int, 
             yield (e.start, e.start + e.length, e.depth, which)
 
 
-def _chunks(items: Iterable[tuple[int, int, int, int]], gran: int, limit: int, size: int,
-            nsides: int) -> Iterator[tuple[int, int, list[list[Piece]]]]:
+def _chunks(
+    items: Iterable[tuple[int, int, int, int]], gran: int, limit: int, size: int, nsides: int
+) -> Iterator[tuple[int, int, list[list[Piece]]]]:
     """Group ascending data items into chunks [a, b) aligned to ``gran``.
 
     A chunk holds at most ``limit`` bytes; data in the same or the next
@@ -233,11 +252,11 @@ def _fill(layers: Sequence[Any], mv: memoryview, a: int, pieces: list[Piece], ze
     for s, n, d in pieces:
         off = s - a
         if off > pos:
-            mv[pos:off] = zeros[:off - pos]
-        layers[d].readinto(s, mv[off:off + n])
+            mv[pos:off] = zeros[: off - pos]
+        layers[d].readinto(s, mv[off : off + n])
         pos = off + n
     if pos < len(mv):
-        mv[pos:] = zeros[:len(mv) - pos]
+        mv[pos:] = zeros[: len(mv) - pos]
 
 
 def _zero_blocks(buf: bytearray, start: int, end: int, h: int, zh: bytes) -> bytearray:
@@ -259,12 +278,14 @@ def _zero_blocks(buf: bytearray, start: int, end: int, h: int, zh: bytes) -> byt
             mask[(q - start) // h] = 1
             q += h
         pos = max(q, p + 1)
-    if full_end < end and buf.startswith(zh[:end - full_end], full_end):
+    if full_end < end and buf.startswith(zh[: end - full_end], full_end):
         mask[nblocks - 1] = 1
     return mask
 
 
-def _runs(mask: bytearray | bytes, value: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, int]]:
+def _runs(
+    mask: bytearray | bytes, value: int, lo: int = 0, hi: int | None = None
+) -> Iterator[tuple[int, int]]:
     """[i, j) runs of ``value`` in mask[lo:hi]."""
     hi = len(mask) if hi is None else hi
     other = 1 - value
@@ -291,6 +312,7 @@ def _compressor(kind: str) -> Callable[[bytes | memoryview], bytes]:
     c = getattr(_tls, "zstd", None)
     if c is None:
         import zstandard
+
         c = _tls.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     return c.compress
 
@@ -315,6 +337,7 @@ def _compress_all(kind: str, cs: int, clusters: list[memoryview]) -> list[bytes 
 # slot (its buffers); a slot is reused only after its writes completed, so
 # memory stays at (slots x chunk size) whatever the image size.
 
+
 class _Slot:
     __slots__ = ("buf", "bbuf", "writes")
 
@@ -329,7 +352,7 @@ class _Slot:
             f.result()
 
 
-WRITEBACK_EVERY = 32 << 20    # start the kernel's writeback after this many bytes
+WRITEBACK_EVERY = 32 << 20  # start the kernel's writeback after this many bytes
 
 
 class _TargetIO:
@@ -379,7 +402,7 @@ class _TargetIO:
             try:
                 os.posix_fadvise(self.fd, self._lo, self._hi - self._lo, os.POSIX_FADV_DONTNEED)
             except OSError:
-                pass                       # only a hint
+                pass  # only a hint
         self._lo, self._hi, self._pending = -1, 0, 0
 
     def close(self) -> None:
@@ -484,13 +507,21 @@ class _Job:
 
 # -- the qcow2 job -------------------------------------------------------------
 
-OP_DATA = 0    # (OP_DATA, guest cluster, buffer offset, length, segments, bitmaps)
-OP_ZERO = 1    # (OP_ZERO, guest cluster, count, bitmaps)
+OP_DATA = 0  # (OP_DATA, guest cluster, buffer offset, length, segments, bitmaps)
+OP_ZERO = 1  # (OP_ZERO, guest cluster, count, bitmaps)
 
 
 class _QcowJob(_Job):
-    def __init__(self, src: Chain, bak: Chain | None, writer: Qcow2Writer, opts: ConvertOptions,
-                 summary: Summary, progress: Progress | None, ctype: str) -> None:
+    def __init__(
+        self,
+        src: Chain,
+        bak: Chain | None,
+        writer: Qcow2Writer,
+        opts: ConvertOptions,
+        summary: Summary,
+        progress: Progress | None,
+        ctype: str,
+    ) -> None:
         cs = writer.cs
         self.compress = opts.compress
         if self.compress:
@@ -558,7 +589,7 @@ class _QcowJob(_Job):
             for op in ops:
                 if op[0] == OP_DATA:
                     off, length = op[2], op[3]
-                    todo.extend(mv[off + lo:off + min(length, lo + cs)] for lo in range(0, length, cs))
+                    todo.extend(mv[off + lo : off + min(length, lo + cs)] for lo in range(0, length, cs))
             comp = _compress_all(self.ctype, cs, todo)
         return ops, comp, zskip, same
 
@@ -593,14 +624,15 @@ class _QcowJob(_Job):
                 ops.append((OP_DATA, g0 + j0, off, length, segs, None))
         return ops, cz.count(1), 0
 
-    def _plan_slow(self, a: int, n: int, buf: bytearray,
-                   bbuf: bytearray | None) -> tuple[list[tuple], int, int]:
+    def _plan_slow(
+        self, a: int, n: int, buf: bytearray, bbuf: bytearray | None
+    ) -> tuple[list[tuple], int, int]:
         """Per cluster: compare with the backing, and/or per subcluster."""
         cs = self.cs
         g0 = a // cs
         ops: list[tuple] = []
-        run: list[Any] | None = None          # [g, off, length, bitmaps]
-        zrun: list[Any] | None = None         # [g, count, bitmaps]
+        run: list[Any] | None = None  # [g, off, length, bitmaps]
+        zrun: list[Any] | None = None  # [g, count, bitmaps]
         zskip = same = 0
         for j in range(-(-n // cs)):
             off = j * cs
@@ -675,7 +707,7 @@ class _QcowJob(_Job):
         if self.w.extended_l2:
             return self._classify_sub(buf, bbuf, off, ln)
         if bbuf is not None:
-            if buf.startswith(memoryview(bbuf)[off:off + ln], off):
+            if buf.startswith(memoryview(bbuf)[off : off + ln], off):
                 return "same", 0
             if buf.startswith(self.zc[:ln], off):
                 return OP_ZERO, 0
@@ -695,14 +727,14 @@ class _QcowJob(_Job):
             if k <= 0:
                 break
             if bmv is not None:
-                if buf.startswith(bmv[s:s + k], s):
-                    continue                              # same as backing: unallocated
+                if buf.startswith(bmv[s : s + k], s):
+                    continue  # same as backing: unallocated
                 if buf.startswith(zsub[:k], s):
-                    zero |= 1 << (SUBCLUSTERS + i)        # zeros over backing data
+                    zero |= 1 << (SUBCLUSTERS + i)  # zeros over backing data
                     continue
                 alloc |= 1 << i
             elif self.detect and buf.startswith(zsub[:k], s):
-                continue                                  # zeros, no backing: unallocated
+                continue  # zeros, no backing: unallocated
             else:
                 alloc |= 1 << i
         if alloc:
@@ -728,7 +760,7 @@ class _QcowJob(_Job):
                 continue
             _, g, off, length, segs, bitmaps = op
             if comp is None:
-                w.write_clusters(g, mv[off:off + length], segs, bitmaps)
+                w.write_clusters(g, mv[off : off + length], segs, bitmaps)
                 continue
             for i in range(-(-length // cs)):
                 payload = comp[k]
@@ -740,17 +772,29 @@ class _QcowJob(_Job):
                 hi = min(length, lo + cs)
                 csegs = None
                 if segs is not None:
-                    csegs = [(max(s, lo) - lo, min(s + n, hi) - max(s, lo))
-                             for s, n in segs if s < hi and s + n > lo]
-                w.write_clusters(g + i, mv[off + lo:off + hi], csegs,
-                                 [bitmaps[i]] if bitmaps is not None else None)
+                    csegs = [
+                        (max(s, lo) - lo, min(s + n, hi) - max(s, lo))
+                        for s, n in segs
+                        if s < hi and s + n > lo
+                    ]
+                w.write_clusters(
+                    g + i, mv[off + lo : off + hi], csegs, [bitmaps[i]] if bitmaps is not None else None
+                )
 
 
 # -- the raw job -----------------------------------------------------------------
 
+
 class _RawJob(_Job):
-    def __init__(self, src: Chain, fd: int, path: str, opts: ConvertOptions, summary: Summary,
-                 progress: Progress | None) -> None:
+    def __init__(
+        self,
+        src: Chain,
+        fd: int,
+        path: str,
+        opts: ConvertOptions,
+        summary: Summary,
+        progress: Progress | None,
+    ) -> None:
         self.s = opts.sparse_size
         # Zeros are found in blocks of at most 4 KiB (a file system block):
         # like qemu-img, a run of zero blocks is skipped when it is at least
@@ -766,8 +810,12 @@ class _RawJob(_Job):
         self.path = path
         self.zh = bytes(self.gran)
         # -S 0 from a plain raw file: the kernel may copy (or reflink) without us looking.
-        self.cfr = (self.s == 0 and len(src.layers) == 1 and src.layers[0].format == "raw"
-                    and hasattr(os, "copy_file_range"))
+        self.cfr = (
+            self.s == 0
+            and len(src.layers) == 1
+            and src.layers[0].format == "raw"
+            and hasattr(os, "copy_file_range")
+        )
 
     def run(self) -> None:
         self.io = _TargetIO(self.fd, self.path, self.write_threads)
@@ -819,10 +867,10 @@ class _RawJob(_Job):
         for s, ln, _ in _coalesce_pieces(pieces):
             off = s - a
             if off > pos:
-                hole[pos // g:-(-off // g)] = b"\x01" * (-(-off // g) - pos // g)
+                hole[pos // g : -(-off // g)] = b"\x01" * (-(-off // g) - pos // g)
             pos = off + ln
         if pos < n:
-            hole[pos // g:nb] = b"\x01" * (nb - pos // g)
+            hole[pos // g : nb] = b"\x01" * (nb - pos // g)
         for i, j in list(_runs(zb, 1)):
             if j - i >= self.min_run or i == 0 or j == nb or hole.find(1, i, j) >= 0:
                 continue
@@ -838,7 +886,7 @@ class _RawJob(_Job):
             assert slot.buf is not None
             mv = memoryview(slot.buf)
             for off, n in writes:
-                self.io.write([mv[off:off + n]], a + off)
+                self.io.write([mv[off : off + n]], a + off)
                 self.summary.bytes_written += n
 
     def _copy_range(self, pieces: list[Piece]) -> bool:
@@ -850,8 +898,11 @@ class _RawJob(_Job):
                 try:
                     k = os.copy_file_range(layer.fd, self.fd, n - done, s + done, s + done)
                 except OSError as exc:
-                    if (exc.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
-                            and idx == 0 and done == 0):
+                    if (
+                        exc.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+                        and idx == 0
+                        and done == 0
+                    ):
                         self.cfr = False
                         return False
                     raise ImageIOError.from_oserror(self.path, exc, s + done) from None
@@ -863,7 +914,7 @@ class _RawJob(_Job):
 
 def _coalesce_pieces(pieces: list[Piece]) -> Iterator[Piece]:
     cur: list[int] | None = None
-    for s, n, d in pieces:
+    for s, n, _d in pieces:
         if cur is not None and cur[0] + cur[1] == s:
             cur[1] += n
             continue
@@ -875,6 +926,7 @@ def _coalesce_pieces(pieces: list[Piece]) -> Iterator[Piece]:
 
 
 # -- safety: temporary file, signals, refusing to clobber -------------------------------
+
 
 def temp_prefix(dest: str) -> str:
     return f".{os.path.basename(dest)}{TMP_MARK}"
@@ -934,18 +986,21 @@ def check_target(target: str, dest: str, chains: Sequence[Chain], force: bool) -
     for chain in chains:
         for lay in chain.layers:
             files = [(lay.path, lay.fd)]
-            if getattr(lay, "data_fd", None) not in (None, lay.fd):     # qcow2 external data file
+            if getattr(lay, "data_fd", None) not in (None, lay.fd):  # qcow2 external data file
                 files.append((getattr(lay, "data_path", lay.path), lay.data_fd))
             for path, fd in files:
                 try:
                     lst = os.fstat(fd)
                 except OSError:
                     lst = None
-                same = (st is not None and lst is not None
-                        and (st.st_dev, st.st_ino) == (lst.st_dev, lst.st_ino))
+                same = (
+                    st is not None and lst is not None and (st.st_dev, st.st_ino) == (lst.st_dev, lst.st_ino)
+                )
                 if same or os.path.realpath(path) == real:
-                    raise ConvertError(f"{target}: refusing to write over {path}, which is part of "
-                                       "the chain being read (even with --force)")
+                    raise ConvertError(
+                        f"{target}: refusing to write over {path}, which is part of "
+                        "the chain being read (even with --force)"
+                    )
     folder = os.path.dirname(dest)
     if not os.path.isdir(folder):
         raise ConvertError(f"{target}: folder {folder} does not exist")
@@ -970,7 +1025,7 @@ class _SignalGuard:
             raise Interrupted(signum, self.target)
         # TARGET is complete and in place: let the run end normally.
 
-    def __enter__(self) -> "_SignalGuard":
+    def __enter__(self) -> _SignalGuard:
         if self.active:
             for s in _SIGNALS:
                 self.old[s] = signal.signal(s, self._raise)
@@ -1002,16 +1057,21 @@ def _fsync_dir(folder: str) -> None:
 
 # -- entry points ------------------------------------------------------------------
 
+
 def _validate(opts: ConvertOptions) -> None:
     if opts.target_format not in ("qcow2", "raw"):
         raise ConvertError(f"unknown target format {opts.target_format!r}")
     if opts.sparse_size < 0 or opts.sparse_size % 512:
         raise ConvertError(f"--sparse-size must be 0 or a multiple of 512, not {opts.sparse_size}")
     if opts.target_format == "raw":
-        for flag, given in (("-c/--compress", opts.compress), ("-B/--backing", opts.backing),
-                            ("--extended-l2", opts.extended_l2), ("--compat", opts.compat),
-                            ("--cluster-size", opts.cluster_size),
-                            ("--compression-type", opts.compression_type)):
+        for flag, given in (
+            ("-c/--compress", opts.compress),
+            ("-B/--backing", opts.backing),
+            ("--extended-l2", opts.extended_l2),
+            ("--compat", opts.compat),
+            ("--cluster-size", opts.cluster_size),
+            ("--compression-type", opts.compression_type),
+        ):
             if given:
                 raise ConvertError(f"{flag} needs a qcow2 target (-O qcow2)")
         return
@@ -1024,9 +1084,13 @@ def _validate(opts: ConvertOptions) -> None:
         raise ConvertError("-F/--backing-format needs -B/--backing")
 
 
-def convert(source: str | os.PathLike[str], target: str | os.PathLike[str],
-            options: ConvertOptions | None = None, open_options: OpenOptions | None = None,
-            progress: bool = False) -> Summary:
+def convert(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    options: ConvertOptions | None = None,
+    open_options: OpenOptions | None = None,
+    progress: bool = False,
+) -> Summary:
     """Open SOURCE's chain (and BACKING's, relative to TARGET's folder) and convert."""
     options = options or ConvertOptions()
     open_options = open_options or OpenOptions()
@@ -1039,23 +1103,34 @@ def convert(source: str | os.PathLike[str], target: str | os.PathLike[str],
         bpath = options.backing
         if not os.path.isabs(bpath):
             bpath = os.path.join(os.path.dirname(dest), bpath)
-        bopts = OpenOptions(format=options.backing_format, backing_dir=open_options.backing_dir,
-                            allow_probe_raw=open_options.allow_probe_raw,
-                            allow_special=open_options.allow_special,
-                            force_share=open_options.force_share, max_depth=open_options.max_depth)
+        bopts = OpenOptions(
+            format=options.backing_format,
+            backing_dir=open_options.backing_dir,
+            allow_probe_raw=open_options.allow_probe_raw,
+            allow_special=open_options.allow_special,
+            force_share=open_options.force_share,
+            max_depth=open_options.max_depth,
+        )
         try:
             bchain = open_chain(bpath, bopts)
         except ImageIOError as exc:
             if exc.errno == errno.ENOENT:
-                raise ConvertError(f"{target}: backing file {options.backing!r} not found "
-                                   f"(looked for {bpath}; it is resolved against TARGET's folder)") from None
+                raise ConvertError(
+                    f"{target}: backing file {options.backing!r} not found "
+                    f"(looked for {bpath}; it is resolved against TARGET's folder)"
+                ) from None
             raise
         with bchain:
             return convert_chain(chain, target, options, backing=bchain, progress=progress)
 
 
-def convert_chain(source: Chain, target: str | os.PathLike[str], options: ConvertOptions,
-                  backing: Chain | None = None, progress: bool | Progress = False) -> Summary:
+def convert_chain(
+    source: Chain,
+    target: str | os.PathLike[str],
+    options: ConvertOptions,
+    backing: Chain | None = None,
+    progress: bool | Progress = False,
+) -> Summary:
     """Convert an open chain into TARGET, safely (temporary file, fsync, rename)."""
     _validate(options)
     target = os.fspath(target)
@@ -1064,8 +1139,9 @@ def convert_chain(source: Chain, target: str | os.PathLike[str], options: Conver
     if options.backing and backing is None:
         raise ConvertError("-B/--backing given but no backing chain opened")
     check_target(target, dest, [source] + ([backing] if backing is not None else []), options.force)
-    summary = Summary(source=source.path, target=target, target_format=options.target_format,
-                      virtual_size=source.size)
+    summary = Summary(
+        source=source.path, target=target, target_format=options.target_format, virtual_size=source.size
+    )
     summary.removed_stale = remove_stale_temps(dest)
 
     bar: Progress | None = None
@@ -1139,8 +1215,15 @@ def _unblock_signals(old: set | None) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _write_qcow2(source: Chain, backing: Chain | None, fd: int, target: str, options: ConvertOptions,
-                 summary: Summary, bar: Progress | None) -> None:
+def _write_qcow2(
+    source: Chain,
+    backing: Chain | None,
+    fd: int,
+    target: str,
+    options: ConvertOptions,
+    summary: Summary,
+    bar: Progress | None,
+) -> None:
     version = 2 if options.compat == "0.10" else 3
     ctype = options.compression_type or "zlib"
     bfmt = None
@@ -1148,10 +1231,17 @@ def _write_qcow2(source: Chain, backing: Chain | None, fd: int, target: str, opt
         assert backing is not None
         bfmt = options.backing_format or backing.layers[0].format
     size = -(-source.size // 512) * 512
-    writer = Qcow2Writer(fd, size, path=target,
-                         cluster_size=options.cluster_size or DEFAULT_CLUSTER_SIZE,
-                         version=version, backing_file=options.backing, backing_format=bfmt,
-                         extended_l2=options.extended_l2, compression_type=ctype)
+    writer = Qcow2Writer(
+        fd,
+        size,
+        path=target,
+        cluster_size=options.cluster_size or DEFAULT_CLUSTER_SIZE,
+        version=version,
+        backing_file=options.backing,
+        backing_format=bfmt,
+        extended_l2=options.extended_l2,
+        compression_type=ctype,
+    )
     summary.granularity = writer.cs
     _QcowJob(source, backing, writer, options, summary, bar, ctype).run()
     summary.bytes_written = writer.bytes_written
@@ -1161,5 +1251,15 @@ def _write_qcow2(source: Chain, backing: Chain | None, fd: int, target: str, opt
     summary.file_size = writer.file_size
 
 
-__all__ = ["ConvertOptions", "Summary", "Interrupted", "Progress", "convert", "convert_chain",
-           "remove_stale_temps", "check_target", "destination", "FlatfsError"]
+__all__ = [
+    "ConvertOptions",
+    "Summary",
+    "Interrupted",
+    "Progress",
+    "convert",
+    "convert_chain",
+    "remove_stale_temps",
+    "check_target",
+    "destination",
+    "FlatfsError",
+]

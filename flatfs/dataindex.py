@@ -19,7 +19,7 @@ import errno
 import os
 from array import array
 from bisect import bisect_right
-from typing import Iterable
+from collections.abc import Iterable
 
 from .extents import Extent
 
@@ -38,7 +38,7 @@ class DataIndex:
 
     def __init__(self, size: int, starts: array, ends: array) -> None:
         self.size = size
-        self.starts = starts      # ascending, disjoint, non-adjacent: starts[i] < ends[i] < starts[i+1]
+        self.starts = starts  # ascending, disjoint, non-adjacent: starts[i] < ends[i] < starts[i+1]
         self.ends = ends
 
     def __len__(self) -> int:
@@ -51,7 +51,7 @@ class DataIndex:
         if offset >= self.size:
             raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
         ends = self.ends
-        i = bisect_right(ends, offset)          # the first run that ends after offset
+        i = bisect_right(ends, offset)  # the first run that ends after offset
         if whence == SEEK_DATA:
             if i == len(ends):
                 raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
@@ -59,7 +59,7 @@ class DataIndex:
             return start if start > offset else offset
         if whence == SEEK_HOLE:
             if i < len(ends) and self.starts[i] <= offset:
-                return ends[i]                  # a hole, or the end of the view
+                return ends[i]  # a hole, or the end of the view
             return offset
         raise OSError(errno.EINVAL, "whence must be SEEK_DATA or SEEK_HOLE")
 

@@ -51,7 +51,9 @@ class ImageIOError(ImageError):
     """The host file could not be opened or read."""
 
     @classmethod
-    def from_oserror(cls, path: str | os.PathLike[str], exc: OSError, offset: int | None = None) -> "ImageIOError":
+    def from_oserror(
+        cls, path: str | os.PathLike[str], exc: OSError, offset: int | None = None
+    ) -> ImageIOError:
         err = cls(path, exc.strerror or str(exc), offset)
         err.errno = exc.errno or _errno.EIO
         return err

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 
 class Kind(enum.Enum):
     """What one layer (or the flattened chain) says about a byte range."""
 
-    DATA = "data"              # bytes stored at this depth
+    DATA = "data"  # bytes stored at this depth
     ALLOC_ZERO = "alloc-zero"  # allocated at this depth, but the host file has a hole there
-    ZERO = "zero"              # reads as zeros, decided at this depth
-    ABSENT = "absent"          # not decided here: ask the layer below (zeros at the bottom)
+    ZERO = "zero"  # reads as zeros, decided at this depth
+    ABSENT = "absent"  # not decided here: ask the layer below (zeros at the bottom)
 
     @property
     def is_data(self) -> bool:

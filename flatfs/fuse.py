@@ -31,8 +31,9 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .chain import SEEK_DATA, SEEK_HOLE, Chain, OpenOptions, open_chain
 from .dataindex import scan as scan_data
@@ -40,15 +41,15 @@ from .errors import FlatfsError, ImageError, MountError
 
 log = logging.getLogger("flatfs.fuse")
 
-FSTYPE_SUBTYPE = "flatfs"              # the mount shows as fstype "fuse.flatfs"
+FSTYPE_SUBTYPE = "flatfs"  # the mount shows as fstype "fuse.flatfs"
 FSTYPE = "fuse." + FSTYPE_SUBTYPE
-MAX_READ = 1 << 20                     # largest read request we ask the kernel for (max_read, max_pages)
-BLKSIZE = 1 << 20                      # st_blksize: the I/O size tools should use on the view
-ATTR_TIMEOUT = 3600.0                  # the view is immutable while mounted: let the kernel cache
-LIBFUSE_MIN = (3, 8)                   # high-level lseek() appeared in libfuse 3.8
-READY_PROBE = 4096                     # bytes read through the mount before we call it live
+MAX_READ = 1 << 20  # largest read request we ask the kernel for (max_read, max_pages)
+BLKSIZE = 1 << 20  # st_blksize: the I/O size tools should use on the view
+ATTR_TIMEOUT = 3600.0  # the view is immutable while mounted: let the kernel cache
+LIBFUSE_MIN = (3, 8)  # high-level lseek() appeared in libfuse 3.8
+READY_PROBE = 4096  # bytes read through the mount before we call it live
 LIBFUSE3_SONAME = "libfuse3.so.3"
-PIN_MAX = 64                           # libfuse worker threads whose Python thread state we keep
+PIN_MAX = 64  # libfuse worker threads whose Python thread state we keep
 
 
 # ---------------------------------------------------------------------------
@@ -93,8 +94,9 @@ def _error_kind(exc: FlatfsError) -> str:
     return f"{type(exc).__name__}:{_NUMBERS.sub('#', str(exc))}"
 
 
-def _log_once(path: str | None, offset: int | None, message: str, tb: str | None,
-              key: str | None = None) -> None:
+def _log_once(
+    path: str | None, offset: int | None, message: str, tb: str | None, key: str | None = None
+) -> None:
     key = (path or "", key or message)
     with _log_lock:
         if key in _LOGGED:
@@ -115,6 +117,7 @@ def _log_once(path: str | None, offset: int | None, message: str, tb: str | None
 # the view: FUSE-free
 # ---------------------------------------------------------------------------
 
+
 def view_name(image: str) -> str:
     """``vm.qcow2`` -> ``vm.raw``: the top image's name without its last suffix, plus .raw."""
     stem, _ = os.path.splitext(os.path.basename(os.path.normpath(image)))
@@ -131,8 +134,14 @@ class View:
     (a view with too many runs for the index seeks through ``Chain.seek``).
     """
 
-    def __init__(self, chain: Chain, name: str | None, top_stat: os.stat_result,
-                 uid: int | None = None, gid: int | None = None) -> None:
+    def __init__(
+        self,
+        chain: Chain,
+        name: str | None,
+        top_stat: os.stat_result,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> None:
         self.chain = chain
         self.name = name
         self.file_path = "/" if name is None else "/" + name
@@ -140,15 +149,30 @@ class View:
         # once: st_blocks and statfs, and the index that answers SEEK_DATA/SEEK_HOLE
         self.index, self.data_bytes = scan_data(self.size, chain.extents())
         self._seek = chain.seek if self.index is None else self.index.seek
-        times = {"st_atime": top_stat.st_atime_ns, "st_mtime": top_stat.st_mtime_ns,
-                 "st_ctime": top_stat.st_ctime_ns}
-        owner = {"st_uid": os.getuid() if uid is None else uid,
-                 "st_gid": os.getgid() if gid is None else gid}
-        self._file_attrs = {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": self.size,
-                            "st_blocks": (self.data_bytes + 511) // 512, "st_blksize": BLKSIZE,
-                            **times, **owner}
-        self._dir_attrs = {"st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2, "st_size": 0,
-                           "st_blocks": 0, "st_blksize": BLKSIZE, **times, **owner}
+        times = {
+            "st_atime": top_stat.st_atime_ns,
+            "st_mtime": top_stat.st_mtime_ns,
+            "st_ctime": top_stat.st_ctime_ns,
+        }
+        owner = {"st_uid": os.getuid() if uid is None else uid, "st_gid": os.getgid() if gid is None else gid}
+        self._file_attrs = {
+            "st_mode": stat.S_IFREG | 0o444,
+            "st_nlink": 1,
+            "st_size": self.size,
+            "st_blocks": (self.data_bytes + 511) // 512,
+            "st_blksize": BLKSIZE,
+            **times,
+            **owner,
+        }
+        self._dir_attrs = {
+            "st_mode": stat.S_IFDIR | 0o555,
+            "st_nlink": 2,
+            "st_size": 0,
+            "st_blocks": 0,
+            "st_blksize": BLKSIZE,
+            **times,
+            **owner,
+        }
 
     def _check_file(self, path: str) -> None:
         if path != self.file_path:
@@ -186,9 +210,17 @@ class View:
     def statfs(self) -> dict[str, int]:
         frsize = 4096
         used = (self.data_bytes + frsize - 1) // frsize
-        return {"f_bsize": BLKSIZE, "f_frsize": frsize, "f_blocks": used, "f_bfree": 0,
-                "f_bavail": 0, "f_files": 1 if self.name is None else 2, "f_ffree": 0,
-                "f_favail": 0, "f_namemax": 255}
+        return {
+            "f_bsize": BLKSIZE,
+            "f_frsize": frsize,
+            "f_blocks": used,
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_files": 1 if self.name is None else 2,
+            "f_ffree": 0,
+            "f_favail": 0,
+            "f_namemax": 255,
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -226,12 +258,13 @@ def load_mfusepy() -> Any:
         raise MountError(f"cannot load libfuse 3 ({exc}); install the fuse3 package (libfuse3-3)") from None
     finally:
         if by_soname:
-            del os.environ["FUSE_LIBRARY_PATH"]     # not for our children
+            del os.environ["FUSE_LIBRARY_PATH"]  # not for our children
     ver = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
     if ver < LIBFUSE_MIN or ver[0] != 3:
         raise MountError(
             f"{mfusepy._libfuse_path}: libfuse {ver[0]}.{ver[1]} loaded, but flatfs needs libfuse "
-            f"{LIBFUSE_MIN[0]}.{LIBFUSE_MIN[1]} or later (earlier versions cannot answer SEEK_DATA/SEEK_HOLE)")
+            f"{LIBFUSE_MIN[0]}.{LIBFUSE_MIN[1]} or later (earlier versions cannot answer SEEK_DATA/SEEK_HOLE)"
+        )
     if not any(f[0] == "lseek" for f in mfusepy.fuse_operations._fields_):
         raise MountError("this mfusepy does not declare lseek in its libfuse 3 operations struct")
     _MFUSEPY = mfusepy
@@ -300,10 +333,10 @@ def _glue() -> tuple[type, type]:
         max_idle_threads=N``) could leave behind.
         """
 
-        _pinned = threading.local()           # per thread state: .on once pinned
+        _pinned = threading.local()  # per thread state: .on once pinned
         _pin_lock = threading.Lock()
         _pin_count = 0
-        _DIRECT = frozenset({"lseek", "read"})   # callbacks that return -errno themselves
+        _DIRECT = frozenset({"lseek", "read"})  # callbacks that return -errno themselves
 
         def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             if not getattr(self._pinned, "on", False):
@@ -357,7 +390,7 @@ def _glue() -> tuple[type, type]:
             self._on_init = on_init
 
         @staticmethod
-        def _fail(exc: BaseException, path: str | None, offset: int | None = None) -> "m.FuseOSError":
+        def _fail(exc: BaseException, path: str | None, offset: int | None = None) -> m.FuseOSError:
             return m.FuseOSError(errno_for(exc, path, offset))
 
         def init_with_config(self, conn: Any, config: Any) -> None:
@@ -365,7 +398,7 @@ def _glue() -> tuple[type, type]:
                 # libfuse 3 refuses INIT (EPROTO) unless this equals -o max_read.
                 conn.max_read = self.max_read
             if config is not None:
-                config.kernel_cache = 1             # keep the page cache across opens
+                config.kernel_cache = 1  # keep the page cache across opens
                 config.entry_timeout = ATTR_TIMEOUT
                 config.attr_timeout = ATTR_TIMEOUT
                 config.negative_timeout = ATTR_TIMEOUT
@@ -388,7 +421,7 @@ def _glue() -> tuple[type, type]:
                 self.view.check_open(path, fi.flags)
             except Exception as exc:
                 raise self._fail(exc, path) from None
-            fi.keep_cache = 1                       # immutable view: never drop cached pages on open
+            fi.keep_cache = 1  # immutable view: never drop cached pages on open
             fi.fh = 0
             return 0
 
@@ -425,6 +458,7 @@ def _glue() -> tuple[type, type]:
 # mount table helpers
 # ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class MountEntry:
     mountpoint: str
@@ -440,8 +474,8 @@ def _unescape(s: str) -> str:
     raw = s.encode("utf-8", "surrogateescape")
     i = 0
     while i < len(raw):
-        if raw[i] == 0x5C and i + 3 < len(raw) and raw[i + 1:i + 4].isdigit():
-            out.append(int(raw[i + 1:i + 4], 8))
+        if raw[i] == 0x5C and i + 3 < len(raw) and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
             i += 4
         else:
             out.append(raw[i])
@@ -483,6 +517,7 @@ def _fuse_opt_escape(value: str) -> str:
 # ---------------------------------------------------------------------------
 # mount
 # ---------------------------------------------------------------------------
+
 
 @dataclass
 class MountRequest:
@@ -571,7 +606,7 @@ class StderrCapture:
                 if not chunk:
                     break
                 if self.echo:
-                    with self._lock:            # stop() swaps fd 2 back under this lock
+                    with self._lock:  # stop() swaps fd 2 back under this lock
                         try:
                             os.write(2 if self._saved is None else self._saved, chunk)
                         except OSError:
@@ -636,8 +671,13 @@ def sd_notify(address: str | None, message: str) -> None:
 def _detach(mountpoint: str) -> None:
     """Lazily unmount ``mountpoint``, which makes a serving loop return."""
     try:
-        subprocess.run(["fusermount3", "-u", "-z", "-q", mountpoint], check=False,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            ["fusermount3", "-u", "-z", "-q", mountpoint],
+            check=False,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     except OSError:
         pass
     if find_mount(mountpoint) is not None and os.geteuid() == 0:
@@ -662,8 +702,14 @@ def _bump_readahead(st_dev: int) -> None:
 class _Server:
     """One mount: open chain -> View -> FUSE loop, with a ready check from init()."""
 
-    def __init__(self, req: MountRequest, mountpoint: str, is_dir: bool,
-                 on_ready: Callable[[], None], echo_stderr: bool) -> None:
+    def __init__(
+        self,
+        req: MountRequest,
+        mountpoint: str,
+        is_dir: bool,
+        on_ready: Callable[[], None],
+        echo_stderr: bool,
+    ) -> None:
         self.req = req
         self.mountpoint = mountpoint
         self.is_dir = is_dir
@@ -682,17 +728,16 @@ class _Server:
         try:
             top = chain.layers[0]
             view = View(chain, view_name(self.req.image) if self.is_dir else None, os.fstat(top.fd))
-            self.view_path = (os.path.join(self.mountpoint, view.name) if view.name else self.mountpoint)
+            self.view_path = os.path.join(self.mountpoint, view.name) if view.name else self.mountpoint
             self._pre_dev = os.stat(self.mountpoint).st_dev
             kwargs = _fuse_kwargs(self.req, top.path)
             ops = Operations(view, self._start_ready_check, int(kwargs.get("max_read", 0)))
-            os.chdir("/")                     # paths are absolute by now; do not pin a cwd
+            os.chdir("/")  # paths are absolute by now; do not pin a cwd
             self.capture.start()
             try:
-                FlatfsFUSE(ops, self.mountpoint, foreground=True, raw_fi=True,
-                           debug=self.req.debug, **kwargs)
+                FlatfsFUSE(ops, self.mountpoint, foreground=True, raw_fi=True, debug=self.req.debug, **kwargs)
                 failed = None
-            except RuntimeError as exc:       # fuse_main_real returned non-zero
+            except RuntimeError as exc:  # fuse_main_real returned non-zero
                 failed = exc
             finally:
                 self.capture.stop()
@@ -752,7 +797,7 @@ def _setup_logging(debug: bool, to_syslog: bool) -> None:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("flatfs: %(message)s"))
     root.handlers[:] = [h]
-    mlog = logging.getLogger("fuse")          # mfusepy's logger: its per-request lines are noise
+    mlog = logging.getLogger("fuse")  # mfusepy's logger: its per-request lines are noise
     mlog.setLevel(logging.INFO if debug else logging.WARNING)
     mlog.handlers[:] = [h]
     mlog.propagate = False
@@ -764,10 +809,15 @@ def mount(req: MountRequest) -> None:
     load_mfusepy()
     foreground = req.foreground or req.debug
     if foreground:
-        notify = os.environ.pop("NOTIFY_SOCKET", None)   # not for our children (fusermount3)
+        notify = os.environ.pop("NOTIFY_SOCKET", None)  # not for our children (fusermount3)
         _setup_logging(req.debug, to_syslog=False)
-        srv = _Server(req, mountpoint, is_dir, echo_stderr=req.debug, on_ready=lambda: sd_notify(
-            notify, f"READY=1\nSTATUS=serving {srv.view_path}\n"))
+        srv = _Server(
+            req,
+            mountpoint,
+            is_dir,
+            echo_stderr=req.debug,
+            on_ready=lambda: sd_notify(notify, f"READY=1\nSTATUS=serving {srv.view_path}\n"),
+        )
         try:
             srv.run()
         finally:
@@ -781,9 +831,9 @@ def _daemonize(req: MountRequest, mountpoint: str, is_dir: bool) -> None:
     """Fork; the child serves, the parent waits for "ready" or the child's one-line error."""
     sys.stdout.flush()
     sys.stderr.flush()
-    r, w = os.pipe()                          # O_CLOEXEC: fusermount3 & co. never hold it
+    r, w = os.pipe()  # O_CLOEXEC: fusermount3 & co. never hold it
     pid = os.fork()
-    if pid == 0:                              # --- the daemon
+    if pid == 0:  # --- the daemon
         code = 1
         try:
             os.close(r)
@@ -802,7 +852,7 @@ def _daemonize(req: MountRequest, mountpoint: str, is_dir: bool) -> None:
             code = 0
         except FlatfsError as exc:
             _report(w, str(exc))
-        except BaseException as exc:          # a bug: say so in one line, keep the rest for syslog
+        except BaseException as exc:  # a bug: say so in one line, keep the rest for syslog
             log.error("%s", traceback.format_exc())
             _report(w, f"internal error: {exc!r}")
         finally:
@@ -835,9 +885,11 @@ def _daemonize(req: MountRequest, mountpoint: str, is_dir: bool) -> None:
         return
     _, status = os.waitpid(pid, 0)
     if text.startswith("error "):
-        raise MountError(text[len("error "):])
-    raise MountError(f"{req.mountpoint}: mount daemon exited before the mount was ready "
-                     f"(status {os.waitstatus_to_exitcode(status)})")
+        raise MountError(text[len("error ") :])
+    raise MountError(
+        f"{req.mountpoint}: mount daemon exited before the mount was ready "
+        f"(status {os.waitstatus_to_exitcode(status)})"
+    )
 
 
 def _report(w: int, message: str) -> None:
@@ -850,6 +902,7 @@ def _report(w: int, message: str) -> None:
 # ---------------------------------------------------------------------------
 # umount
 # ---------------------------------------------------------------------------
+
 
 def umount(mountpoint: str, lazy: bool = False, quiet: bool = False) -> None:
     """``flatfs umount``: fusermount3 -u, but only for a flatfs mount.

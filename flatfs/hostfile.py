@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from .errors import ImageIOError
 
@@ -35,8 +35,9 @@ def pread_padded(fd: int, path: str, buf: memoryview, offset: int, file_size: in
         buf[n:] = bytes(len(buf) - n)
 
 
-def data_runs(fd: int, path: str, start: int, end: int,
-              expect_size: int | None = None) -> Iterator[tuple[int, int, bool]]:
+def data_runs(
+    fd: int, path: str, start: int, end: int, expect_size: int | None = None
+) -> Iterator[tuple[int, int, bool]]:
     """Yield (start, end, is_data) runs of the host file over [start, end).
 
     Past the file's end everything is a hole. If the file system cannot tell,
@@ -49,7 +50,7 @@ def data_runs(fd: int, path: str, start: int, end: int,
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
-            if exc.errno == errno.ENXIO:      # no data at or after pos
+            if exc.errno == errno.ENXIO:  # no data at or after pos
                 _check_not_shrunk(fd, path, pos, expect_size)
                 yield pos, end, False
                 return
@@ -65,12 +66,12 @@ def data_runs(fd: int, path: str, start: int, end: int,
         try:
             hole = os.lseek(fd, pos, os.SEEK_HOLE)
         except OSError as exc:
-            if exc.errno == errno.ENXIO:      # raced with truncation
+            if exc.errno == errno.ENXIO:  # raced with truncation
                 yield pos, end, False
                 return
             raise ImageIOError.from_oserror(path, exc, pos) from None
         hole = min(hole, end)
-        if hole <= pos:                       # defensive: never loop forever
+        if hole <= pos:  # defensive: never loop forever
             hole = end
         yield pos, hole, True
         pos = hole

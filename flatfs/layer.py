@@ -7,8 +7,9 @@ bytes. Composing layers into a guest view is the chain's job (chain.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 from .errors import ImageIOError, UnsupportedImage
 from .extents import Extent
@@ -20,13 +21,13 @@ PROBE_SIZE = 4096
 class BackingRef:
     """A backing file as the image names it."""
 
-    name: str                  # as stored in the image
-    format: str | None         # from the backing-format extension, or None
+    name: str  # as stored in the image
+    format: str | None  # from the backing-format extension, or None
 
 
 class Layer(Protocol):
     path: str
-    fd: int                    # the image file itself (owned by the chain's Opener)
+    fd: int  # the image file itself (owned by the chain's Opener)
     format: str
     size: int
     backing: BackingRef | None
@@ -49,8 +50,8 @@ class Layer(Protocol):
 @dataclass(frozen=True)
 class Format:
     name: str
-    probe: Callable[[bytes], bool]          # does this header look like ours?
-    open: Callable[..., Layer]              # open(path, fd=...) -> Layer
+    probe: Callable[[bytes], bool]  # does this header look like ours?
+    open: Callable[..., Layer]  # open(path, fd=...) -> Layer
     aliases: tuple[str, ...] = field(default=())
 
 
@@ -94,9 +95,10 @@ def probe(path: str, head: bytes) -> str | None:
         if fmt.name != "raw" and fmt.probe(head):
             return fmt.name
     for at, magic, name in FOREIGN_MAGICS:
-        if head[at:at + len(magic)] == magic:
-            raise UnsupportedImage(path, f"image format {name} is not supported "
-                                   "(pass -f raw to read the file as raw bytes)")
+        if head[at : at + len(magic)] == magic:
+            raise UnsupportedImage(
+                path, f"image format {name} is not supported (pass -f raw to read the file as raw bytes)"
+            )
     return None
 
 

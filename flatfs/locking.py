@@ -46,7 +46,7 @@ def _flock(kind: int, start: int) -> bytes:
 
 def _locked_by_other(fd: int, byte: int) -> bool:
     out = fcntl.fcntl(fd, F_OFD_GETLK, _flock(fcntl.F_WRLCK, byte))
-    return _FLOCK.unpack(out[:_FLOCK.size])[0] != fcntl.F_UNLCK
+    return _FLOCK.unpack(out[: _FLOCK.size])[0] != fcntl.F_UNLCK
 
 
 def lock_shared_readonly(fd: int, path: str) -> bool:
@@ -70,6 +70,9 @@ def lock_shared_readonly(fd: int, path: str) -> bool:
         else:
             raise ImageError(path, f"cannot lock: {exc.strerror}") from None
     if conflicts:
-        raise ImageLocked(path, f"in use by another process (it holds the {conflicts[0]} lock); "
-                          "use -U/--force-share to read it anyway")
+        raise ImageLocked(
+            path,
+            f"in use by another process (it holds the {conflicts[0]} lock); "
+            "use -U/--force-share to read it anyway",
+        )
     return True

@@ -49,17 +49,19 @@ def _no_mount_left_behind(tmp_path_factory: pytest.TempPathFactory):
     if not os.path.exists("/proc/self/mountinfo"):
         return
     left = mounts_under(base)
-    for mp, fstype in sorted(left.items(), reverse=True):      # innermost first
+    for mp, fstype in sorted(left.items(), reverse=True):  # innermost first
         fuse = fstype == "fuse" or fstype.startswith("fuse.")
-        for cmd in ((["fusermount3", "-u"], ["fusermount3", "-u", "-z"]) if fuse
-                    else (["umount"], ["umount", "-l"])):
+        for cmd in (
+            (["fusermount3", "-u"], ["fusermount3", "-u", "-z"]) if fuse else (["umount"], ["umount", "-l"])
+        ):
             if mp in mounts_under(mp):
                 subprocess.run([*cmd, mp], capture_output=True)
     assert not left, f"mounts left behind: {left}"
 
 
-def build_recipe(q: "Qemu", d: Path, layers: list[tuple[str, str, int, str | None]],
-                 cmds: list[list[str]]) -> Path:
+def build_recipe(
+    q: Qemu, d: Path, layers: list[tuple[str, str, int, str | None]], cmds: list[list[str]]
+) -> Path:
     """Build a chain in ``d``: ``layers`` are (file, format, size, -o options), base first,
     each qcow2 created over the layer before it; ``cmds`` are the qemu-io commands of each
     layer, where "snapshot" takes an internal snapshot. Returns the top image."""
@@ -69,8 +71,13 @@ def build_recipe(q: "Qemu", d: Path, layers: list[tuple[str, str, int, str | Non
         if fmt == "raw":
             q.create(path, size // 512 * 512, fmt="raw")
         else:
-            q.create(path, size, backing=prev[0].name if prev else None,
-                     backing_fmt=prev[1] if prev else None, opts=opts)
+            q.create(
+                path,
+                size,
+                backing=prev[0].name if prev else None,
+                backing_fmt=prev[1] if prev else None,
+                opts=opts,
+            )
         steps = [[]]
         for c in io:
             if c == "snapshot":
@@ -130,7 +137,7 @@ def have_fuse() -> bool:
 
 
 @pytest.fixture
-def qemu() -> "Qemu":
+def qemu() -> Qemu:
     require(have_qemu(), "qemu-img/qemu-io are not installed")
     return Qemu()
 
@@ -141,13 +148,23 @@ class Qemu:
     # QEMU 7.2 resolves a relative data_file name against its working
     # directory, not the image's folder; every call runs in the image's folder
     # so that both agree.
-    def img(self, *args: str | os.PathLike[str], check: bool = True,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["qemu-img", *map(str, args)], check=check, text=True,
-                              capture_output=True, cwd=cwd)
+    def img(
+        self, *args: str | os.PathLike[str], check: bool = True, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["qemu-img", *map(str, args)], check=check, text=True, capture_output=True, cwd=cwd
+        )
 
-    def create(self, path: Path, size: int | str, fmt: str = "qcow2", *, backing: Path | str | None = None,
-               backing_fmt: str | None = None, opts: str | None = None) -> Path:
+    def create(
+        self,
+        path: Path,
+        size: int | str,
+        fmt: str = "qcow2",
+        *,
+        backing: Path | str | None = None,
+        backing_fmt: str | None = None,
+        opts: str | None = None,
+    ) -> Path:
         cmd: list[str] = ["create", "-q", "-f", fmt]
         if backing is not None:
             cmd += ["-b", str(backing), "-F", backing_fmt or "qcow2"]
@@ -157,8 +174,7 @@ class Qemu:
         if size is not None:
             cmd += [str(size)]
         # relative names (backing, data_file) resolve against the image's folder, as users do
-        subprocess.run(["qemu-img", *cmd], check=True, text=True, capture_output=True,
-                       cwd=Path(path).parent)
+        subprocess.run(["qemu-img", *cmd], check=True, text=True, capture_output=True, cwd=Path(path).parent)
         return path
 
     def io(self, path: Path, *cmds: str, fmt: str | None = None, image_opts: bool = False) -> None:
@@ -197,5 +213,6 @@ def project_map(entries: list[dict]) -> list[tuple[int, int, int, bool, bool, bo
 
 def flatfs(*args: str | os.PathLike[str], check: bool = True, **kw) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user would, in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "flatfs", *map(str, args)], text=True,
-                          capture_output=True, check=check, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "flatfs", *map(str, args)], text=True, capture_output=True, check=check, **kw
+    )

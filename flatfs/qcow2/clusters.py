@@ -32,9 +32,9 @@ class Table:
     starts: list[int]
     lengths: list[int]
     codes: list[int]
-    hosts: list[int]         # DATA: host offset; COMPRESSED: raw entry; BAD: entry index
+    hosts: list[int]  # DATA: host offset; COMPRESSED: raw entry; BAD: entry index
     reasons: dict[int, str]  # run index -> why it is BAD
-    l2_offset: int = 0       # where the table lives in the image (for error messages)
+    l2_offset: int = 0  # where the table lives in the image (for error messages)
 
     def find(self, rel: int) -> int:
         """Index of the run containing relative offset ``rel``."""
@@ -115,12 +115,21 @@ def classify(raw: bytes, cluster_bits: int, *, extended: bool, data_file: bool, 
             continue
         host = e & OFFSET_MASK
         allocated = bool(host) or (data_file and bool(e & OFLAG_COPIED))
-        if (data_file and allocated and host != base + gstart
-                and not (host == 0 and e & OFLAG_ZERO and not extended)):
+        if (
+            data_file
+            and allocated
+            and host != base + gstart
+            and not (host == 0 and e & OFLAG_ZERO and not extended)
+        ):
             # QEMU: every cluster with a host offset (all but a plain zero
             # cluster) must sit at its own guest offset in the data file
-            b.add(gstart, cs, BAD, i, f"data file offset 0x{host:x} does not match the guest "
-                  f"offset 0x{base + gstart:x}")
+            b.add(
+                gstart,
+                cs,
+                BAD,
+                i,
+                f"data file offset 0x{host:x} does not match the guest offset 0x{base + gstart:x}",
+            )
             i += 1
             continue
         if not extended:
@@ -202,8 +211,9 @@ def allocated_l1(raw: bytes) -> list[int]:
 
 
 _NONZERO_FIELDS = {
-    order: bytes(sum(1 for k in range(0, 8, 1 << order) if (b >> k) & ((1 << (1 << order)) - 1))
-                 for b in range(256))
+    order: bytes(
+        sum(1 for k in range(0, 8, 1 << order) if (b >> k) & ((1 << (1 << order)) - 1)) for b in range(256)
+    )
     for order in (0, 1, 2)
 }
 _ARRAY_CODE = {4: "H", 5: "I", 6: "Q"}
@@ -227,5 +237,5 @@ def count_nonzero_refcounts(block: bytes, order: int, n: int) -> int:
     a = array(_ARRAY_CODE[order])
     if a.itemsize != bits // 8:  # "I" is 4 bytes on every platform we run on; be safe
         a = array("Q" if bits == 64 else "L")
-    a.frombytes(block[:n * (bits // 8)])
+    a.frombytes(block[: n * (bits // 8)])
     return len(a) - a.count(0)  # byte order does not change zero-ness

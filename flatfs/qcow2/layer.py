@@ -13,15 +13,25 @@ import threading
 import zlib
 from bisect import bisect_left
 from collections import OrderedDict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ..errors import CorruptImage, ImageIOError
 from ..extents import Extent, Kind
 from ..hostfile import data_runs, pread_exact, pread_padded
 from ..layer import BackingRef, Format, register
 from . import clusters as C
-from .spec import (COMPRESSION_NAMES, COMPRESSION_ZSTD, MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOTS_BYTES,
-                   OFFSET_MASK, SNAPSHOT_HEADER, Header, looks_like_qcow2, parse_header)
+from .spec import (
+    COMPRESSION_NAMES,
+    COMPRESSION_ZSTD,
+    MAX_SNAPSHOT_EXTRA,
+    MAX_SNAPSHOTS_BYTES,
+    OFFSET_MASK,
+    SNAPSHOT_HEADER,
+    Header,
+    looks_like_qcow2,
+    parse_header,
+)
 
 # QEMU's limits on a persistent dirty bitmap (block/qcow2-bitmap.c), checked at open
 BITMAP_MAX_TABLE = 0x8000000
@@ -61,9 +71,9 @@ class Qcow2Layer:
                 head += os.pread(fd, _claimed_cluster_size(head) - 4096, 4096)
         except OSError as exc:
             raise ImageIOError.from_oserror(path, exc, 0) from None
-        hdr = parse_header(path, head[:_first_cluster(head)], self.file_size)
+        hdr = parse_header(path, head[: _first_cluster(head)], self.file_size)
         self.header: Header = hdr
-        self.size = hdr.size // 512 * 512   # QEMU counts whole sectors, rounding down
+        self.size = hdr.size // 512 * 512  # QEMU counts whole sectors, rounding down
         self.cluster_bits = hdr.cluster_bits
         self.cluster_size = hdr.cluster_size
         self.l1_span = hdr.l1_span
@@ -110,7 +120,7 @@ class Qcow2Layer:
         h = self.header
         offset = start = h.snapshots_offset
         length = 0
-        window, window_at = b"", 0          # the table is read 64 KiB at a time
+        window, window_at = b"", 0  # the table is read 64 KiB at a time
         for i in range(h.nb_snapshots):
             offset = (offset + 7) & ~7
             length = (length + 7) & ~7
@@ -120,14 +130,18 @@ class Qcow2Layer:
             id_size, name_size = struct.unpack_from(">HH", window, rel + 12)
             extra = struct.unpack_from(">I", window, rel + 36)[0]
             if extra > MAX_SNAPSHOT_EXTRA:
-                raise CorruptImage(self.path, f"snapshot table entry {i} has too much extra data "
-                                   f"({extra} bytes)", offset + 36)
+                raise CorruptImage(
+                    self.path,
+                    f"snapshot table entry {i} has too much extra data ({extra} bytes)",
+                    offset + 36,
+                )
             size = SNAPSHOT_HEADER + extra + id_size + name_size
             offset += size
             length += size
             if length > MAX_SNAPSHOTS_BYTES or offset - start > (1 << 31) - 1:
-                raise CorruptImage(self.path, f"snapshot table is too big ({h.nb_snapshots} entries)",
-                                   h.snapshots_offset)
+                raise CorruptImage(
+                    self.path, f"snapshot table is too big ({h.nb_snapshots} entries)", h.snapshots_offset
+                )
 
     def _check_bitmaps(self) -> None:
         """QEMU loads every persistent dirty bitmap at open, even read-only, and
@@ -146,21 +160,30 @@ class Qcow2Layer:
                 raise CorruptImage(self.path, "broken bitmap directory", where)
             count += 1
             if count > nb:
-                raise CorruptImage(self.path, "more bitmaps in the bitmap directory than the "
-                                   "bitmaps extension says", where)
+                raise CorruptImage(
+                    self.path, "more bitmaps in the bitmap directory than the bitmaps extension says", where
+                )
             t_off, t_size, flags, btype, gbits, name_size, extra = _BITMAP_ENTRY.unpack_from(directory, pos)
             entry_size = (_BITMAP_ENTRY.size + name_size + extra + 7) & ~7
             if pos + entry_size > size:
                 raise CorruptImage(self.path, "broken bitmap directory", where)
             if extra:
                 raise CorruptImage(self.path, "bitmap directory entry with extra data", where)
-            name = directory[pos + _BITMAP_ENTRY.size:pos + _BITMAP_ENTRY.size + name_size]
+            name = directory[pos + _BITMAP_ENTRY.size : pos + _BITMAP_ENTRY.size + name_size]
             label = name.decode("utf-8", "replace")
             phys = t_size * cs
-            if (t_size == 0 or t_off == 0 or t_off % cs or t_size > BITMAP_MAX_TABLE
-                    or not 9 <= gbits <= 31 or flags & BITMAP_RESERVED_FLAGS
-                    or name_size > BITMAP_MAX_NAME or btype != 1 or phys > BITMAP_MAX_PHYS
-                    or (not flags & BITMAP_IN_USE and self.size > (phys * 8) << gbits)):
+            if (
+                t_size == 0
+                or t_off == 0
+                or t_off % cs
+                or t_size > BITMAP_MAX_TABLE
+                or not 9 <= gbits <= 31
+                or flags & BITMAP_RESERVED_FLAGS
+                or name_size > BITMAP_MAX_NAME
+                or btype != 1
+                or phys > BITMAP_MAX_PHYS
+                or (not flags & BITMAP_IN_USE and self.size > (phys * 8) << gbits)
+            ):
                 raise CorruptImage(self.path, f"bitmap {label!r} does not satisfy the constraints", where)
             cname = name.split(b"\0", 1)[0]
             if cname in names:
@@ -170,8 +193,9 @@ class Qcow2Layer:
                 self._check_bitmap_table(label, t_off, t_size, gbits)
             pos += entry_size
         if count != nb:
-            raise CorruptImage(self.path, "fewer bitmaps in the bitmap directory than the "
-                               "bitmaps extension says", at)
+            raise CorruptImage(
+                self.path, "fewer bitmaps in the bitmap directory than the bitmaps extension says", at
+            )
 
     def _check_bitmap_table(self, label: str, offset: int, n: int, gbits: int) -> None:
         cs = self.cluster_size
@@ -179,13 +203,15 @@ class Qcow2Layer:
         for k, e in enumerate(table):
             data = e & OFFSET_MASK
             if e & BITMAP_TABLE_RESERVED or (data and (e & 1 or data % cs)):
-                raise CorruptImage(self.path, f"invalid entry in the table of bitmap {label!r}",
-                                   offset + 8 * k)
+                raise CorruptImage(
+                    self.path, f"invalid entry in the table of bitmap {label!r}", offset + 8 * k
+                )
         bits = -(-self.size >> gbits) if self.size else 0
         need = -(-(-(-bits // 64) * 8) // cs)
         if need != n:
-            raise CorruptImage(self.path, f"bitmap {label!r} has a table of {n} clusters, its size "
-                               f"needs {need}", offset)
+            raise CorruptImage(
+                self.path, f"bitmap {label!r} has a table of {n} clusters, its size needs {need}", offset
+            )
 
     # -- mapping -------------------------------------------------------------
     def _table(self, l1_index: int) -> C.Table | None:
@@ -205,8 +231,13 @@ class Qcow2Layer:
             raise CorruptImage(self.path, f"L2 table at 0x{l2_off:x} lies past the end of the file", at)
         raw = bytearray(self.cluster_size)
         pread_exact(self.fd, self.path, memoryview(raw), l2_off)
-        t = C.classify(bytes(raw), self.cluster_bits, extended=self.header.extended_l2,
-                       data_file=self.header.has_data_file, base=l1_index * self.l1_span)
+        t = C.classify(
+            bytes(raw),
+            self.cluster_bits,
+            extended=self.header.extended_l2,
+            data_file=self.header.has_data_file,
+            base=l1_index * self.l1_span,
+        )
         t.l2_offset = l2_off
         with self._lock:
             if l1_index not in self._cache:
@@ -291,8 +322,9 @@ class Qcow2Layer:
             if off % cs or off + cs > self.file_size:
                 return False
             pread_exact(self.fd, self.path, memoryview(block), off)
-            count += C.count_nonzero_refcounts(bytes(block), h.refcount_order,
-                                               min(per_block, end_cluster - first))
+            count += C.count_nonzero_refcounts(
+                bytes(block), h.refcount_order, min(per_block, end_cluster - first)
+            )
         return count >= threshold
 
     def extents(self, start: int, end: int) -> Iterator[Extent]:
@@ -305,14 +337,15 @@ class Qcow2Layer:
                 continue
             # In a metadata-preallocated image QEMU asks the host file too:
             # allocated clusters over a hole read as zeros.
-            for hs, he, is_data in data_runs(self.data_fd, self.data_path, host, host + (e - s),
-                                             self.data_size):
+            for hs, he, is_data in data_runs(
+                self.data_fd, self.data_path, host, host + (e - s), self.data_size
+            ):
                 yield Extent(s + (hs - host), he - hs, Kind.DATA if is_data else Kind.ALLOC_ZERO)
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         end = offset + len(buf)
         for s, e, code, host, t, r in self._runs(offset, end):
-            dst = buf[s - offset:e - offset]
+            dst = buf[s - offset : e - offset]
             if code == C.DATA:
                 # Past the end of the file as it was at open, QEMU reads zeros;
                 # a file that shrank since then is an I/O error.
@@ -320,7 +353,7 @@ class Qcow2Layer:
             elif code == C.COMPRESSED:
                 cstart = s - (s % self.cluster_size)
                 data = self._read_compressed(host, cstart)
-                dst[:] = data[s - cstart:e - cstart]
+                dst[:] = data[s - cstart : e - cstart]
             elif code == C.BAD:
                 raise self._bad(t, r)  # type: ignore[arg-type]
             else:
@@ -333,11 +366,16 @@ class Qcow2Layer:
         try:
             out = self._decompress(bytes(buf))
         except Exception as exc:  # zlib.error, zstandard.ZstdError
-            raise CorruptImage(self.path, f"compressed cluster for guest offset 0x{guest:x} does not "
-                               f"decompress: {exc}", coff) from None
+            raise CorruptImage(
+                self.path, f"compressed cluster for guest offset 0x{guest:x} does not decompress: {exc}", coff
+            ) from None
         if len(out) != self.cluster_size:
-            raise CorruptImage(self.path, f"compressed cluster for guest offset 0x{guest:x} "
-                               f"decompresses to {len(out)} bytes, not {self.cluster_size}", coff)
+            raise CorruptImage(
+                self.path,
+                f"compressed cluster for guest offset 0x{guest:x} "
+                f"decompresses to {len(out)} bytes, not {self.cluster_size}",
+                coff,
+            )
         return out
 
     # -- facts ---------------------------------------------------------------
@@ -393,10 +431,12 @@ def _decompressor(ctype: int, cluster_size: int):
                         break
                     out += chunk
                 return bytes(out)
+
         return zstd
 
     def deflate(data: bytes) -> bytes:
         return zlib.decompressobj(-12).decompress(data, cluster_size)
+
     return deflate
 
 

@@ -15,22 +15,22 @@ from ..errors import CorruptImage, UnsupportedImage
 
 MAGIC = b"QFI\xfb"
 V2_HEADER_LENGTH = 72
-V3_HEADER_LENGTH = 104          # through header_length; compression_type is at 104
+V3_HEADER_LENGTH = 104  # through header_length; compression_type is at 104
 
-MIN_CLUSTER_BITS = 9            # 512 B
-MAX_CLUSTER_BITS = 21           # 2 MiB: QEMU refuses larger clusters
-MAX_L1_BYTES = 32 << 20         # QEMU's QCOW_MAX_L1_SIZE: bounds the L1 we load
-MAX_REFTABLE_BYTES = 8 << 20    # QEMU's QCOW_MAX_REFTABLE_SIZE
-MAX_SNAPSHOTS = 65536           # QEMU's QCOW_MAX_SNAPSHOTS
-MAX_BACKING_NAME = 1023         # spec: "must not be longer than 1023 bytes"
-MAX_FORMAT_NAME = 15            # QEMU keeps the backing format in a 16-byte buffer
-MAX_L1_INDEX = (1 << 31) - 1    # QEMU: "Image is too big" beyond INT_MAX L1 entries
-MAX_TABLE_END = (1 << 63) - 1   # QEMU validates table offsets against INT64_MAX
-MAX_SNAPSHOT_EXTRA = 1024       # QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA
+MIN_CLUSTER_BITS = 9  # 512 B
+MAX_CLUSTER_BITS = 21  # 2 MiB: QEMU refuses larger clusters
+MAX_L1_BYTES = 32 << 20  # QEMU's QCOW_MAX_L1_SIZE: bounds the L1 we load
+MAX_REFTABLE_BYTES = 8 << 20  # QEMU's QCOW_MAX_REFTABLE_SIZE
+MAX_SNAPSHOTS = 65536  # QEMU's QCOW_MAX_SNAPSHOTS
+MAX_BACKING_NAME = 1023  # spec: "must not be longer than 1023 bytes"
+MAX_FORMAT_NAME = 15  # QEMU keeps the backing format in a 16-byte buffer
+MAX_L1_INDEX = (1 << 31) - 1  # QEMU: "Image is too big" beyond INT_MAX L1 entries
+MAX_TABLE_END = (1 << 63) - 1  # QEMU validates table offsets against INT64_MAX
+MAX_SNAPSHOT_EXTRA = 1024  # QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA
 MAX_SNAPSHOTS_BYTES = 64 << 20  # QEMU's QCOW_MAX_SNAPSHOTS_SIZE
-SNAPSHOT_HEADER = 40            # fixed part of a snapshot table entry
-MAX_BITMAPS = 65535             # QEMU's QCOW2_MAX_BITMAPS
-MAX_BITMAP_DIRECTORY = MAX_BITMAPS * 1024   # QEMU's QCOW2_MAX_BITMAP_DIRECTORY_SIZE
+SNAPSHOT_HEADER = 40  # fixed part of a snapshot table entry
+MAX_BITMAPS = 65535  # QEMU's QCOW2_MAX_BITMAPS
+MAX_BITMAP_DIRECTORY = MAX_BITMAPS * 1024  # QEMU's QCOW2_MAX_BITMAP_DIRECTORY_SIZE
 
 # incompatible_features
 INCOMPAT_DIRTY = 1 << 0
@@ -38,10 +38,16 @@ INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_EXTL2 = 1 << 4
-INCOMPAT_KNOWN = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE
-                  | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2)
-INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file",
-                  3: "compression type", 4: "extended L2 entries"}
+INCOMPAT_KNOWN = (
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+)
+INCOMPAT_NAMES = {
+    0: "dirty",
+    1: "corrupt",
+    2: "external data file",
+    3: "compression type",
+    4: "extended L2 entries",
+}
 # compatible_features
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 # autoclear_features
@@ -63,11 +69,11 @@ EXT_CRYPTO = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
 
 # table entries
-OFFSET_MASK = 0x00FFFFFFFFFFFE00   # bits 9-55, for L1 and standard L2 entries
+OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55, for L1 and standard L2 entries
 OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1 << 0
-SUBCLUSTERS = 32                   # per cluster, with extended L2 entries
+SUBCLUSTERS = 32  # per cluster, with extended L2 entries
 COMPRESSED_SECTOR = 512
 
 _V2 = struct.Struct(">4sIQIIQIIQQIIQ")
@@ -175,21 +181,44 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
     the file is shorter). Raises CorruptImage / UnsupportedImage."""
     if len(head) < V2_HEADER_LENGTH:
         raise CorruptImage(path, f"file too short for a qcow2 header ({len(head)} bytes)")
-    (magic, version, bf_off, bf_size, cluster_bits, size, crypt, l1_size, l1_off,
-     rt_off, rt_clusters, nb_snap, snap_off) = _V2.unpack_from(head)
+    (
+        magic,
+        version,
+        bf_off,
+        bf_size,
+        cluster_bits,
+        size,
+        crypt,
+        l1_size,
+        l1_off,
+        rt_off,
+        rt_clusters,
+        nb_snap,
+        snap_off,
+    ) = _V2.unpack_from(head)
     if magic != MAGIC:
         raise CorruptImage(path, "not a qcow2 image (bad magic)", 0)
     if version not in (2, 3):
         raise UnsupportedImage(path, f"unsupported qcow2 version {version}", 4)
     if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
-        raise CorruptImage(path, f"cluster_bits {cluster_bits} out of range "
-                           f"{MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}", 20)
+        raise CorruptImage(
+            path, f"cluster_bits {cluster_bits} out of range {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}", 20
+        )
     cs = 1 << cluster_bits
-    fields: dict = dict(version=version, backing_file_offset=bf_off, backing_file_size=bf_size,
-                        cluster_bits=cluster_bits, size=size, crypt_method=crypt, l1_size=l1_size,
-                        l1_table_offset=l1_off, refcount_table_offset=rt_off,
-                        refcount_table_clusters=rt_clusters, nb_snapshots=nb_snap,
-                        snapshots_offset=snap_off)
+    fields: dict = dict(
+        version=version,
+        backing_file_offset=bf_off,
+        backing_file_size=bf_size,
+        cluster_bits=cluster_bits,
+        size=size,
+        crypt_method=crypt,
+        l1_size=l1_size,
+        l1_table_offset=l1_off,
+        refcount_table_offset=rt_off,
+        refcount_table_clusters=rt_clusters,
+        nb_snapshots=nb_snap,
+        snapshots_offset=snap_off,
+    )
     if version == 3:
         if len(head) < V3_HEADER_LENGTH:
             raise CorruptImage(path, "file too short for a version 3 header")
@@ -203,9 +232,14 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
         if refcount_order > 6:
             raise CorruptImage(path, f"refcount_order {refcount_order} exceeds 6", 96)
         compression = head[104] if header_length > 104 else COMPRESSION_ZLIB
-        fields.update(incompatible=incompat, compatible=compat, autoclear=autoclear,
-                      refcount_order=refcount_order, header_length=header_length,
-                      compression_type=compression)
+        fields.update(
+            incompatible=incompat,
+            compatible=compat,
+            autoclear=autoclear,
+            refcount_order=refcount_order,
+            header_length=header_length,
+            compression_type=compression,
+        )
     else:
         incompat = 0
         header_length = V2_HEADER_LENGTH
@@ -221,8 +255,9 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
         raise UnsupportedImage(path, f"unsupported incompatible feature(s): {label}", 72)
     if "crypto_at" in ext and crypt != CRYPT_LUKS:
         # QEMU refuses the open: the extension only belongs with LUKS
-        raise CorruptImage(path, "full disk encryption header extension without LUKS encryption",
-                           ext["crypto_at"])
+        raise CorruptImage(
+            path, "full disk encryption header extension without LUKS encryption", ext["crypto_at"]
+        )
     if crypt == CRYPT_AES:
         raise UnsupportedImage(path, "encrypted images are not supported (AES)", 32)
     if crypt == CRYPT_LUKS:
@@ -244,9 +279,15 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
     bitmaps = None
     if "bitmaps" in ext and autoclear & AUTOCLEAR_BITMAPS:
         bitmaps = _check_bitmaps_extension(path, ext["bitmaps_at"], ext["bitmaps"], cs)
-    hdr = Header(**fields, backing_file=None, backing_format=ext.get("backing_format"),
-                 data_file=ext.get("data_file"), feature_names=names,
-                 has_bitmaps="bitmaps" in ext, bitmaps=bitmaps)
+    hdr = Header(
+        **fields,
+        backing_file=None,
+        backing_format=ext.get("backing_format"),
+        data_file=ext.get("data_file"),
+        feature_names=names,
+        has_bitmaps="bitmaps" in ext,
+        bitmaps=bitmaps,
+    )
     if size % 512 and version == 2:
         pass  # QEMU rounds v2 sizes; reads past the last sector are clipped anyway
     l1_needed = -(-size // hdr.l1_span)
@@ -255,8 +296,9 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
     if l1_size > MAX_L1_BYTES // 8:
         raise UnsupportedImage(path, f"active L1 table too large ({l1_size} entries)", 36)
     if l1_size < l1_needed:
-        raise CorruptImage(path, f"L1 table is too small: {l1_size} entries, "
-                           f"the virtual size needs {l1_needed}", 36)
+        raise CorruptImage(
+            path, f"L1 table is too small: {l1_size} entries, the virtual size needs {l1_needed}", 36
+        )
     # QEMU checks a table's offset (aligned, below INT64_MAX) even when the table is empty
     _check_table(path, "L1 table", l1_off, l1_size * 8, cs, file_size, 40)
     if rt_clusters > MAX_REFTABLE_BYTES // cs:
@@ -281,15 +323,19 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
             raise CorruptImage(path, "backing file name lies past the end of the file", bf_off)
         if bf_size:
             # QEMU keeps the name as a C string: it ends at the first NUL
-            backing = _name(head[bf_off:bf_off + bf_size]).split("\0", 1)[0] or None
+            backing = _name(head[bf_off : bf_off + bf_size]).split("\0", 1)[0] or None
     if hdr.has_data_file and hdr.data_file is None:
-        raise UnsupportedImage(path, "external data file is required but its name is not recorded "
-                               "(no data file name extension)", 72)
+        raise UnsupportedImage(
+            path,
+            "external data file is required but its name is not recorded (no data file name extension)",
+            72,
+        )
     return _replace(hdr, backing_file=backing)
 
 
 def _replace(hdr: Header, **kw: object) -> Header:
     from dataclasses import replace
+
     return replace(hdr, **kw)
 
 
@@ -298,20 +344,25 @@ def _check_offset(path: str, what: str, offset: int, length: int, cs: int, field
     if offset % cs:
         raise CorruptImage(path, f"{what} offset 0x{offset:x} is not cluster aligned", field_at)
     if offset > MAX_TABLE_END - length:
-        raise CorruptImage(path, f"{what} at 0x{offset:x} (+{length} bytes) lies past the end of "
-                           "any possible file", field_at)
+        raise CorruptImage(
+            path, f"{what} at 0x{offset:x} (+{length} bytes) lies past the end of any possible file", field_at
+        )
 
 
-def _check_table(path: str, what: str, offset: int, length: int, cs: int, file_size: int,
-                 field_at: int) -> None:
+def _check_table(
+    path: str, what: str, offset: int, length: int, cs: int, file_size: int, field_at: int
+) -> None:
     _check_offset(path, what, offset, length, cs, field_at)
     if length == 0:
         return
     if offset == 0:
         raise CorruptImage(path, f"{what} overlaps the header", field_at)
     if offset + length > file_size:
-        raise CorruptImage(path, f"{what} at 0x{offset:x} (+{length} bytes) lies past the end of "
-                           f"the file ({file_size} bytes)", field_at)
+        raise CorruptImage(
+            path,
+            f"{what} at 0x{offset:x} (+{length} bytes) lies past the end of the file ({file_size} bytes)",
+            field_at,
+        )
 
 
 def _parse_extensions(path: str, head: bytes, start: int, bf_off: int, cs: int) -> dict:
@@ -328,9 +379,10 @@ def _parse_extensions(path: str, head: bytes, start: int, bf_off: int, cs: int) 
             break
         data_at = off + 8
         if elen > end - data_at:
-            raise CorruptImage(path, f"header extension 0x{etype:08x} ({elen} bytes) overruns "
-                               "the header area", off)
-        data = head[data_at:data_at + elen]
+            raise CorruptImage(
+                path, f"header extension 0x{etype:08x} ({elen} bytes) overruns the header area", off
+            )
+        data = head[data_at : data_at + elen]
         if etype in seen and etype in (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_BITMAPS, EXT_CRYPTO):
             raise CorruptImage(path, f"duplicate header extension 0x{etype:08x}", off)
         seen.add(etype)
@@ -344,7 +396,9 @@ def _parse_extensions(path: str, head: bytes, start: int, bf_off: int, cs: int) 
         elif etype == EXT_FEATURE_TABLE:
             names = {}
             for i in range(0, elen - elen % 48, 48):
-                names[(data[i], data[i + 1])] = data[i + 2:i + 48].split(b"\0", 1)[0].decode("ascii", "replace")
+                names[(data[i], data[i + 1])] = (
+                    data[i + 2 : i + 48].split(b"\0", 1)[0].decode("ascii", "replace")
+                )
             out["feature_names"] = names
         elif etype == EXT_BITMAPS:
             if elen != 24:
@@ -357,8 +411,9 @@ def _parse_extensions(path: str, head: bytes, start: int, bf_off: int, cs: int) 
     return out
 
 
-def _check_bitmaps_extension(path: str, at: int, ext: tuple[int, int, int, int],
-                             cs: int) -> tuple[int, int, int]:
+def _check_bitmaps_extension(
+    path: str, at: int, ext: tuple[int, int, int, int], cs: int
+) -> tuple[int, int, int]:
     """QEMU's checks of a bitmaps extension that the autoclear bit declares valid."""
     nb, reserved, dir_size, dir_off = ext
     if reserved:

@@ -50,25 +50,26 @@ import os
 import struct
 import sys
 from array import array
-from typing import Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from ..errors import ConvertError, ImageIOError
 
 MAGIC = b"QFI\xfb"
 
-MIN_CLUSTER_BITS = 9                  # 512 B: the sector size
-MAX_CLUSTER_BITS = 21                 # 2 MiB: QEMU's limit
+MIN_CLUSTER_BITS = 9  # 512 B: the sector size
+MAX_CLUSTER_BITS = 21  # 2 MiB: QEMU's limit
 DEFAULT_CLUSTER_SIZE = 1 << 16
-MIN_EXTL2_CLUSTER_BITS = 14           # QEMU refuses extended L2 below 16 KiB clusters
-SUBCLUSTERS = 32                      # per cluster with extended L2
+MIN_EXTL2_CLUSTER_BITS = 14  # QEMU refuses extended L2 below 16 KiB clusters
+SUBCLUSTERS = 32  # per cluster with extended L2
 
-REFCOUNT_ORDER = 4                    # 16-bit refcounts; the only width version 2 knows
+REFCOUNT_ORDER = 4  # 16-bit refcounts; the only width version 2 knows
 MAX_REFCOUNT = (1 << (1 << REFCOUNT_ORDER)) - 1
-MAX_L1_BYTES = 32 << 20               # QEMU's QCOW_MAX_L1_SIZE
-MAX_REFTABLE_BYTES = 8 << 20          # QEMU's QCOW_MAX_REFTABLE_SIZE
-MAX_BACKING_NAME = 1023               # QEMU refuses longer backing file names
-MAX_FORMAT_NAME = 15                  # QEMU keeps the backing format in a 16-byte buffer
-MAX_HOST_OFFSET = 1 << 56             # offsets live in bits 9..55
+MAX_L1_BYTES = 32 << 20  # QEMU's QCOW_MAX_L1_SIZE
+MAX_REFTABLE_BYTES = 8 << 20  # QEMU's QCOW_MAX_REFTABLE_SIZE
+MAX_BACKING_NAME = 1023  # QEMU refuses longer backing file names
+MAX_FORMAT_NAME = 15  # QEMU keeps the backing format in a 16-byte buffer
+MAX_HOST_OFFSET = 1 << 56  # offsets live in bits 9..55
 
 OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62
@@ -84,15 +85,15 @@ EXT_BACKING_FORMAT = 0xE2792ACA
 
 HEADER_V2_LEN = 72
 HEADER_V3_LEN = 112
-_HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")      # 72 bytes
-_HEADER_V3_TAIL = struct.Struct(">QQQIIB7x")       # 40 bytes: offsets 72..111
+_HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # 72 bytes
+_HEADER_V3_TAIL = struct.Struct(">QQQIIB7x")  # 40 bytes: offsets 72..111
 
-ALL_ALLOC = (1 << SUBCLUSTERS) - 1                 # extended L2: every subcluster allocated
-ALL_ZERO = ALL_ALLOC << SUBCLUSTERS                # extended L2: every subcluster reads as zeros
+ALL_ALLOC = (1 << SUBCLUSTERS) - 1  # extended L2: every subcluster allocated
+ALL_ZERO = ALL_ALLOC << SUBCLUSTERS  # extended L2: every subcluster reads as zeros
 
 _PAGE = 4096
-_FLUSH_COMPRESSED = 4 << 20          # write packed compressed data in pieces this big
-_PENDING_L2_BYTES = 4 << 20         # completed L2 tables kept before they are written
+_FLUSH_COMPRESSED = 4 << 20  # write packed compressed data in pieces this big
+_PENDING_L2_BYTES = 4 << 20  # completed L2 tables kept before they are written
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
@@ -106,8 +107,7 @@ def _be(a: array) -> array:
 def cluster_bits_of(cluster_size: int) -> int:
     bits = cluster_size.bit_length() - 1
     if cluster_size <= 0 or cluster_size != 1 << bits or not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS:
-        raise ConvertError(
-            f"cluster size must be a power of two from 512 B to 2 MiB, not {cluster_size}")
+        raise ConvertError(f"cluster size must be a power of two from 512 B to 2 MiB, not {cluster_size}")
     return bits
 
 
@@ -119,11 +119,20 @@ class Qcow2Writer:
     the file a valid image.
     """
 
-    def __init__(self, fd: int, size: int, *, path: str = "<target>",
-                 cluster_size: int = DEFAULT_CLUSTER_SIZE, version: int = 3,
-                 backing_file: str | None = None, backing_format: str | None = None,
-                 extended_l2: bool = False, compression_type: str = "zlib",
-                 io: "WriteIO | None" = None) -> None:
+    def __init__(
+        self,
+        fd: int,
+        size: int,
+        *,
+        path: str = "<target>",
+        cluster_size: int = DEFAULT_CLUSTER_SIZE,
+        version: int = 3,
+        backing_file: str | None = None,
+        backing_format: str | None = None,
+        extended_l2: bool = False,
+        compression_type: str = "zlib",
+        io: WriteIO | None = None,
+    ) -> None:
         self.fd = fd
         self.path = path
         self.io = io if io is not None else SyncIO(fd, path)
@@ -144,23 +153,27 @@ class Qcow2Writer:
             if version < 3:
                 raise ConvertError(f"{path}: extended L2 entries need compat 1.1 (version 3)")
             if self.cb < MIN_EXTL2_CLUSTER_BITS:
-                raise ConvertError(f"{path}: extended L2 entries need a cluster size of at least "
-                                   f"{1 << MIN_EXTL2_CLUSTER_BITS} bytes")
+                raise ConvertError(
+                    f"{path}: extended L2 entries need a cluster size of at least "
+                    f"{1 << MIN_EXTL2_CLUSTER_BITS} bytes"
+                )
         self.extended_l2 = extended_l2
-        self.words = 2 if extended_l2 else 1            # 64-bit words per L2 entry
+        self.words = 2 if extended_l2 else 1  # 64-bit words per L2 entry
         self.l2_entries = cluster_size // (8 * self.words)
         self.nclusters = -(-size // cluster_size)
         self.l1_size = -(-self.nclusters // self.l2_entries)
         if self.l1_size * 8 > MAX_L1_BYTES:
-            raise ConvertError(f"{path}: virtual size {size} needs an L1 table larger than QEMU's "
-                               f"{MAX_L1_BYTES >> 20} MiB limit; use a bigger cluster size")
+            raise ConvertError(
+                f"{path}: virtual size {size} needs an L1 table larger than QEMU's "
+                f"{MAX_L1_BYTES >> 20} MiB limit; use a bigger cluster size"
+            )
         # Compressed descriptor layout.
         self._cshift = 62 - (self.cb - 8)
         self._csec_mask = (1 << (self.cb - 8)) - 1
 
         self.backing_file = backing_file
         self.backing_format = backing_format
-        self._header = self._build_header(0, 0, 0, 0)   # validates that it fits in cluster 0
+        self._header = self._build_header(0, 0, 0, 0)  # validates that it fits in cluster 0
 
         # Host allocation: everything below ``next`` is in use; cluster 0 is the header.
         self.next = cluster_size
@@ -168,12 +181,12 @@ class Qcow2Writer:
         self._l2_index = -1
         self._l2: array | None = None
         self._pending_l2: list[tuple[int, array]] = []
-        self._l1_index = array("Q")                      # sparse L1: indexes ...
-        self._l1_value = array("Q")                      # ... and entries
+        self._l1_index = array("Q")  # sparse L1: indexes ...
+        self._l1_value = array("Q")  # ... and entries
         # Refcounts: 1 for every cluster below ``next`` unless listed in _rc_extra
         # (clusters shared by packed compressed data). Blocks are written once final.
         self._rc_per_block = cluster_size * 8 >> REFCOUNT_ORDER
-        self._rc_blocks = array("Q")                     # host offset of refcount block k
+        self._rc_blocks = array("Q")  # host offset of refcount block k
         self._rc_extra: dict[int, int] = {}
         # Packed compressed data not yet written: starts at host offset _cbuf_off.
         self._cbuf = bytearray()
@@ -187,9 +200,13 @@ class Qcow2Writer:
         self.zero_clusters = 0
 
     # -- feeding -----------------------------------------------------------
-    def write_clusters(self, guest_cluster: int, data: memoryview | bytes | bytearray,
-                       segments: Iterable[tuple[int, int]] | None = None,
-                       bitmaps: Sequence[int] | None = None) -> None:
+    def write_clusters(
+        self,
+        guest_cluster: int,
+        data: memoryview | bytes | bytearray,
+        segments: Iterable[tuple[int, int]] | None = None,
+        bitmaps: Sequence[int] | None = None,
+    ) -> None:
         """Store ``len(data)/cluster_size`` consecutive guest clusters as data.
 
         ``data`` covers whole clusters, except that the disk's last cluster may
@@ -208,7 +225,7 @@ class Qcow2Writer:
             self._pwrite(mv, host)
         else:
             for off, length in segments:
-                self._pwrite(mv[off:off + length], host + off)
+                self._pwrite(mv[off : off + length], host + off)
         self.data_clusters += n
         if self.extended_l2:
             if bitmaps is None:
@@ -243,8 +260,9 @@ class Qcow2Writer:
             self._flush_compressed()
         # Writing metadata ends the packed stream (it needs whole clusters),
         # so do it only when L2 tables pile up or a refcount block is final.
-        if (len(self._pending_l2) * self.cs >= _PENDING_L2_BYTES
-                or (end >> self.cb) // self._rc_per_block > len(self._rc_blocks)):
+        if len(self._pending_l2) * self.cs >= _PENDING_L2_BYTES or (
+            end >> self.cb
+        ) // self._rc_per_block > len(self._rc_blocks):
             self._flush_metadata()
 
     def write_zero(self, guest_cluster: int, count: int = 1, bitmaps: Sequence[int] | None = None) -> None:
@@ -316,8 +334,9 @@ class Qcow2Writer:
                 break
             nblocks, rt_clusters = want
         if rt_clusters * cs > MAX_REFTABLE_BYTES:
-            raise ConvertError(f"{self.path}: image too large for QEMU's refcount table limit; "
-                               "use a bigger cluster size")
+            raise ConvertError(
+                f"{self.path}: image too large for QEMU's refcount table limit; use a bigger cluster size"
+            )
         first = self._alloc(nblocks) if nblocks else self.next
         rt_off = self._alloc(rt_clusters)
         assert self.next >> self.cb == end
@@ -374,11 +393,11 @@ class Qcow2Writer:
             l2 = self._l2
             assert l2 is not None
             if w == 1:
-                l2[slot:slot + k] = vals
+                l2[slot : slot + k] = vals
             else:
-                l2[2 * slot:2 * (slot + k):2] = vals
+                l2[2 * slot : 2 * (slot + k) : 2] = vals
                 assert bitmaps is not None
-                l2[2 * slot + 1:2 * (slot + k):2] = array("Q", bitmaps[done:done + k])
+                l2[2 * slot + 1 : 2 * (slot + k) : 2] = array("Q", bitmaps[done : done + k])
             done += k
 
     def _close_l2(self) -> None:
@@ -419,8 +438,8 @@ class Qcow2Writer:
         # A refcount block is final once the allocation pointer has passed its
         # range and no compressed stream is open inside it.
         per_block = self._rc_per_block
-        frontier = self.next >> self.cb          # clusters below are final; an open
-                                                 # (partly packed) cluster is not
+        frontier = self.next >> self.cb  # clusters below are final; an open
+        # (partly packed) cluster is not
         ready = frontier // per_block - len(self._rc_blocks)
         if ready <= 0:
             return
@@ -474,15 +493,32 @@ class Qcow2Writer:
             if self.backing_format:
                 fmt = self.backing_format.encode()
                 if len(fmt) > MAX_FORMAT_NAME:
-                    raise ConvertError(f"{self.path}: backing format name {self.backing_format!r} is too long")
+                    raise ConvertError(
+                        f"{self.path}: backing format name {self.backing_format!r} is too long"
+                    )
                 exts += struct.pack(">II", EXT_BACKING_FORMAT, len(fmt)) + fmt + bytes(-len(fmt) % 8)
         exts += struct.pack(">II", EXT_END, 0)
         name_off = hlen + len(exts) if name else 0
         if hlen + len(exts) + len(name) > self.cs:
-            raise ConvertError(f"{self.path}: header and backing file name do not fit in one "
-                               f"{self.cs}-byte cluster; use a bigger cluster size")
-        head = _HEADER_V2.pack(MAGIC, self.version, name_off, len(name), self.cb, self.size,
-                               0, l1_size, l1_off, rt_off, rt_clusters, 0, 0)
+            raise ConvertError(
+                f"{self.path}: header and backing file name do not fit in one "
+                f"{self.cs}-byte cluster; use a bigger cluster size"
+            )
+        head = _HEADER_V2.pack(
+            MAGIC,
+            self.version,
+            name_off,
+            len(name),
+            self.cb,
+            self.size,
+            0,
+            l1_size,
+            l1_off,
+            rt_off,
+            rt_clusters,
+            0,
+            0,
+        )
         if v3:
             head += _HEADER_V3_TAIL.pack(incompat, 0, 0, REFCOUNT_ORDER, HEADER_V3_LEN, ctype)
         return head + exts + name
@@ -501,7 +537,7 @@ def pwritev_all(fd: int, bufs: Sequence[memoryview | bytes | bytearray], offset:
         if n <= 0:
             raise ImageIOError(path, "write made no progress", offset + done)
         done += n
-        while n and views:                 # drop what was written; retry the rest
+        while n and views:  # drop what was written; retry the rest
             if n >= len(views[0]):
                 n -= len(views[0])
                 views.pop(0)
@@ -515,7 +551,7 @@ class WriteIO(Protocol):
     """Where the writer's bytes go. The writer never touches a buffer it handed over."""
 
     def write(self, bufs: list[memoryview], offset: int) -> None: ...
-    def drain(self) -> None: ...        # every write done (or its error raised)
+    def drain(self) -> None: ...  # every write done (or its error raised)
 
 
 class SyncIO:

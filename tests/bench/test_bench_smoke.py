@@ -44,8 +44,13 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     require(have_fuse(), "/dev/fuse or fusermount3 is missing")
     out = tmp_path / "bench"
     # --warm: leave the machine's page cache alone (and need no root for it)
-    res = subprocess.run([sys.executable, str(RUN), "--quick", "--warm", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--warm", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert not mounts_under(tmp_path), "the benchmark left a mount behind"
     assert not (out / "work").exists(), "the scratch folder was not removed"

@@ -19,12 +19,15 @@ def test_quiet_by_default(tmp_path):
 
 
 def test_json_summary(tmp_path):
-    src = write_sparse_raw(tmp_path / "src.raw", 32 * M,
-                           [(0, pattern(256 * K, 1)), (M, bytes(128 * K)), (2 * M, pattern(64 * K, 2))])
+    src = write_sparse_raw(
+        tmp_path / "src.raw",
+        32 * M,
+        [(0, pattern(256 * K, 1)), (M, bytes(128 * K)), (2 * M, pattern(64 * K, 2))],
+    )
     res = flatfs("convert", "--output=json", "-f", "raw", src, tmp_path / "out.qcow2")
     s = json.loads(res.stdout)
     assert s["data-read"] == 256 * K + 128 * K + 64 * K
-    assert s["zero-clusters-skipped"] == 2          # the 128 KiB of zeros: two 64 KiB clusters
+    assert s["zero-clusters-skipped"] == 2  # the 128 KiB of zeros: two 64 KiB clusters
     assert s["data-clusters"] == 4 + 1
     assert s["bytes-written"] >= (4 + 1) * 64 * K
     assert s["seconds"] >= 0 and s["virtual-size"] == 32 * M
@@ -41,7 +44,9 @@ def test_progress_bar(tmp_path):
 
 def test_sizes_and_sparse_granularity(tmp_path):
     # 4 KiB of zeros inside data: -S 4k leaves it a hole in a raw target, -S 0 writes it
-    src = write_sparse_raw(tmp_path / "src.raw", 4 * M, [(0, pattern(64 * K, 1) + bytes(64 * K) + pattern(K, 2))])
+    src = write_sparse_raw(
+        tmp_path / "src.raw", 4 * M, [(0, pattern(64 * K, 1) + bytes(64 * K) + pattern(K, 2))]
+    )
     a = tmp_path / "a.raw"
     b = tmp_path / "b.raw"
     flatfs("convert", "-O", "raw", "-S", "4k", src, a)
@@ -62,9 +67,21 @@ def test_bad_size_is_a_usage_error(tmp_path, bad):
 
 def test_help_mentions_every_option():
     out = flatfs("convert", "--help").stdout
-    for opt in ("--source-format", "--target-format", "--sparse-size", "--compat", "--cluster-size",
-                "--compress", "--compression-type", "--extended-l2", "--backing", "--backing-format",
-                "--force", "--progress", "--output"):
+    for opt in (
+        "--source-format",
+        "--target-format",
+        "--sparse-size",
+        "--compat",
+        "--cluster-size",
+        "--compress",
+        "--compression-type",
+        "--extended-l2",
+        "--backing",
+        "--backing-format",
+        "--force",
+        "--progress",
+        "--output",
+    ):
         assert opt in out, opt
 
 

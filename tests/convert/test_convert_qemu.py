@@ -18,10 +18,14 @@ MATRIX = {
     "cluster-512": (["--cluster-size", "512"], ["-o", "cluster_size=512"]),
     "cluster-2M": (["--cluster-size", "2M"], ["-o", "cluster_size=2M"]),
     "extended-l2": (["--extended-l2"], ["-o", "extended_l2=on"]),
-    "extended-l2-16k-zlib": (["--extended-l2", "--cluster-size", "16k", "-c"],
-                             ["-c", "-o", "extended_l2=on,cluster_size=16k"]),
-    "compat-0.10-zlib-4k": (["--compat", "0.10", "--cluster-size", "4k", "-c"],
-                            ["-c", "-o", "compat=0.10,cluster_size=4k"]),
+    "extended-l2-16k-zlib": (
+        ["--extended-l2", "--cluster-size", "16k", "-c"],
+        ["-c", "-o", "extended_l2=on,cluster_size=16k"],
+    ),
+    "compat-0.10-zlib-4k": (
+        ["--compat", "0.10", "--cluster-size", "4k", "-c"],
+        ["-c", "-o", "compat=0.10,cluster_size=4k"],
+    ),
     "sparse-0": (["-S", "0"], ["-S", "0"]),
     "raw": (["-O", "raw"], ["-O", "raw"]),
     "raw-sparse-0": (["-O", "raw", "-S", "0"], ["-O", "raw"]),
@@ -31,6 +35,7 @@ MATRIX = {
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
     from ..conftest import Qemu, have_qemu, require
+
     require(have_qemu(), "qemu-img/qemu-io are not installed")
     d = tmp_path_factory.mktemp("sources")
     return {"raw": scattered_raw(d / "scattered.raw"), "chain": qemu_chain(Qemu(), d)}
@@ -77,6 +82,7 @@ def test_raw_target_is_sparse(qemu, sources, tmp_path):
 
 # -- deltas over a new base (-B) --------------------------------------------------
 
+
 @pytest.fixture
 def delta_setup(qemu, tmp_path):
     """base.qcow2 and a changed copy of its content as a raw file."""
@@ -87,18 +93,20 @@ def delta_setup(qemu, tmp_path):
     changed.write_bytes(base_raw.read_bytes())
     with open(changed, "r+b") as f:
         f.seek(0)
-        f.write(bytes(64 * 1024))              # zeros over base data
+        f.write(bytes(64 * 1024))  # zeros over base data
         f.seek(3 * M + 100)
-        f.write(b"changed!" * 1000)            # a partial change
+        f.write(b"changed!" * 1000)  # a partial change
         f.seek(31 * M)
-        f.write(b"\x07" * (M // 2))            # new data where the base has none
+        f.write(b"\x07" * (M // 2))  # new data where the base has none
     return base_raw, base, changed
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("extra", [[], ["--compat", "0.10"], ["--extended-l2"], ["-c"],
-                                   ["--cluster-size", "512"], ["-S", "0"]],
-                         ids=["default", "compat-0.10", "extended-l2", "zlib", "cluster-512", "sparse-0"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--compat", "0.10"], ["--extended-l2"], ["-c"], ["--cluster-size", "512"], ["-S", "0"]],
+    ids=["default", "compat-0.10", "extended-l2", "zlib", "cluster-512", "sparse-0"],
+)
 def test_backing_delta(qemu, tmp_path, delta_setup, extra):
     _, base, changed = delta_setup
     out = tmp_path / "delta.qcow2"
@@ -134,7 +142,7 @@ def test_backing_name_stored_as_given(qemu, tmp_path, delta_setup):
     sub = tmp_path / "overlays"
     sub.mkdir()
     out = sub / "delta.qcow2"
-    flatfs("convert", "-B", "../base.qcow2", changed, out)        # -F probed: qcow2
+    flatfs("convert", "-B", "../base.qcow2", changed, out)  # -F probed: qcow2
     meta = info(qemu, out)
     assert meta["backing-filename"] == "../base.qcow2"
     assert meta["backing-filename-format"] == "qcow2"
@@ -151,7 +159,7 @@ def test_backing_raw_and_chain_source(qemu, tmp_path):
     top = qemu_chain(qemu, tmp_path)
     flat = tmp_path / "flat.raw"
     qemu.to_raw(top, flat)
-    with open(flat, "r+b") as f:          # the new base differs a little from the chain
+    with open(flat, "r+b") as f:  # the new base differs a little from the chain
         f.seek(M)
         f.write(b"\x99" * 8192)
     out = tmp_path / "delta.qcow2"
@@ -176,8 +184,15 @@ def test_backing_shorter_than_source(qemu, tmp_path):
 
 # -- sources using each qcow2 feature the reader supports ------------------------------
 
-WRITES = ["write -P 0x21 0 1M", "write -P 0x22 3M 4k", "write -z 3M 64k", "write -P 0x23 5M 12k",
-          "write -c -P 0x24 6M 256k", "write -P 0 7M 64k", "discard 0 64k"]
+WRITES = [
+    "write -P 0x21 0 1M",
+    "write -P 0x22 3M 4k",
+    "write -z 3M 64k",
+    "write -P 0x23 5M 12k",
+    "write -c -P 0x24 6M 256k",
+    "write -P 0 7M 64k",
+    "discard 0 64k",
+]
 FEATURES = {
     "compat-0.10": "compat=0.10",
     "cluster-512": "cluster_size=512",

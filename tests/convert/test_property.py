@@ -49,8 +49,14 @@ def writer_options(draw):
     compress = draw(st.sampled_from([None, "zlib"] + (["zstd"] if compat == "1.1" else [])))
     ext = compat == "1.1" and cs >= 16 * K and draw(st.booleans())
     sparse = draw(st.sampled_from([0, 512, 4096, 64 * K]))
-    return ConvertOptions(compat=compat, cluster_size=cs, compress=compress is not None,
-                          compression_type=compress, extended_l2=ext, sparse_size=sparse)
+    return ConvertOptions(
+        compat=compat,
+        cluster_size=cs,
+        compress=compress is not None,
+        compression_type=compress,
+        extended_l2=ext,
+        sparse_size=sparse,
+    )
 
 
 def make_raw(path: Path, size: int, writes) -> bytes:
@@ -67,8 +73,11 @@ def check_qemu(out: Path, src: Path, backing: bool) -> None:
         return
     res = subprocess.run(["qemu-img", "check", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    res = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), str(out)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 

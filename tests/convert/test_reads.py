@@ -39,16 +39,24 @@ def data_ranges(chain):
 
 def assert_reads_only_data(log, ranges):
     for depth, off, n in log:
-        assert any(d == depth and s <= off and off + n <= e for d, s, e in ranges), \
+        assert any(d == depth and s <= off and off + n <= e for d, s, e in ranges), (
             f"read of {n} bytes at {off:#x} (depth {depth}) is outside every DATA extent"
+        )
     # and every DATA byte exactly once
     assert sum(n for *_, n in log) == sum(e - s for _, s, e in ranges)
 
 
-@pytest.mark.parametrize("opts", [ConvertOptions(), ConvertOptions(target_format="raw"),
-                                  ConvertOptions(compress=True), ConvertOptions(extended_l2=True),
-                                  ConvertOptions(sparse_size=0, cluster_size=512)],
-                         ids=["qcow2", "raw", "zlib", "extended-l2", "S0-512"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ConvertOptions(),
+        ConvertOptions(target_format="raw"),
+        ConvertOptions(compress=True),
+        ConvertOptions(extended_l2=True),
+        ConvertOptions(sparse_size=0, cluster_size=512),
+    ],
+    ids=["qcow2", "raw", "zlib", "extended-l2", "S0-512"],
+)
 def test_raw_source_reads_only_data(tmp_path, opts):
     src = scattered_raw(tmp_path / "src.raw", 256 * M)
     with open_chain(src, OpenOptions(format="raw")) as chain:
@@ -57,7 +65,7 @@ def test_raw_source_reads_only_data(tmp_path, opts):
         summary = convert_chain(chain, tmp_path / "out", opts)
     assert_reads_only_data(log, ranges)
     assert summary.data_read == sum(e - s for _, s, e in ranges)
-    assert summary.data_read < 8 * M          # of a 256 MiB disk
+    assert summary.data_read < 8 * M  # of a 256 MiB disk
 
 
 @pytest.mark.qemu
@@ -73,21 +81,26 @@ def test_chain_and_backing_read_only_data(qemu, tmp_path):
         convert_chain(chain, tmp_path / "plain.qcow2", ConvertOptions())
         assert_reads_only_data(log, ranges)
         log.clear()
-        convert_chain(chain, tmp_path / "delta.qcow2",
-                      ConvertOptions(backing="newbase.raw", backing_format="raw"), backing=bchain)
+        convert_chain(
+            chain,
+            tmp_path / "delta.qcow2",
+            ConvertOptions(backing="newbase.raw", backing_format="raw"),
+            backing=bchain,
+        )
         assert_reads_only_data(log, ranges)
         assert_reads_only_data(blog, branges)
 
 
 def test_huge_sparse_source_is_cheap(tmp_path):
     """A 15 TiB sparse raw file with a little data converts in proportion to the data."""
-    size = 15 << 40                     # ext4's limit is 16 TiB
-    src = write_sparse_raw(tmp_path / "huge.raw", size,
-                           [(0, b"a" * 4096), (9 << 40, b"b" * 70000), (size - 512, b"c" * 512)])
+    size = 15 << 40  # ext4's limit is 16 TiB
+    src = write_sparse_raw(
+        tmp_path / "huge.raw", size, [(0, b"a" * 4096), (9 << 40, b"b" * 70000), (size - 512, b"c" * 512)]
+    )
     with open_chain(src, OpenOptions(format="raw")) as chain:
         data = sum(e - s for _, s, e in data_ranges(chain))
         summary = convert_chain(chain, tmp_path / "huge.qcow2", ConvertOptions())
-    assert summary.data_read == data < 100_000     # file system blocks around the writes
+    assert summary.data_read == data < 100_000  # file system blocks around the writes
     assert (tmp_path / "huge.qcow2").stat().st_blocks * 512 < 4 * M
     with open_chain(tmp_path / "huge.qcow2") as out:
         assert out.size == size

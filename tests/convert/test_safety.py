@@ -28,8 +28,13 @@ def many_chunks_raw(path: Path) -> Path:
 
 def start_slow(src: Path, out: Path, *args: str) -> subprocess.Popen:
     env = dict(os.environ, FLATFS_CONVERT_TEST_DELAY="0.2")
-    return subprocess.Popen([sys.executable, "-m", "flatfs", "convert", *args, str(src), str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flatfs", "convert", *args, str(src), str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_temp(folder: Path, proc: subprocess.Popen) -> None:
@@ -38,7 +43,7 @@ def wait_for_temp(folder: Path, proc: subprocess.Popen) -> None:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the conversion never started"
         time.sleep(0.02)
-    time.sleep(0.3)                      # well inside the data now
+    time.sleep(0.3)  # well inside the data now
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -105,8 +110,9 @@ def small_fs(tmp_path):
     require(os.geteuid() == 0, "mounting a tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     require(res.returncode == 0, f"cannot mount a tmpfs: {res.stderr.strip()}")
     try:
         yield mnt
@@ -116,14 +122,15 @@ def small_fs(tmp_path):
 
 @pytest.mark.parametrize("args", [[], ["-O", "raw"], ["-c"]], ids=["qcow2", "raw", "zlib"])
 def test_disk_full_leaves_nothing(tmp_path, small_fs, args):
-    src = write_sparse_raw(tmp_path / "src.raw", 64 * M,
-                           [(i * 4 * M, pattern(M, i)) for i in range(8)])   # 8 MiB of data
+    src = write_sparse_raw(
+        tmp_path / "src.raw", 64 * M, [(i * 4 * M, pattern(M, i)) for i in range(8)]
+    )  # 8 MiB of data
     out = small_fs / "target.img"
     res = flatfs("convert", *args, src, out, check=False)
     assert res.returncode == 1
     assert res.stderr.startswith("flatfs: ") and len(res.stderr.strip().splitlines()) == 1
     assert "No space left on device" in res.stderr and "Traceback" not in res.stderr
-    assert str(out) in res.stderr                      # names TARGET, not the temporary file
+    assert str(out) in res.stderr  # names TARGET, not the temporary file
     assert list(small_fs.iterdir()) == []
 
 
@@ -186,8 +193,10 @@ def test_errors_are_one_line(tmp_path):
     for args in cases:
         res = flatfs("convert", *args, src, tmp_path / "out.img", check=False)
         assert res.returncode == 1, (args, res.stderr)
-        assert res.stderr.startswith("flatfs: ") and len(res.stderr.strip().splitlines()) == 1, \
-            (args, res.stderr)
+        assert res.stderr.startswith("flatfs: ") and len(res.stderr.strip().splitlines()) == 1, (
+            args,
+            res.stderr,
+        )
     res = flatfs("convert", tmp_path / "nope.raw", tmp_path / "out.img", check=False)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     res = flatfs("convert", src, tmp_path / "no-such-dir" / "out.img", check=False)

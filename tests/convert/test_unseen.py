@@ -30,11 +30,12 @@ def _qemu_convert(qemu: Qemu, src: Path, out: Path, *args: str) -> Path:
 # granule holding a single byte of data, so a raw target with -S 64k took up to
 # 16 times the space of qemu-img's.
 
+
 def _sparse_data_source(path: Path) -> Path:
     writes = []
-    for i in range(24):                      # 4 KiB of data in each of 24 separate 64 KiB granules
+    for i in range(24):  # 4 KiB of data in each of 24 separate 64 KiB granules
         writes.append((i * 192 * K + (i % 7) * 8 * K, pattern(4 * K, i)))
-    writes.append((6 * M, pattern(4 * K, 100) + bytes(20 * K) + pattern(4 * K, 101)))   # short zero run
+    writes.append((6 * M, pattern(4 * K, 100) + bytes(20 * K) + pattern(4 * K, 101)))  # short zero run
     writes.append((7 * M, pattern(4 * K, 102) + bytes(128 * K) + pattern(4 * K, 103)))  # long zero run
     return write_sparse_raw(path, 8 * M + 512, writes)
 
@@ -62,13 +63,15 @@ def test_raw_target_sparse_size_no_bigger_than_qemu(qemu, tmp_path, sparse_sourc
 
 def test_raw_target_keeps_short_zero_runs_between_data(tmp_path):
     """-S 64k still writes a zero run shorter than 64k between data (no fragmenting)."""
-    src = write_sparse_raw(tmp_path / "s.raw", 2 * M, [(0, pattern(8 * K, 1) + bytes(16 * K) + pattern(8 * K, 2))])
+    src = write_sparse_raw(
+        tmp_path / "s.raw", 2 * M, [(0, pattern(8 * K, 1) + bytes(16 * K) + pattern(8 * K, 2))]
+    )
     a = tmp_path / "a.raw"
     b = tmp_path / "b.raw"
     flatfs("convert", "-O", "raw", "-S", "64k", src, a)
     flatfs("convert", "-O", "raw", "-S", "4k", src, b)
     assert a.read_bytes() == b.read_bytes() == src.read_bytes()
-    assert disk_usage(a) > disk_usage(b)      # the 16 KiB run is written only with -S 64k
+    assert disk_usage(a) > disk_usage(b)  # the 16 KiB run is written only with -S 64k
 
 
 # -- chain kinds the red-team generator made, with the option sets it ran --------------
@@ -81,42 +84,71 @@ RECIPES = {
     # that is shorter than its base, with a compressed write and an internal snapshot
     "odd-raw-base-1k-overlay": (
         [("base.raw", "raw", 5 * M + 1234, None), ("top.qcow2", "qcow2", 3 * M + 300, "cluster_size=1024")],
-        [["write -P 0x3c 1M 64k", "write -z 1200k 512", "write -P 0x0a 2M 1k", "write -P 0x44 5M 1024"],
-         ["write -P 0xdd 512k 64k", "discard 1M 2k", "write -c -P 0xa9 3M 512", "write -P 0 2M 1k",
-          "snapshot", "write -P 0xee 8k 4k", "write -z 520k 4k"]],
+        [
+            ["write -P 0x3c 1M 64k", "write -z 1200k 512", "write -P 0x0a 2M 1k", "write -P 0x44 5M 1024"],
+            [
+                "write -P 0xdd 512k 64k",
+                "discard 1M 2k",
+                "write -c -P 0xa9 3M 512",
+                "write -P 0 2M 1k",
+                "snapshot",
+                "write -P 0xee 8k 4k",
+                "write -z 520k 4k",
+            ],
+        ],
     ),
     # extended L2 with partial subcluster writes and zeroed subclusters over a 2 MiB-cluster base
     "extl2-subclusters-over-2M": (
-        [("base.qcow2", "qcow2", 6 * M, "cluster_size=2M"),
-         ("top.qcow2", "qcow2", 6 * M, "cluster_size=64k,extended_l2=on,compression_type=zstd")],
-        [["write -P 0x11 0 4M", "write -c -P 0x12 4M 2M"],
-         ["write -P 0x21 2k 1k", "write -z 8k 2k", "write -z -u 64k 64k", "write -P 0x22 130k 3k",
-          "write -c -P 0x23 1M 64k", "discard 4M 64k", "write -P 0 5M 8k"]],
+        [
+            ("base.qcow2", "qcow2", 6 * M, "cluster_size=2M"),
+            ("top.qcow2", "qcow2", 6 * M, "cluster_size=64k,extended_l2=on,compression_type=zstd"),
+        ],
+        [
+            ["write -P 0x11 0 4M", "write -c -P 0x12 4M 2M"],
+            [
+                "write -P 0x21 2k 1k",
+                "write -z 8k 2k",
+                "write -z -u 64k 64k",
+                "write -P 0x22 130k 3k",
+                "write -c -P 0x23 1M 64k",
+                "discard 4M 64k",
+                "write -P 0 5M 8k",
+            ],
+        ],
     ),
     # compat 0.10 (no zero clusters) with 1-bit and 64-bit refcount layers above it
     "compat010-refcount-1-64": (
-        [("base.qcow2", "qcow2", 4 * M, "compat=0.10,cluster_size=4096"),
-         ("mid.qcow2", "qcow2", 4 * M, "refcount_bits=1,cluster_size=512"),
-         ("top.qcow2", "qcow2", 4 * M + 4096, "refcount_bits=64,lazy_refcounts=on")],
-        [["write -P 0x31 0 2M", "write -P 0 2M 64k", "write -z 3M 8k"],
-         ["write -z 64k 4k", "write -P 0x32 1M 1536", "discard 1536k 64k"],
-         ["write -P 0x33 4M 4k", "write -z 0 512", "write -c -P 0x34 128k 64k"]],
+        [
+            ("base.qcow2", "qcow2", 4 * M, "compat=0.10,cluster_size=4096"),
+            ("mid.qcow2", "qcow2", 4 * M, "refcount_bits=1,cluster_size=512"),
+            ("top.qcow2", "qcow2", 4 * M + 4096, "refcount_bits=64,lazy_refcounts=on"),
+        ],
+        [
+            ["write -P 0x31 0 2M", "write -P 0 2M 64k", "write -z 3M 8k"],
+            ["write -z 64k 4k", "write -P 0x32 1M 1536", "discard 1536k 64k"],
+            ["write -P 0x33 4M 4k", "write -z 0 512", "write -c -P 0x34 128k 64k"],
+        ],
     ),
 }
 
 CONVERT_OPTS = {
     "default": ([], ["-O", "qcow2"]),
     "raw-S64k": (["-O", "raw", "-S", "64k"], ["-O", "raw", "-S", "64k"]),
-    "zstd-extl2-2M": (["-c", "--compression-type", "zstd", "--extended-l2", "--cluster-size", "2M"],
-                      ["-O", "qcow2", "-c", "-o", "compression_type=zstd,extended_l2=on,cluster_size=2M"]),
-    "compat010-512-S512": (["--compat", "0.10", "--cluster-size", "512", "-S", "512"],
-                           ["-O", "qcow2", "-S", "512", "-o", "compat=0.10,cluster_size=512"]),
+    "zstd-extl2-2M": (
+        ["-c", "--compression-type", "zstd", "--extended-l2", "--cluster-size", "2M"],
+        ["-O", "qcow2", "-c", "-o", "compression_type=zstd,extended_l2=on,cluster_size=2M"],
+    ),
+    "compat010-512-S512": (
+        ["--compat", "0.10", "--cluster-size", "512", "-S", "512"],
+        ["-O", "qcow2", "-S", "512", "-o", "compat=0.10,cluster_size=512"],
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def recipes(tmp_path_factory) -> dict[str, Path]:
     from ..conftest import have_qemu, require
+
     require(have_qemu(), "qemu-img/qemu-io are not installed")
     q = Qemu()
     out = {}

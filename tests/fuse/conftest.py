@@ -12,8 +12,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -24,6 +24,7 @@ M = 1 << 20
 
 
 # -- mount table ---------------------------------------------------------------
+
 
 def flatfs_mounts() -> set[str]:
     """Mount points of every flatfs mount in this mount namespace."""
@@ -76,6 +77,7 @@ def wait_gone(pid: int, deadline_s: float = 60.0) -> bool:
 
 # -- mounting ------------------------------------------------------------------
 
+
 class Mounter:
     """Mount views through the CLI; remembers every mountpoint for teardown."""
 
@@ -120,6 +122,7 @@ def mounter(tmp_path: Path) -> Iterator[Mounter]:
 
 # -- chains made by qemu-img ---------------------------------------------------
 
+
 class Chain:
     """A test chain: its top image, the qemu-img reference raw, and the oracle's data extents."""
 
@@ -162,14 +165,31 @@ def build_chains(q: Qemu, d: Path) -> dict[str, Chain]:
     c = d / "three"
     c.mkdir()
     q.create(c / "base.qcow2", "32M", opts="cluster_size=65536")
-    q.io(c / "base.qcow2", "write -P 0x11 0 2M", "write -P 0x12 5M 64k", "write -z 8M 1M",
-         "write -P 0x13 12M 300k", "write -P 0x14 31M 1M")
+    q.io(
+        c / "base.qcow2",
+        "write -P 0x11 0 2M",
+        "write -P 0x12 5M 64k",
+        "write -z 8M 1M",
+        "write -P 0x13 12M 300k",
+        "write -P 0x14 31M 1M",
+    )
     q.create(c / "mid.qcow2", "48M", backing="base.qcow2", opts="cluster_size=4096")
-    q.io(c / "mid.qcow2", "write -P 0x21 1M 8k", "write -z 5M 64k", "write -P 0x22 40M 12k",
-         "write -P 0x23 0x1234000 4k", "discard 12M 64k")
+    q.io(
+        c / "mid.qcow2",
+        "write -P 0x21 1M 8k",
+        "write -z 5M 64k",
+        "write -P 0x22 40M 12k",
+        "write -P 0x23 0x1234000 4k",
+        "discard 12M 64k",
+    )
     q.create(c / "top.qcow2", "64M", backing="mid.qcow2", opts="cluster_size=2M")
-    q.io(c / "top.qcow2", "write -P 0x31 20M 4k", "write -P 0x32 50M 1M", "write -z 60M 2M",
-         "write -P 0x33 62M 512")
+    q.io(
+        c / "top.qcow2",
+        "write -P 0x31 20M 4k",
+        "write -P 0x32 50M 1M",
+        "write -z 60M 2M",
+        "write -P 0x33 62M 512",
+    )
     chains["three"] = _finish(q, "three", c / "top.qcow2")
 
     # A sparse raw base under a qcow2 overlay.
@@ -210,6 +230,7 @@ def views(chains: dict[str, Chain], tmp_path_factory: pytest.TempPathFactory) ->
 
 # -- helpers shared by the tests -----------------------------------------------
 
+
 def seek_walk(path: Path | str) -> list[tuple[int, int]]:
     """(start, length) of every data run, found with SEEK_DATA/SEEK_HOLE only."""
     fd = os.open(path, os.O_RDONLY)
@@ -221,7 +242,7 @@ def seek_walk(path: Path | str) -> list[tuple[int, int]]:
             try:
                 data = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError as exc:
-                assert exc.errno == 6, exc          # ENXIO: no data after pos
+                assert exc.errno == 6, exc  # ENXIO: no data after pos
                 break
             hole = os.lseek(fd, data, os.SEEK_HOLE)
             assert hole > data
@@ -237,5 +258,6 @@ def send_and_wait(pid: int, sig: signal.Signals) -> bool:
     return wait_gone(pid)
 
 
-ONE_LINE: Callable[[str], bool] = lambda err: (len(err.strip().splitlines()) == 1
-                                              and err.startswith("flatfs: ") and "Traceback" not in err)
+ONE_LINE: Callable[[str], bool] = lambda err: (
+    len(err.strip().splitlines()) == 1 and err.startswith("flatfs: ") and "Traceback" not in err
+)

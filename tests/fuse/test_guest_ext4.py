@@ -16,8 +16,11 @@ pytestmark = pytest.mark.fuse
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-            and p.parent.name != "lost+found"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.parent.name != "lost+found"
+    }
 
 
 def _can_loop_mount() -> bool:
@@ -40,8 +43,23 @@ def test_ext4_overlay_loop_mounted_through_view(tmp_path: Path, mounter) -> None
     (src / "doomed.txt").write_text("to be removed in the overlay\n")
 
     base_raw = tmp_path / "base.raw"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-                    "-d", str(src), str(base_raw), "64M"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            "-d",
+            str(src),
+            str(base_raw),
+            "64M",
+        ],
+        check=True,
+        capture_output=True,
+    )
 
     # The guest changes some files; the changed disk is mod.raw.
     mod_raw = tmp_path / "mod.raw"
@@ -53,8 +71,10 @@ def test_ext4_overlay_loop_mounted_through_view(tmp_path: Path, mounter) -> None
     host = tmp_path / "hostname"
     host.write_text("renamed-guest\n")
     cmds = tmp_path / "debugfs.cmds"
-    cmds.write_text(f"rm /doomed.txt\nrm /data.bin\nwrite {new_data} /data.bin\nmkdir /new\n"
-                    f"write {hello} /new/hello.txt\nrm /etc/hostname\nwrite {host} /etc/hostname\n")
+    cmds.write_text(
+        f"rm /doomed.txt\nrm /data.bin\nwrite {new_data} /data.bin\nmkdir /new\n"
+        f"write {hello} /new/hello.txt\nrm /etc/hostname\nwrite {host} /etc/hostname\n"
+    )
     subprocess.run(["debugfs", "-w", "-f", str(cmds), str(mod_raw)], check=True, capture_output=True)
 
     # Chain: base.qcow2 <- overlay.qcow2, the overlay holding only what changed.

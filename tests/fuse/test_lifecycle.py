@@ -70,15 +70,20 @@ def test_foreground_sd_notify(abstract: bool, chains: dict[str, Chain], mounter,
     else:
         addr = str(tmp_path / "notify.sock")
         sock.bind(addr)
-    sock.settimeout(60)      # only stops a hang; nothing is timed
+    sock.settimeout(60)  # only stops a hang; nothing is timed
     env = dict(os.environ, NOTIFY_SOCKET=addr)
     err = open(tmp_path / "stderr", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "flatfs", "mount", "-f", str(c.image), str(mp)],
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flatfs", "mount", "-f", str(c.image), str(mp)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+    )
     try:
         msg = sock.recv(4096).decode()
         assert "READY=1" in msg.splitlines()
-        assert is_mounted(mp)                          # live before READY=1
+        assert is_mounted(mp)  # live before READY=1
         assert filecmp.cmp(mp / "vm.raw", c.ref, shallow=False)
         proc.send_signal(signal.SIGTERM)
         assert "STOPPING=1" in sock.recv(4096).decode().splitlines()
@@ -96,6 +101,7 @@ def test_foreground_sd_notify(abstract: bool, chains: dict[str, Chain], mounter,
 
 
 # -- failures: non-zero, one line, no traceback, nothing mounted ----------------
+
 
 def _fails(res: subprocess.CompletedProcess[str], *words: str) -> None:
     assert res.returncode != 0
@@ -115,6 +121,7 @@ def test_image_cannot_be_opened(mounter, tmp_path: Path) -> None:
 
 def test_missing_backing_file(mounter, tmp_path: Path, chains: dict[str, Chain]) -> None:
     from ..conftest import Qemu
+
     q = Qemu()
     q.create(tmp_path / "b.qcow2", "1M")
     q.create(tmp_path / "t.qcow2", "1M", backing="b.qcow2")
@@ -132,7 +139,7 @@ def test_mountpoint_in_use(chains: dict[str, Chain], mounter) -> None:
     mp = mounter.mountpoint()
     mounter.mount(chains["three"].image, mp)
     _fails(mounter.run(chains["rawbase"].image, mp), "already a mount point")
-    assert os.listdir(mp) == ["top.raw"]                # the first mount is untouched
+    assert os.listdir(mp) == ["top.raw"]  # the first mount is untouched
 
 
 def test_bad_fuse_option(chains: dict[str, Chain], mounter) -> None:
@@ -162,10 +169,10 @@ def test_dead_mount_is_reported_and_cleaned(chains: dict[str, Chain], mounter) -
     assert pid is not None
     assert send_and_wait(pid, signal.SIGKILL)
     assert is_mounted(mp)
-    with pytest.raises(OSError) as ei:                   # attributes may be cached, opens are not
+    with pytest.raises(OSError) as ei:  # attributes may be cached, opens are not
         with open(mp / "top.raw", "rb") as f:
             f.read(1)
-    assert ei.value.errno in (103, 107)                  # ECONNABORTED or ENOTCONN
+    assert ei.value.errno in (103, 107)  # ECONNABORTED or ENOTCONN
     res = mounter.run(chains["three"].image, mp)
     _fails(res, "flatfs umount")
     res = flatfs("umount", mp, check=False)
@@ -183,11 +190,12 @@ def test_libfuse3_is_forced(chains: dict[str, Chain], mounter) -> None:
     mounter.points.append(mp)
     res = flatfs("mount", c.image, mp, check=False, env=dict(os.environ, FUSE_LIBRARY_NAME="fuse"))
     assert res.returncode == 0, res.stderr
-    assert seek_walk(mp / "top.raw") == c.data           # lseek answered, not the ENOSYS fallback
+    assert seek_walk(mp / "top.raw") == c.data  # lseek answered, not the ENOSYS fallback
 
 
-def test_odd_names_and_mounting_over_the_image_itself(chains: dict[str, Chain], mounter,
-                                                      tmp_path: Path) -> None:
+def test_odd_names_and_mounting_over_the_image_itself(
+    chains: dict[str, Chain], mounter, tmp_path: Path
+) -> None:
     import shutil
 
     c = chains["rawbase"]

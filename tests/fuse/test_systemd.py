@@ -19,12 +19,36 @@ EXAMPLE = ROOT / "systemd" / "example.conf"
 
 # Each of these creates a mount namespace for the service: the FUSE mount
 # would be made there, invisible to the host.
-NAMESPACING = {"PrivateTmp", "PrivateDevices", "PrivateMounts", "PrivateNetwork", "PrivateUsers",
-               "PrivateIPC", "ProtectSystem", "ProtectHome", "ProtectKernelTunables",
-               "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc",
-               "ProcSubset", "ReadOnlyPaths", "ReadWritePaths", "InaccessiblePaths", "ExecPaths",
-               "NoExecPaths", "TemporaryFileSystem", "BindPaths", "BindReadOnlyPaths", "RootDirectory",
-               "RootImage", "MountAPIVFS", "DynamicUser", "MountFlags", "LogNamespace"}
+NAMESPACING = {
+    "PrivateTmp",
+    "PrivateDevices",
+    "PrivateMounts",
+    "PrivateNetwork",
+    "PrivateUsers",
+    "PrivateIPC",
+    "ProtectSystem",
+    "ProtectHome",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectProc",
+    "ProcSubset",
+    "ReadOnlyPaths",
+    "ReadWritePaths",
+    "InaccessiblePaths",
+    "ExecPaths",
+    "NoExecPaths",
+    "TemporaryFileSystem",
+    "BindPaths",
+    "BindReadOnlyPaths",
+    "RootDirectory",
+    "RootImage",
+    "MountAPIVFS",
+    "DynamicUser",
+    "MountFlags",
+    "LogNamespace",
+}
 FALSY = {"no", "false", "0", "off", ""}
 
 
@@ -60,7 +84,7 @@ def test_systemd_analyze_verify(unit_name: str, tmp_path: Path) -> None:
     flatfs_bin = Path(sys.executable).with_name("flatfs")
     if not flatfs_bin.exists():
         flatfs_bin = tmp_path / "flatfs"
-        flatfs_bin.write_text(f"#!/bin/sh\nexec {sys.executable} -m flatfs \"$@\"\n")
+        flatfs_bin.write_text(f'#!/bin/sh\nexec {sys.executable} -m flatfs "$@"\n')
         flatfs_bin.chmod(0o755)
     text = UNIT.read_text().replace("/usr/local/bin/flatfs", str(flatfs_bin))
     fusermount = shutil.which("fusermount3")

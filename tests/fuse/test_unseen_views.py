@@ -9,8 +9,8 @@ and ``qemu-img convert`` of the view compare equal to the image.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -30,28 +30,52 @@ RECIPES = {
     # multiple of the cluster size and has a snapshot taken before later writes
     "odd-raw-base": (
         [("base.raw", "raw", 5 * M + 1234, None), ("top.qcow2", "qcow2", 3 * M + 300, "cluster_size=1024")],
-        [["write -P 0x3c 1M 64k", "write -P 0x0a 2M 1k", "write -P 0x44 5M 1024"],
-         ["write -P 0xdd 512k 64k", "discard 1M 2k", "write -c -P 0xa9 3M 512", "write -P 0 2M 1k",
-          "snapshot", "write -P 0xee 8k 4k", "write -z 520k 4k"]],
+        [
+            ["write -P 0x3c 1M 64k", "write -P 0x0a 2M 1k", "write -P 0x44 5M 1024"],
+            [
+                "write -P 0xdd 512k 64k",
+                "discard 1M 2k",
+                "write -c -P 0xa9 3M 512",
+                "write -P 0 2M 1k",
+                "snapshot",
+                "write -P 0xee 8k 4k",
+                "write -z 520k 4k",
+            ],
+        ],
     ),
     # extended L2 subclusters (partial, zeroed, unmapped) over a 2 MiB-cluster zstd base
     "extl2-over-2M": (
-        [("base.qcow2", "qcow2", 6 * M, "cluster_size=2M,compression_type=zstd"),
-         ("top.qcow2", "qcow2", 6 * M + 512, "cluster_size=64k,extended_l2=on")],
-        [["write -P 0x11 0 3M", "write -c -P 0x12 4M 2M"],
-         ["write -P 0x21 2k 1k", "write -z 8k 2k", "write -z -u 64k 64k", "write -P 0x22 130k 3k",
-          "discard 4M 64k", "write -P 0 5M 8k", "write -P 0x23 6M 512"]],
+        [
+            ("base.qcow2", "qcow2", 6 * M, "cluster_size=2M,compression_type=zstd"),
+            ("top.qcow2", "qcow2", 6 * M + 512, "cluster_size=64k,extended_l2=on"),
+        ],
+        [
+            ["write -P 0x11 0 3M", "write -c -P 0x12 4M 2M"],
+            [
+                "write -P 0x21 2k 1k",
+                "write -z 8k 2k",
+                "write -z -u 64k 64k",
+                "write -P 0x22 130k 3k",
+                "discard 4M 64k",
+                "write -P 0 5M 8k",
+                "write -P 0x23 6M 512",
+            ],
+        ],
     ),
     # four layers: compat 0.10 base, 1-bit and 64-bit refcount layers, a lazy-refcounts top
     "four-mixed": (
-        [("base.qcow2", "qcow2", 4 * M, "compat=0.10,cluster_size=4096"),
-         ("mid.qcow2", "qcow2", 2 * M, "refcount_bits=1,cluster_size=512"),
-         ("up.qcow2", "qcow2", 4 * M, "refcount_bits=64,cluster_size=2M"),
-         ("top.qcow2", "qcow2", 4 * M, "lazy_refcounts=on,cluster_size=16k")],
-        [["write -P 0x31 0 2M", "write -P 0 2M 64k", "write -P 0x35 3M 1M"],
-         ["write -z 64k 4k", "write -P 0x32 1M 1536", "discard 1536k 64k"],
-         ["write -P 0x33 3M 4k"],
-         ["write -z 0 512", "write -c -P 0x34 128k 16k", "write -P 0x36 3900k 20k"]],
+        [
+            ("base.qcow2", "qcow2", 4 * M, "compat=0.10,cluster_size=4096"),
+            ("mid.qcow2", "qcow2", 2 * M, "refcount_bits=1,cluster_size=512"),
+            ("up.qcow2", "qcow2", 4 * M, "refcount_bits=64,cluster_size=2M"),
+            ("top.qcow2", "qcow2", 4 * M, "lazy_refcounts=on,cluster_size=16k"),
+        ],
+        [
+            ["write -P 0x31 0 2M", "write -P 0 2M 64k", "write -P 0x35 3M 1M"],
+            ["write -z 64k 4k", "write -P 0x32 1M 1536", "discard 1536k 64k"],
+            ["write -P 0x33 3M 4k"],
+            ["write -z 0 512", "write -c -P 0x34 128k 16k", "write -P 0x36 3900k 20k"],
+        ],
     ),
 }
 

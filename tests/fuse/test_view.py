@@ -44,8 +44,11 @@ class FakeChain:
 
 def st() -> os.stat_result:
     # View reads only the nanosecond times of the top image.
-    return SimpleNamespace(st_atime_ns=1_000_000_001, st_mtime_ns=2_000_000_002,  # type: ignore[return-value]
-                           st_ctime_ns=3_000_000_003)
+    return SimpleNamespace(
+        st_atime_ns=1_000_000_001,
+        st_mtime_ns=2_000_000_002,  # type: ignore[return-value]
+        st_ctime_ns=3_000_000_003,
+    )
 
 
 def test_view_name() -> None:
@@ -61,7 +64,7 @@ def test_dir_mode_attrs() -> None:
     f = v.getattr("/vm.raw")
     assert stat.S_ISREG(f["st_mode"]) and stat.S_IMODE(f["st_mode"]) == 0o444
     assert f["st_size"] == ch.size
-    assert f["st_blocks"] == (3 * 4096 + 1 + 511) // 512       # rounded up
+    assert f["st_blocks"] == (3 * 4096 + 1 + 511) // 512  # rounded up
     assert f["st_mtime"] == 2_000_000_002 and (f["st_uid"], f["st_gid"]) == (7, 8)
     d = v.getattr("/")
     assert stat.S_ISDIR(d["st_mode"]) and stat.S_IMODE(d["st_mode"]) == 0o555
@@ -72,7 +75,7 @@ def test_dir_mode_attrs() -> None:
     for _ in range(5):
         v.getattr("/vm.raw")
         v.statfs()
-    assert ch.data_calls == 1                                   # computed once, at mount
+    assert ch.data_calls == 1  # computed once, at mount
 
 
 def test_file_mode_root_is_the_file() -> None:
@@ -119,10 +122,10 @@ def test_errno_mapping_and_log_once(caplog: pytest.LogCaptureFixture) -> None:
         short = ImageIOError(f"/img/d{7}.qcow2", f"short read: {i} of 65536 bytes", 0x50000 + i * 4096)
         assert errno_for(short, "/a.raw", 0x70000 + i * 4096) == errno.EIO
     msgs = [r.getMessage() for r in caplog.records]
-    assert sum("/img/a.qcow2" in m for m in msgs) == 1          # logged once
+    assert sum("/img/a.qcow2" in m for m in msgs) == 1  # logged once
     assert sum("/img/d7.qcow2" in m for m in msgs) == 1
     assert any("/a.raw at offset 0x4000" in m and "L2 entry" in m for m in msgs)
-    assert not any("ENXIO" in m or "/a.raw at offset 0x9" in m for m in msgs)   # an answer, not an error
+    assert not any("ENXIO" in m or "/a.raw at offset 0x9" in m for m in msgs)  # an answer, not an error
 
 
 def test_option_escaping_and_mountinfo_unescape() -> None:

@@ -27,8 +27,11 @@ def test_bytes_equal_qemu_convert(name: str, chains: dict[str, Chain], views: di
 
 @pytest.mark.parametrize("name", NAMES)
 def test_qemu_img_compare(name: str, chains: dict[str, Chain], views: dict[str, Path]) -> None:
-    res = subprocess.run(["qemu-img", "compare", "-f", "raw", str(views[name]), str(chains[name].image)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", str(views[name]), str(chains[name].image)],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -51,18 +54,18 @@ def test_seek_edges(chains: dict[str, Chain], views: dict[str, Path]) -> None:
     try:
         assert os.lseek(fd, c.data[0][0], os.SEEK_DATA) == c.data[0][0]
         mid = c.data[0][0] + c.data[0][1] // 2
-        assert os.lseek(fd, mid, os.SEEK_DATA) == mid                 # inside data: stays
+        assert os.lseek(fd, mid, os.SEEK_DATA) == mid  # inside data: stays
         assert os.lseek(fd, mid, os.SEEK_HOLE) == c.data[0][0] + c.data[0][1]
         end = last_start + last_len
         if end < c.size:
-            with pytest.raises(OSError) as ei:                         # no data after the last run
+            with pytest.raises(OSError) as ei:  # no data after the last run
                 os.lseek(fd, end, os.SEEK_DATA)
             assert ei.value.errno == 6
             assert os.lseek(fd, end, os.SEEK_HOLE) == end
-        with pytest.raises(OSError) as ei:                             # at/after EOF
+        with pytest.raises(OSError) as ei:  # at/after EOF
             os.lseek(fd, c.size, os.SEEK_HOLE)
         assert ei.value.errno == 6
-        assert os.lseek(fd, 123, os.SEEK_SET) == 123                   # ordinary seeks still work
+        assert os.lseek(fd, 123, os.SEEK_SET) == 123  # ordinary seeks still work
         assert os.lseek(fd, 0, os.SEEK_END) == c.size
     finally:
         os.close(fd)
@@ -78,8 +81,9 @@ def test_stat(name: str, chains: dict[str, Chain], views: dict[str, Path]) -> No
     assert st.st_mtime_ns == os.stat(c.image).st_mtime_ns
     assert os.stat(view.parent).st_mode & 0o7777 == 0o555
     assert os.listdir(view.parent) == [view.name]
-    assert subprocess.run(["du", "-B1", str(view)], capture_output=True, text=True,
-                          check=True).stdout.split()[0] == str(st.st_blocks * 512)
+    assert subprocess.run(
+        ["du", "-B1", str(view)], capture_output=True, text=True, check=True
+    ).stdout.split()[0] == str(st.st_blocks * 512)
 
 
 def test_open_for_write_is_erofs(views: dict[str, Path]) -> None:
@@ -90,8 +94,9 @@ def test_open_for_write_is_erofs(views: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("name", ["three", "rawbase"])
-def test_cp_sparse_allocates_no_more_than_data(name: str, chains: dict[str, Chain], views: dict[str, Path],
-                                               tmp_path: Path) -> None:
+def test_cp_sparse_allocates_no_more_than_data(
+    name: str, chains: dict[str, Chain], views: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "copy.raw"
     subprocess.run(["cp", "--sparse=always", str(views[name]), str(out)], check=True)
     assert filecmp.cmp(out, chains[name].ref, shallow=False)
@@ -103,8 +108,9 @@ def test_cp_sparse_allocates_no_more_than_data(name: str, chains: dict[str, Chai
 
 
 @pytest.mark.parametrize("name", ["three", "rawbase"])
-def test_qemu_img_convert_from_the_view(name: str, chains: dict[str, Chain], views: dict[str, Path],
-                                        tmp_path: Path) -> None:
+def test_qemu_img_convert_from_the_view(
+    name: str, chains: dict[str, Chain], views: dict[str, Path], tmp_path: Path
+) -> None:
     q = Qemu()
     out = tmp_path / "out.qcow2"
     q.img("convert", "-f", "raw", "-O", "qcow2", views[name], out)
@@ -130,10 +136,10 @@ def test_eight_threads_random_reads(chains: dict[str, Chain], views: dict[str, P
                 off = rng.randrange(0, c.size)
                 n = rng.choice([1, 511, 4096, 65536, 200_000, 1 << 20])
                 got = os.pread(fd, n, off)
-                if got != ref[off:off + n]:
+                if got != ref[off : off + n]:
                     errors.append(f"thread {i}: {n} bytes at {off:#x} differ")
                     return
-        except Exception as exc:  # noqa: BLE001 - report it from the main thread
+        except Exception as exc:
             errors.append(f"thread {i}: {exc!r}")
         finally:
             os.close(fd)
@@ -159,17 +165,17 @@ def test_worker_threads_that_come_and_go(chains: dict[str, Chain], mounter) -> N
             for _ in range(60):
                 off = rng.randrange(0, c.size) // 4096 * 4096
                 got = os.pread(fd, 65536, off)
-                if got != ref[off:off + 65536]:
+                if got != ref[off : off + 65536]:
                     errors.append(f"thread {i}: read at {off:#x} differs")
                     return
             if seek_walk(view) != c.data:
                 errors.append(f"thread {i}: the SEEK walk differs")
-        except Exception as exc:  # noqa: BLE001 - report it from the main thread
+        except Exception as exc:
             errors.append(f"thread {i}: {exc!r}")
         finally:
             os.close(fd)
 
-    for _ in range(6):                      # bursts: workers start, then go idle and exit
+    for _ in range(6):  # bursts: workers start, then go idle and exit
         run_threads(worker, 8)
         assert not errors, errors
     assert data_extents(qemu_map(Qemu(), view, "raw")) == c.data
@@ -207,7 +213,7 @@ def test_reading_the_view_leaves_the_image_block_status_alone(tmp_path: Path, mo
     os.truncate(base, 64 << 20)
     q.io(base, *[f"write -P {i + 1} {i * 16 << 20} 4M" for i in range(4)], fmt="raw")
     q.io(base, *[f"write -z {(i * 16 << 20) + (4 << 20)} 1M" for i in range(4)], fmt="raw")
-    fd = os.open(base, os.O_RDONLY)                  # cold: evict the base's pages, so reads reach the disk
+    fd = os.open(base, os.O_RDONLY)  # cold: evict the base's pages, so reads reach the disk
     try:
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -216,7 +222,7 @@ def test_reading_the_view_leaves_the_image_block_status_alone(tmp_path: Path, mo
     top = q.create(tmp_path / "top.qcow2", 64 << 20, backing=base, backing_fmt="raw")
     before = data_extents(qemu_map(q, top))
     view = mounter.mount(top)
-    with open(view, "rb") as f:                       # a buffered, sequential read of it all
+    with open(view, "rb") as f:  # a buffered, sequential read of it all
         while f.read(1 << 20):
             pass
     assert seek_walk(view) == before

@@ -83,9 +83,13 @@ def seeds(tmp_path_factory):
 
 class Worker:
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fuzz.worker", str(MEMORY_CAP)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fuzz.worker", str(MEMORY_CAP)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
 
     def ask(self, path: Path) -> dict:
         assert self.proc.poll() is None, "fuzz worker died"
@@ -111,12 +115,30 @@ def worker():
     w.close()
 
 
-INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0x200, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF,
-               1 << 32, 1 << 40, 1 << 55, 1 << 62, 1 << 63, (1 << 64) - 1, 0x00FFFFFFFFFFFE00]
+INTERESTING = [
+    0,
+    1,
+    0x7F,
+    0x80,
+    0xFF,
+    0x200,
+    0xFFFF,
+    0x10000,
+    0x7FFFFFFF,
+    0x80000000,
+    0xFFFFFFFF,
+    1 << 32,
+    1 << 40,
+    1 << 55,
+    1 << 62,
+    1 << 63,
+    (1 << 64) - 1,
+    0x00FFFFFFFFFFFE00,
+]
 
 mutation = st.tuples(
-    st.integers(0, 10**6),                                    # which region (mod count)
-    st.integers(0, 10**6),                                    # where in it (mod length)
+    st.integers(0, 10**6),  # which region (mod count)
+    st.integers(0, 10**6),  # where in it (mod length)
     st.sampled_from(["byte", "bit", "u32", "u64"]),
     st.integers(0, 255),
     st.sampled_from(INTERESTING),
@@ -145,8 +167,12 @@ def mutate(src: Path, dst: Path, muts) -> None:
 
 def qemu_raw_sha(img: Path, out: Path, size: int) -> str | None:
     try:
-        r = subprocess.run(["qemu-img", "convert", "-O", "raw", str(img), str(out)], cwd=img.parent,
-                           capture_output=True, timeout=120)
+        r = subprocess.run(
+            ["qemu-img", "convert", "-O", "raw", str(img), str(out)],
+            cwd=img.parent,
+            capture_output=True,
+            timeout=120,
+        )
     except subprocess.TimeoutExpired:
         return None
     if r.returncode != 0:
@@ -160,12 +186,14 @@ def qemu_raw_sha(img: Path, out: Path, size: int) -> str | None:
 
 @pytest.mark.qemu
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-@given(seed=st.sampled_from(["plain", "v2", "small", "extl2", "backed", "zlib", "zstd"]),
-       muts=st.lists(mutation, min_size=1, max_size=4))
+@given(
+    seed=st.sampled_from(["plain", "v2", "small", "extl2", "backed", "zlib", "zstd"]),
+    muts=st.lists(mutation, min_size=1, max_size=4),
+)
 def test_mutant_is_read_like_qemu_or_refused_cleanly(seeds, worker, tmp_path_factory, seed, muts):
     d = tmp_path_factory.mktemp("mutant")
     src = seeds[seed]
-    for sib in src.parent.glob("*.qcow2"):     # the backing file must be beside the mutant
+    for sib in src.parent.glob("*.qcow2"):  # the backing file must be beside the mutant
         if sib != src:
             shutil.copy(sib, d / sib.name)
     img = d / src.name

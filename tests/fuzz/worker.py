@@ -29,14 +29,14 @@ def examine(path: str) -> dict:
             buf = bytearray(1 << 20)
             pos, end = 0, min(chain.size, READ_CAP)
             while pos < end:
-                n = chain.readinto(pos, memoryview(buf)[:min(len(buf), end - pos)])
+                n = chain.readinto(pos, memoryview(buf)[: min(len(buf), end - pos)])
                 h.update(memoryview(buf)[:n])
                 pos += n
             return {"ok": True, "size": chain.size, "sha": h.hexdigest(), "extents": len(extents)}
     except FlatfsError as exc:
         text = str(exc)
         return {"ok": False, "error": text, "oneline": "\n" not in text, "type": type(exc).__name__}
-    except BaseException:  # noqa: BLE001  (that is exactly what we are hunting)
+    except BaseException:
         return {"bug": traceback.format_exc()}
 
 
@@ -44,6 +44,7 @@ def main() -> None:
     cap = int(sys.argv[1])
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     import flatfs.qcow2  # noqa: F401  (import before the first image, under the cap)
+
     for line in sys.stdin:
         print(json.dumps(examine(line.rstrip("\n"))), flush=True)
 

@@ -28,8 +28,9 @@ def _locked(path: Path, byte: int) -> bool:
 
 
 def _start(cmd: list[str], img: Path) -> subprocess.Popen:
-    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, cwd=img.parent)
+    p = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=img.parent
+    )
     deadline = time.monotonic() + 30
     while not _locked(img, 101):
         assert p.poll() is None, f"{cmd[0]} exited early"
@@ -68,8 +69,16 @@ def test_image_open_for_writing_by_qemu_io_is_refused(img, cmd):
 
 def test_image_open_by_qemu_storage_daemon_is_refused(img):
     require(shutil.which("qemu-storage-daemon") is not None, "qemu-storage-daemon is not installed")
-    p = _start(["qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f0,filename={img}",
-                "--blockdev", "driver=qcow2,node-name=d0,file=f0"], img)
+    p = _start(
+        [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,node-name=f0,filename={img}",
+            "--blockdev",
+            "driver=qcow2,node-name=d0,file=f0",
+        ],
+        img,
+    )
     try:
         one_line_error(["map", img], "in use by another process")
     finally:

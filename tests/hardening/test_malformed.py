@@ -16,8 +16,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -34,6 +34,7 @@ COMPRESSED = 1 << 62
 
 
 # -- bytes of a qcow2 file -------------------------------------------------------
+
 
 def cluster_bits(img: Path) -> int:
     return peek(img, 20, ">I")
@@ -68,6 +69,7 @@ def set_compressed(img: Path, at: int, host: int, count_field: int) -> None:
 
 
 # -- qemu-made images ------------------------------------------------------------
+
 
 def plain_image(q: Qemu, d: Path, name: str = "img.qcow2", opts: str | None = None) -> Path:
     img = q.create(d / name, "4M", opts=opts)
@@ -113,12 +115,14 @@ def last_compressed(img: Path) -> int:
 Case = Callable[[Qemu, Path], tuple[Path, list[str]]]
 
 
-def _header(offset: int, fmt: str, value: int | Callable[[Path], int], *words: str,
-            opts: str | None = None) -> Case:
+def _header(
+    offset: int, fmt: str, value: int | Callable[[Path], int], *words: str, opts: str | None = None
+) -> Case:
     def make(q: Qemu, d: Path) -> tuple[Path, list[str]]:
         img = plain_image(q, d, opts=opts)
         poke(img, offset, fmt, value(img) if callable(value) else value)
         return img, ["img.qcow2", *words]
+
     return make
 
 
@@ -126,12 +130,13 @@ def _extension_overrun(q: Qemu, d: Path) -> tuple[Path, list[str]]:
     img = plain_image(q, d)
     hlen = peek(img, 100, ">I")
     assert peek(img, hlen, ">I") != 0, "qemu-img wrote no header extension"
-    poke(img, hlen + 4, ">I", CS)                 # first extension claims the whole cluster
+    poke(img, hlen + 4, ">I", CS)  # first extension claims the whole cluster
     return img, ["img.qcow2", "overruns the header area"]
 
 
-def _l2_entry(mutate: Callable[[Path, int], int], *words: str, opts: str | None = None,
-              entry_size: int = 8) -> Case:
+def _l2_entry(
+    mutate: Callable[[Path, int], int], *words: str, opts: str | None = None, entry_size: int = 8
+) -> Case:
     def make(q: Qemu, d: Path) -> tuple[Path, list[str]]:
         img = plain_image(q, d, opts=opts)
         at = l2_entry_at(img, 64 * K, entry_size)
@@ -140,6 +145,7 @@ def _l2_entry(mutate: Callable[[Path, int], int], *words: str, opts: str | None 
         else:
             poke(img, at, ">Q", mutate(img, peek(img, at, ">Q")))
         return img, ["img.qcow2", *words]
+
     return make
 
 
@@ -149,6 +155,7 @@ def _l1_entry(value: Callable[[Path, int], int], *words: str) -> Case:
         at = l1_offset(img)
         poke(img, at, ">Q", value(img, peek(img, at, ">Q")))
         return img, ["img.qcow2", *words]
+
     return make
 
 
@@ -176,6 +183,7 @@ def _data_file(kind: str) -> Case:
             (d / "img.data").mkdir()
             return img, ["img.data", "is a directory"]
         return img, ["img.qcow2", "img.data", "data file", "not found"]
+
     return make
 
 
@@ -194,22 +202,24 @@ def _self_loop(q: Qemu, d: Path) -> tuple[Path, list[str]]:
 
 # Refused when the chain is opened: info, map, convert (and mount) all fail.
 OPEN_CASES: dict[str, Case] = {
-    "bad-magic": _header(0, ">I", 0x51464900, "bad magic"),        # with -f qcow2
+    "bad-magic": _header(0, ">I", 0x51464900, "bad magic"),  # with -f qcow2
     "version-1": _header(4, ">I", 1, "version 1"),
     "cluster-bits-8": _header(20, ">I", 8, "cluster_bits 8"),
     "cluster-bits-22": _header(20, ">I", 22, "cluster_bits 22"),
     "header-length-too-small": _header(100, ">I", 96, "header_length 96"),
-    "header-length-past-cluster": _header(100, ">I", 1024, "exceeds the cluster size",
-                                          opts="cluster_size=512"),
+    "header-length-past-cluster": _header(
+        100, ">I", 1024, "exceeds the cluster size", opts="cluster_size=512"
+    ),
     "extension-overrun": _extension_overrun,
     "unknown-incompatible-bit": _header(72, ">Q", 1 << 9, "incompatible feature", "bit 9"),
     "l1-unaligned": _header(40, ">Q", lambda img: l1_offset(img) + 512, "L1 table", "not cluster aligned"),
     "l1-past-eof": _header(40, ">Q", 1 << 40, "L1 table", "past the end"),
     "l1-size-absurd": _header(36, ">I", 1 << 31, "L1 table too large"),
     "l1-too-small-for-size": _header(24, ">Q", 1 << 40, "L1 table is too small"),
-    "virtual-size-huge": _header(24, ">Q", 1 << 62, "virtual size", "too big"),       # 2^62 bytes
-    "refcount-table-unaligned": _header(48, ">Q", lambda img: peek(img, 48, ">Q") + 512,
-                                        "refcount table", "not cluster aligned"),
+    "virtual-size-huge": _header(24, ">Q", 1 << 62, "virtual size", "too big"),  # 2^62 bytes
+    "refcount-table-unaligned": _header(
+        48, ">Q", lambda img: peek(img, 48, ">Q") + 512, "refcount table", "not cluster aligned"
+    ),
     "refcount-table-past-eof": _header(48, ">Q", 1 << 40, "refcount table", "past the end"),
     "backing-is-a-directory": _backing_directory,
     "backing-dangling-symlink": _backing_dangling_symlink,
@@ -224,21 +234,24 @@ OPEN_CASES: dict[str, Case] = {
 TABLE_CASES: dict[str, Case] = {
     "l2-unaligned": _l1_entry(lambda img, e: e + 512, "L2 table offset", "not cluster aligned"),
     "l2-past-eof": _l1_entry(lambda img, e: COPIED | 1 << 40, "L2 table", "past the end"),
-    "data-cluster-unaligned": _l2_entry(lambda img, e: e + 512, "data cluster offset",
-                                        "not cluster aligned"),
-    "subcluster-alloc-and-zero": _l2_entry(lambda img, bm: bm | (bm & 0xFFFFFFFF) << 32,
-                                           "both allocated and zero", opts="extended_l2=on",
-                                           entry_size=16),
+    "data-cluster-unaligned": _l2_entry(lambda img, e: e + 512, "data cluster offset", "not cluster aligned"),
+    "subcluster-alloc-and-zero": _l2_entry(
+        lambda img, bm: bm | (bm & 0xFFFFFFFF) << 32,
+        "both allocated and zero",
+        opts="extended_l2=on",
+        entry_size=16,
+    ),
 }
 
 
 def _garbage_compressed(ctype: str) -> Case:
     def make(q: Qemu, d: Path) -> tuple[Path, list[str]]:
         img = compressed_image(q, d, ctype, name="img.qcow2")
-        q.to_raw(img, d / "ref.raw")                 # the intact bytes, for the mount tests
+        q.to_raw(img, d / "ref.raw")  # the intact bytes, for the mount tests
         _, host, _ = compressed_at(img, BROKEN)
-        poke(img, host, ">Q", (1 << 64) - 1)        # not a deflate block, not a zstd frame
+        poke(img, host, ">Q", (1 << 64) - 1)  # not a deflate block, not a zstd frame
         return img, ["img.qcow2", "compressed cluster", f"guest offset {BROKEN:#x}", "does not decompress"]
+
     return make
 
 
@@ -246,7 +259,7 @@ def _compressed_past_eof(q: Qemu, d: Path) -> tuple[Path, list[str]]:
     img = compressed_image(q, d, name="img.qcow2")
     q.to_raw(img, d / "ref.raw")
     at, _, count = compressed_at(img, BROKEN)
-    set_compressed(img, at, os.path.getsize(img) + 8 * CS, count)   # reads as zeros: not deflate
+    set_compressed(img, at, os.path.getsize(img) + 8 * CS, count)  # reads as zeros: not deflate
     return img, ["img.qcow2", "compressed cluster", f"guest offset {BROKEN:#x}", "does not decompress"]
 
 
@@ -262,11 +275,13 @@ READ_CASES: dict[str, Case] = {
 
 # -- running the commands --------------------------------------------------------
 
+
 def error_line(*args: str | os.PathLike[str], prefix: tuple[str, ...] = ()) -> str:
     """Run flatfs (under ``prefix``); it must fail with exactly one line and no traceback."""
     if prefix:
-        r = subprocess.run([*prefix, sys.executable, "-m", "flatfs", *map(str, args)], text=True,
-                           capture_output=True)
+        r = subprocess.run(
+            [*prefix, sys.executable, "-m", "flatfs", *map(str, args)], text=True, capture_output=True
+        )
     else:
         r = flatfs(*args, check=False)
     assert r.returncode == 1, (args, r.returncode, r.stdout, r.stderr)
@@ -363,7 +378,7 @@ def test_io_error_reading_the_header(qemu: Qemu, tmp_path: Path, monkeypatch: py
     real = os.pread
 
     def failing(fd: int, n: int, offset: int) -> bytes:
-        if n > 4096:                              # the probe (4 KiB) works; the header read fails
+        if n > 4096:  # the probe (4 KiB) works; the header read fails
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return real(fd, n, offset)
 
@@ -375,6 +390,7 @@ def test_io_error_reading_the_header(qemu: Qemu, tmp_path: Path, monkeypatch: py
 
 
 # -- read exactly like QEMU --------------------------------------------------------
+
 
 def _same_as_qemu(q: Qemu, img: Path) -> None:
     want = q.to_raw(img, img.parent / "qemu.raw")
@@ -393,7 +409,8 @@ def test_virtual_size_zero(qemu: Qemu, tmp_path: Path) -> None:
     assert json.loads(flatfs("info", "--output=json", img).stdout)[0]["virtual-size"] == 0
     # the raw JSON, not only its projection: qemu-img prints one zero-length entry
     assert json.loads(flatfs("map", "--output=json", img).stdout) == [
-        {k: v for k, v in e.items() if k != "offset"} for e in qemu.map(img)]
+        {k: v for k, v in e.items() if k != "offset"} for e in qemu.map(img)
+    ]
 
 
 def test_data_cluster_past_eof_reads_like_qemu(qemu: Qemu, tmp_path: Path) -> None:

@@ -23,15 +23,23 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from ..conftest import Qemu, run_threads
-from ..fuse.conftest import (ONE_LINE, Mounter, daemon_pid, data_extents, is_mounted,
-                             mounter, qemu_map, seek_walk, unmount)  # noqa: F401  (mounter: a fixture)
+from ..fuse.conftest import (
+    ONE_LINE,
+    Mounter,
+    daemon_pid,
+    data_extents,
+    is_mounted,
+    qemu_map,
+    seek_walk,
+    unmount,
+)
 from .test_malformed import BROKEN, CS, OPEN_CASES, READ_CASES, TABLE_CASES, error_line
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu]
@@ -41,6 +49,7 @@ M = 1 << 20
 
 
 # -- helpers -------------------------------------------------------------------
+
 
 def alive(pid: int) -> bool:
     try:
@@ -91,7 +100,7 @@ def assert_eio(view: Path, ref: bytes, off: int, n: int, direct: bool = True) ->
             while pos < end:
                 got = os.pread(fd, end - pos, pos)
                 assert got and not direct, f"read of {n} bytes at {off:#x} gave {len(got)} bytes, not EIO"
-                assert got == ref[pos:pos + len(got)], f"{len(got)} bytes at {pos:#x} differ"
+                assert got == ref[pos : pos + len(got)], f"{len(got)} bytes at {pos:#x} differ"
                 pos += len(got)
             pytest.fail(f"reading {n} bytes at {off:#x} never failed")
         assert exc.value.errno == errno.EIO, exc.value
@@ -102,7 +111,7 @@ def assert_eio(view: Path, ref: bytes, off: int, n: int, direct: bool = True) ->
 def assert_reads(view: Path, ref: bytes, ranges: list[tuple[int, int]], direct: bool = True) -> None:
     for off, n in ranges:
         got = pread(view, off, n, direct)
-        assert got == ref[off:off + n], f"{n} bytes at {off:#x} differ from qemu-img convert"
+        assert got == ref[off : off + n], f"{n} bytes at {off:#x} differ from qemu-img convert"
 
 
 def assert_serving(mp: Path, pid: int) -> None:
@@ -110,13 +119,14 @@ def assert_serving(mp: Path, pid: int) -> None:
     assert is_mounted(mp), "the mount is gone"
 
 
-def check_fault(view: Path, mp: Path, pid: int, ref: bytes, good: list[tuple[int, int]],
-                bad: list[tuple[int, int]]) -> None:
+def check_fault(
+    view: Path, mp: Path, pid: int, ref: bytes, good: list[tuple[int, int]], bad: list[tuple[int, int]]
+) -> None:
     """``bad`` reads fail with EIO, ``good`` ones are right, in any order, direct or buffered."""
     for direct in (True, False):
         if not direct and not drop_caches():
             continue
-        for rnd in range(2):                     # failures must not poison later requests
+        for rnd in range(2):  # failures must not poison later requests
             order = [(r, True) for r in good] + [(r, False) for r in bad]
             random.Random(rnd).shuffle(order)
             for (off, n), ok in order:
@@ -140,15 +150,19 @@ def foreground(mounter: Mounter, image: Path, log: Path, *args: str) -> Iterator
     name = f"flatfs-test-{uuid.uuid4().hex}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0" + name)
-        sock.settimeout(60)                          # only stops a hang; nothing is timed
+        sock.settimeout(60)  # only stops a hang; nothing is timed
         with open(log, "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "flatfs", "mount", "-f", *args, str(image), str(mp)],
-                                    env=dict(os.environ, NOTIFY_SOCKET="@" + name),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flatfs", "mount", "-f", *args, str(image), str(mp)],
+                env=dict(os.environ, NOTIFY_SOCKET="@" + name),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         try:
             try:
                 msg = sock.recv(4096).decode()
-            except socket.timeout:
+            except TimeoutError:
                 pytest.fail(f"flatfs mount -f never got ready: {log.read_text()}")
             assert "READY=1" in msg.splitlines(), msg
             assert is_mounted(mp) and view.exists()
@@ -177,6 +191,7 @@ def host_offset(entries: list[dict], guest: int) -> int:
 
 # -- 1. a layer file shrinks under a live mount ------------------------------------
 
+
 def test_truncated_qcow2_base(qemu: Qemu, tmp_path: Path, mounter: Mounter) -> None:
     """The base loses its data clusters from guest 8M on, cut in the middle of
     that cluster. Foreground, so the log can be checked: one line per
@@ -193,13 +208,26 @@ def test_truncated_qcow2_base(qemu: Qemu, tmp_path: Path, mounter: Mounter) -> N
 
     log = tmp_path / "mount.log"
     with foreground(mounter, top, log) as (view, mp, pid):
-        assert_reads(view, ref, [(0, 2 * M), (9 * M, 64 * K)])       # before the fault
+        assert_reads(view, ref, [(0, 2 * M), (9 * M, 64 * K)])  # before the fault
         os.truncate(base, cut)
-        good = [(0, M), (M, M), (7 * M, M), (8 * M - 4 * K, 4 * K), (8 * M, 4 * K),  # still in the file
-                (12 * M, 64 * K), (13 * M, M), (12 * M + 56 * K, 8 * K)]            # the top covers these
-        bad = [(8 * M, 64 * K),                    # short read: the cluster ends 4k in
-               (8 * M + 2 * K, 4 * K),             # one small request straddling the cut
-               (9 * M, 64 * K), (10 * M + 12345, 100 * K), (15 * M, M), (11 * M, 2 * M)]
+        good = [
+            (0, M),
+            (M, M),
+            (7 * M, M),
+            (8 * M - 4 * K, 4 * K),
+            (8 * M, 4 * K),  # still in the file
+            (12 * M, 64 * K),
+            (13 * M, M),
+            (12 * M + 56 * K, 8 * K),
+        ]  # the top covers these
+        bad = [
+            (8 * M, 64 * K),  # short read: the cluster ends 4k in
+            (8 * M + 2 * K, 4 * K),  # one small request straddling the cut
+            (9 * M, 64 * K),
+            (10 * M + 12345, 100 * K),
+            (15 * M, M),
+            (11 * M, 2 * M),
+        ]
         check_fault(view, mp, pid, ref, good, bad)
         # The same failing request again and again: no new line. (Small: a big
         # O_DIRECT read is split where the user buffer crosses a page, which
@@ -209,7 +237,7 @@ def test_truncated_qcow2_base(qemu: Qemu, tmp_path: Path, mounter: Mounter) -> N
         for _ in range(20):
             assert_eio(view, ref, 15 * M, 64 * K)
         assert log_lines(log) == logged
-        assert seek_walk(view) == want_map         # SEEK_DATA/SEEK_HOLE read no data
+        assert seek_walk(view) == want_map  # SEEK_DATA/SEEK_HOLE read no data
         assert os.stat(view).st_size == len(ref)
         assert_serving(mp, pid)
     lines = log_lines(log)
@@ -222,7 +250,7 @@ def test_truncated_qcow2_base(qemu: Qemu, tmp_path: Path, mounter: Mounter) -> N
 
 def _raw_base(qemu: Qemu, d: Path) -> tuple[Path, Path, bytes]:
     base = qemu.create(d / "base.raw", "16M", fmt="raw")
-    qemu.io(base, "write -P 0x21 0 4M", "write -P 0x22 6M 6M", fmt="raw")   # holes: 4M..6M, 12M..16M
+    qemu.io(base, "write -P 0x21 0 4M", "write -P 0x22 6M 6M", fmt="raw")  # holes: 4M..6M, 12M..16M
     top = qemu.create(d / "top.qcow2", "16M", backing=base.name, backing_fmt="raw")
     qemu.io(top, "write -P 0x77 0 64k", "write -P 0x78 10M 64k", "write -z 11M 1M")
     return base, top, qemu.to_raw(top, d / "ref.raw").read_bytes()
@@ -234,15 +262,27 @@ def test_truncated_raw_base(qemu: Qemu, tmp_path: Path, mounter: Mounter) -> Non
     mp = view.parent
     pid = daemon_pid(mp)
     assert pid is not None
-    os.truncate(base, 8 * M + 100)               # mid data run; the hole at the end goes too
-    good = [(0, M), (M, M), (3 * M, 2 * M), (7 * M, M), (8 * M - 4 * K, 4 * K),
-            (10 * M, 64 * K), (11 * M, M)]       # the top covers the last two
-    bad = [(8 * M, 64 * K),                       # short: 100 bytes of it are still there
-           (8 * M - 4 * K, 8 * K), (9 * M, 4 * K), (10 * M + 64 * K, 4 * K),
-           (12 * M, M), (15 * M + 512, 512)]      # the hole past the cut: the file shrank
+    os.truncate(base, 8 * M + 100)  # mid data run; the hole at the end goes too
+    good = [
+        (0, M),
+        (M, M),
+        (3 * M, 2 * M),
+        (7 * M, M),
+        (8 * M - 4 * K, 4 * K),
+        (10 * M, 64 * K),
+        (11 * M, M),
+    ]  # the top covers the last two
+    bad = [
+        (8 * M, 64 * K),  # short: 100 bytes of it are still there
+        (8 * M - 4 * K, 8 * K),
+        (9 * M, 4 * K),
+        (10 * M + 64 * K, 4 * K),
+        (12 * M, M),
+        (15 * M + 512, 512),
+    ]  # the hole past the cut: the file shrank
     check_fault(view, mp, pid, ref, good, bad)
     fd = os.open(view, os.O_RDONLY)
-    try:                                          # answers that do not depend on what was lost
+    try:  # answers that do not depend on what was lost
         assert os.lseek(fd, 2 * M, os.SEEK_DATA) == 2 * M
         assert os.lseek(fd, 2 * M, os.SEEK_HOLE) == 4 * M
     finally:
@@ -259,13 +299,14 @@ def test_truncated_external_data_file(qemu: Qemu, tmp_path: Path, mounter: Mount
     pid = daemon_pid(mp)
     assert pid is not None
     os.truncate(tmp_path / "img.data", 4 * M + 4 * K)
-    good = [(0, M), (2 * M, 2 * M), (4 * M, 4 * K), (6 * M, 64 * K)]   # 6M: a zero cluster
+    good = [(0, M), (2 * M, 2 * M), (4 * M, 4 * K), (6 * M, 64 * K)]  # 6M: a zero cluster
     bad = [(4 * M, 64 * K), (5 * M, 12345), (7 * M, M), (3 * M, 2 * M)]
     check_fault(view, mp, pid, ref, good, bad)
     assert seek_walk(view) == [(0, 6 * M), (6 * M + 64 * K, 2 * M - 64 * K)]
 
 
 # -- 2. sixteen readers, memory stays flat ----------------------------------------
+
 
 def _mixed_chain(qemu: Qemu, d: Path) -> Path:
     """32 MiB over three layers: zstd-compressed and plain clusters, extended L2
@@ -276,18 +317,31 @@ def _mixed_chain(qemu: Qemu, d: Path) -> Path:
         f.truncate(32 * M)
         for i in range(0, 24, 3):
             f.seek(i * M)
-            f.write(bytes([0x40 + i]) * M)                      # compresses well
-            f.write(rng.randbytes(512 * K))                     # stays plain data
+            f.write(bytes([0x40 + i]) * M)  # compresses well
+            f.write(rng.randbytes(512 * K))  # stays plain data
             f.write((b"%d flatfs " % i) * (50 * K))
     base = d / "base.qcow2"
     qemu.img("convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", src, base)
     src.unlink()
     mid = qemu.create(d / "mid.qcow2", "32M", backing=base.name, opts="extended_l2=on,cluster_size=128k")
-    qemu.io(mid, "write -P 0x51 1M 12k", "write -z 3M 8k", "write -P 0x52 5M 300k", "write -z 20M 2M",
-            "write -P 0x53 26M 4k", "write -P 0x54 30M 1M")
+    qemu.io(
+        mid,
+        "write -P 0x51 1M 12k",
+        "write -z 3M 8k",
+        "write -P 0x52 5M 300k",
+        "write -z 20M 2M",
+        "write -P 0x53 26M 4k",
+        "write -P 0x54 30M 1M",
+    )
     top = qemu.create(d / "top.qcow2", "32M", backing=mid.name)
-    qemu.io(top, "write -c -P 0x61 8M 256k", "write -z 10M 1M", "write -P 0x62 12M 300k",
-            "write -c -P 0x63 28M 64k", "write -P 0x64 31M 4k")
+    qemu.io(
+        top,
+        "write -c -P 0x61 8M 256k",
+        "write -z 10M 1M",
+        "write -P 0x62 12M 300k",
+        "write -c -P 0x63 28M 64k",
+        "write -P 0x64 31M 4k",
+    )
     return top
 
 
@@ -308,10 +362,10 @@ def test_sixteen_threads_read_one_chain(qemu: Qemu, tmp_path: Path) -> None:
                 go.wait()
                 for _ in range(300):
                     n = rng.randint(512, 256 * K)
-                    off = rng.randrange(0, 24 * M)        # mostly compressed clusters
-                    if chain.pread(off, n) != ref[off:off + n]:
+                    off = rng.randrange(0, 24 * M)  # mostly compressed clusters
+                    if chain.pread(off, n) != ref[off : off + n]:
                         errors.append(f"reader {i}: {n} bytes at {off:#x} differ")
-            except Exception as exc:  # noqa: BLE001 - reported from the main thread
+            except Exception as exc:
                 errors.append(f"reader {i}: {exc!r}")
 
         run_threads(reader, 16)
@@ -329,7 +383,7 @@ def test_sixteen_readers_memory_stays_flat(qemu: Qemu, tmp_path: Path, mounter: 
     counts = [0] * 16
 
     def phase(seconds: float, seed: int) -> None:
-        stop = time.monotonic() + seconds         # how long to keep reading; nothing is timed
+        stop = time.monotonic() + seconds  # how long to keep reading; nothing is timed
         go = threading.Barrier(16)
 
         def reader(i: int) -> None:
@@ -342,17 +396,17 @@ def test_sixteen_readers_memory_stays_flat(qemu: Qemu, tmp_path: Path, mounter: 
                     n = rng.randint(512, M)
                     off = rng.randrange(0, size)
                     got = os.pread(fd, n, off)
-                    if got != ref[off:off + n]:
+                    if got != ref[off : off + n]:
                         errors.append(f"reader {i}: {n} bytes at {off:#x} differ")
                     counts[i] += 1
-            except Exception as exc:  # noqa: BLE001 - reported from the main thread
+            except Exception as exc:
                 errors.append(f"reader {i}: {exc!r}")
             finally:
                 os.close(fd)
 
         run_threads(reader, 16)
 
-    phase(1.5, 1)                                  # warm-up: threads, buffers, L2 cache
+    phase(1.5, 1)  # warm-up: threads, buffers, L2 cache
     assert not errors, errors
     warm = rss_kib(pid)
     phase(5.0, 2)
@@ -365,10 +419,21 @@ def test_sixteen_readers_memory_stays_flat(qemu: Qemu, tmp_path: Path, mounter: 
 
 # -- 3. malformed images through mount ----------------------------------------------
 
-MOUNT_REFUSED = ["bad-magic", "cluster-bits-22", "l1-past-eof", "l1-size-absurd", "virtual-size-huge",
-                 "unknown-incompatible-bit",
-                 "backing-loop", "backing-self", "backing-is-a-directory", "data-file-missing",
-                 "header-length-past-cluster", "l2-past-eof", "subcluster-alloc-and-zero"]
+MOUNT_REFUSED = [
+    "bad-magic",
+    "cluster-bits-22",
+    "l1-past-eof",
+    "l1-size-absurd",
+    "virtual-size-huge",
+    "unknown-incompatible-bit",
+    "backing-loop",
+    "backing-self",
+    "backing-is-a-directory",
+    "data-file-missing",
+    "header-length-past-cluster",
+    "l2-past-eof",
+    "subcluster-alloc-and-zero",
+]
 
 
 @pytest.mark.parametrize("name", MOUNT_REFUSED)
@@ -402,8 +467,13 @@ def test_corruption_found_by_a_read(qemu: Qemu, tmp_path: Path, mounter: Mounter
     convert_line = error_line("convert", "-O", "raw", img, tmp_path / "out.raw")
     log = tmp_path / "mount.log"
     with foreground(mounter, img, log) as (view, mp, pid):
-        good = [(0, BROKEN), (BROKEN + CS, len(ref) - BROKEN - CS), (BROKEN - 512, 512),
-                (BROKEN + CS, 512), (2 * M, CS)]
+        good = [
+            (0, BROKEN),
+            (BROKEN + CS, len(ref) - BROKEN - CS),
+            (BROKEN - 512, 512),
+            (BROKEN + CS, 512),
+            (2 * M, CS),
+        ]
         bad = [(BROKEN, CS), (BROKEN + 4096, 1), (BROKEN - 512, 1024), (BROKEN - CS, 3 * CS)]
         check_fault(view, mp, pid, ref, good, bad)
         assert seek_walk(view)[0][0] == 0
@@ -411,7 +481,7 @@ def test_corruption_found_by_a_read(qemu: Qemu, tmp_path: Path, mounter: Mounter
     text = log.read_text()
     assert "Traceback" not in text, text
     # the daemon logs the very message convert (and map, info) would print
-    message = convert_line[len("flatfs: "):]
+    message = convert_line[len("flatfs: ") :]
     for w in words:
         assert w in message, (w, message)
     assert any(line.endswith(message) for line in log_lines(log)), (message, text)

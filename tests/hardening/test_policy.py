@@ -57,7 +57,7 @@ def test_no_backing_shows_the_top_layer_alone(qemu, tmp_path):
     with open_chain(top, OpenOptions(no_backing=True)) as chain:
         assert len(chain.layers) == 1
         assert chain.pread(0, 128 << 10) == b"\2" * 65536 + bytes(65536)
-    base.unlink()   # no backing means we never even look for it
+    base.unlink()  # no backing means we never even look for it
     assert flatfs("map", "--no-backing", top).returncode == 0
 
 

@@ -13,12 +13,22 @@ CHUNK = 1 << 20
 
 
 def flatfs_map(chain) -> list[dict]:
-    return [{"start": e.start, "length": e.length, "depth": e.depth, "present": e.kind.present,
-             "zero": e.kind is not Kind.DATA, "data": e.kind.is_data} for e in chain.extents()]
+    return [
+        {
+            "start": e.start,
+            "length": e.length,
+            "depth": e.depth,
+            "present": e.kind.present,
+            "zero": e.kind is not Kind.DATA,
+            "data": e.kind.is_data,
+        }
+        for e in chain.extents()
+    ]
 
 
-def assert_matches_qemu(qemu: Qemu, image: Path, scratch: Path, *,
-                        options: OpenOptions | None = None, qemu_fmt: str | None = None) -> None:
+def assert_matches_qemu(
+    qemu: Qemu, image: Path, scratch: Path, *, options: OpenOptions | None = None, qemu_fmt: str | None = None
+) -> None:
     """flatfs's map and bytes equal qemu-img map / qemu-img convert -O raw."""
     ref = scratch / (image.name + ".ref.raw")
     args = ["convert", "-O", "raw"]

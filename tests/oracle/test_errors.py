@@ -102,8 +102,18 @@ def test_encrypted_image(qemu, tmp_path):
     # "Unable to get accurate CPU usage". That is QEMU's flake, not ours: retry it.
     for attempt in range(5):
         try:
-            qemu.img("create", "-q", "--object", "secret,id=sec0,data=123456", "-f", "qcow2",
-                     "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", img, "1M")
+            qemu.img(
+                "create",
+                "-q",
+                "--object",
+                "secret,id=sec0,data=123456",
+                "-f",
+                "qcow2",
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                img,
+                "1M",
+            )
             break
         except subprocess.CalledProcessError as exc:
             if "accurate CPU usage" not in f"{exc.stdout}{exc.stderr}" or attempt == 4:
@@ -165,6 +175,7 @@ def test_bad_cluster_bits(image):
 
 def test_json_info_lists_chain_top_first(qemu, tmp_path):
     import json
+
     base = qemu.create(tmp_path / "base.raw", "2M", fmt="raw")
     top = qemu.create(tmp_path / "top.qcow2", "4M", backing=base.name, backing_fmt="raw")
     rows = json.loads(flatfs("info", "--output=json", top).stdout)

@@ -14,8 +14,12 @@ from .oracle import assert_matches_qemu
 
 M = 1 << 20
 
-WRITES = ("write -P 0xa1 0 64k", "write -P 0xb2 1M 100k", "write -P 0x33 3145728 512",
-          "write -P 0x44 5000k 3k")
+WRITES = (
+    "write -P 0xa1 0 64k",
+    "write -P 0xb2 1M 100k",
+    "write -P 0x33 3145728 512",
+    "write -P 0x44 5000k 3k",
+)
 
 
 def _basic(qemu: Qemu, d: Path, opts: str | None = None, size: int | str = "8M") -> Path:
@@ -58,10 +62,13 @@ def case_odd_size(q, d):
 
 def case_zero_plain_and_prealloc(q, d):
     img = _basic(q, d)
-    q.io(img, "write -z 0 64k",          # allocated -> zero cluster keeping its offset
-         "write -z -u 1M 64k",            # unmapped zero: plain zero cluster
-         "write -z 6M 128k",              # never allocated -> plain zero
-         "discard 5000k 64k")
+    q.io(
+        img,
+        "write -z 0 64k",  # allocated -> zero cluster keeping its offset
+        "write -z -u 1M 64k",  # unmapped zero: plain zero cluster
+        "write -z 6M 128k",  # never allocated -> plain zero
+        "discard 5000k 64k",
+    )
     return img
 
 
@@ -69,8 +76,14 @@ def case_zero_over_backing(q, d):
     base = q.create(d / "base.qcow2", "8M")
     q.io(base, "write -P 0x55 0 8M")
     top = q.create(d / "top.qcow2", "8M", backing=base)
-    q.io(top, "write -z 64k 64k", "write -z -u 1M 128k", "discard 2M 64k", "write -P 1 3M 4k",
-         "write -z 3M 64k")
+    q.io(
+        top,
+        "write -z 64k 64k",
+        "write -z -u 1M 128k",
+        "discard 2M 64k",
+        "write -P 1 3M 4k",
+        "write -z 3M 64k",
+    )
     return top
 
 
@@ -108,8 +121,17 @@ def case_extended_l2(q, d):
     base = q.create(d / "base.qcow2", "8M")
     q.io(base, "write -P 0x11 0 8M")
     img = q.create(d / "img.qcow2", "8M", backing=base, opts="extended_l2=on")
-    q.io(img, "write -P 0x22 2k 2k", "write -P 0x23 10k 6k", "write -z 20k 4k", "write -z -u 26k 2k",
-         "write -P 0x24 1M 64k", "write -z 2M 64k", "discard 1M 2k", "write -P 0x25 3M 3k")
+    q.io(
+        img,
+        "write -P 0x22 2k 2k",
+        "write -P 0x23 10k 6k",
+        "write -z 20k 4k",
+        "write -z -u 26k 2k",
+        "write -P 0x24 1M 64k",
+        "write -z 2M 64k",
+        "discard 1M 2k",
+        "write -P 0x25 3M 3k",
+    )
     return img
 
 
@@ -154,7 +176,7 @@ def case_prealloc_falloc(q, d):
 
 def case_lazy_refcounts_dirty(q, d):
     img = _basic(q, d, "lazy_refcounts=on")
-    with open(img, "r+b") as f:   # mark it dirty, as a crashed QEMU leaves it
+    with open(img, "r+b") as f:  # mark it dirty, as a crashed QEMU leaves it
         f.seek(79)
         f.write(b"\x01")
     return img
@@ -213,6 +235,7 @@ def test_snapshot_table_is_not_read_for_the_active_view(qemu, tmp_path):
 def test_info_reports_features(qemu, tmp_path):
     img = _basic(qemu, tmp_path, "extended_l2=on,compression_type=zstd,lazy_refcounts=on")
     from flatfs.info import chain_info
+
     with open_chain(img) as chain:
         row = chain_info(chain)[0]
     assert row["cluster-size"] == 65536 and row["compat"] == "1.1"

@@ -73,7 +73,9 @@ def test_too_many_runs_drops_the_index_but_still_counts_data():
 
 
 def test_gaps_between_extents_are_holes():
-    idx, data = scan(100, [Extent(10, 10, Kind.DATA), Extent(20, 10, Kind.ALLOC_ZERO), Extent(40, 5, Kind.DATA)])
+    idx, data = scan(
+        100, [Extent(10, 10, Kind.DATA), Extent(20, 10, Kind.ALLOC_ZERO), Extent(40, 5, Kind.DATA)]
+    )
     assert data == 25
     assert (list(idx.starts), list(idx.ends)) == ([10, 40], [30, 45])
     assert idx.seek(30, SEEK_DATA) == 40
@@ -87,8 +89,11 @@ def test_index_matches_chain_seek(spec, data):
     idx = index_of(c)
     assert all(s < e for s, e in zip(idx.starts, idx.ends))
     assert all(e < s for e, s in zip(idx.ends, idx.starts[1:]))
-    offsets = set(range(0, c.size + 2)) if c.size <= 64 else set(
-        data.draw(st.lists(st.integers(0, c.size + 1), min_size=1, max_size=40)))
+    offsets = (
+        set(range(0, c.size + 2))
+        if c.size <= 64
+        else set(data.draw(st.lists(st.integers(0, c.size + 1), min_size=1, max_size=40)))
+    )
     for e in c.extents():
         offsets.update((e.start, e.end - 1, e.end))
     for off in sorted(offsets):
@@ -115,8 +120,10 @@ def test_view_seeks_through_the_index_or_falls_back_to_the_chain(monkeypatch):
     from flatfs import dataindex
     from flatfs.fuse import View
 
-    c = chain(FakeLayer(100, [(10, 20, D), (40, 50, AZ), (60, 70, Z)], 1),
-              FakeLayer(100, [(20, 30, D), (80, 90, D)], 2))
+    c = chain(
+        FakeLayer(100, [(10, 20, D), (40, 50, AZ), (60, 70, Z)], 1),
+        FakeLayer(100, [(20, 30, D), (80, 90, D)], 2),
+    )
     top = os.stat("/")
     with_index = View(c, None, top)
     assert with_index.index is not None and len(with_index.index) == 3

@@ -60,10 +60,19 @@ def chain(*layers) -> Chain:
 
 
 def test_coalesce_merges_equal_neighbours_only():
-    ex = [Extent(0, 10, D, 0), Extent(10, 5, D, 0), Extent(15, 5, D, 1), Extent(20, 1, Z, 1),
-          Extent(30, 1, Z, 1)]
-    assert list(coalesce(ex)) == [Extent(0, 15, D, 0), Extent(15, 5, D, 1), Extent(20, 1, Z, 1),
-                                  Extent(30, 1, Z, 1)]
+    ex = [
+        Extent(0, 10, D, 0),
+        Extent(10, 5, D, 0),
+        Extent(15, 5, D, 1),
+        Extent(20, 1, Z, 1),
+        Extent(30, 1, Z, 1),
+    ]
+    assert list(coalesce(ex)) == [
+        Extent(0, 15, D, 0),
+        Extent(15, 5, D, 1),
+        Extent(20, 1, Z, 1),
+        Extent(30, 1, Z, 1),
+    ]
 
 
 def test_clip():
@@ -84,8 +93,14 @@ def test_absent_goes_down_and_depth_is_reported():
     base = FakeLayer(100, [(45, 60, D)], 3)
     c = chain(top, mid, base)
     assert list(c.extents()) == [
-        Extent(0, 10, D, 0), Extent(10, 10, D, 1), Extent(20, 10, Z, 0), Extent(30, 10, A, 2),
-        Extent(40, 10, Z, 1), Extent(50, 10, D, 2), Extent(60, 40, A, 2)]
+        Extent(0, 10, D, 0),
+        Extent(10, 10, D, 1),
+        Extent(20, 10, Z, 0),
+        Extent(30, 10, A, 2),
+        Extent(40, 10, Z, 1),
+        Extent(50, 10, D, 2),
+        Extent(60, 40, A, 2),
+    ]
     data = c.pread(0, 100)
     assert data[:10] == b"\1" * 10 and data[10:20] == b"\2" * 10 and data[50:60] == b"\3" * 10
     assert data[20:50] == bytes(30) and data[60:] == bytes(40)
@@ -112,7 +127,7 @@ def test_seek_data_and_hole():
     SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
     assert c.seek(0, SEEK_DATA) == 10
     assert c.seek(15, SEEK_DATA) == 15
-    assert c.seek(15, SEEK_HOLE) == 30     # alloc-zero is data, as qemu-img map says
+    assert c.seek(15, SEEK_HOLE) == 30  # alloc-zero is data, as qemu-img map says
     assert c.seek(30, SEEK_DATA) == 70
     assert c.seek(75, SEEK_HOLE) == 80
     with pytest.raises(OSError) as e:
@@ -125,8 +140,9 @@ def test_seek_data_and_hole():
     assert c.data_bytes() == 30
 
 
-runs_st = st.lists(st.tuples(st.integers(0, 200), st.integers(1, 50), st.sampled_from([D, Z, AZ])),
-                   max_size=6)
+runs_st = st.lists(
+    st.tuples(st.integers(0, 200), st.integers(1, 50), st.sampled_from([D, Z, AZ])), max_size=6
+)
 
 
 def normalise(runs, size):
@@ -162,7 +178,7 @@ def test_composition_is_contiguous_and_reads_only_data(spec):
     data = c.pread(0, c.size)
     for e in ex:
         fill = bytes([e.depth + 1]) if e.kind is D else b"\0"
-        assert data[e.start:e.end] == fill * e.length
+        assert data[e.start : e.end] == fill * e.length
 
 
 class BrokenAfter(FakeLayer):
@@ -188,6 +204,6 @@ def test_seek_answers_without_looking_past_its_answer():
     c = chain(top, base)
     assert c.seek(0, os.SEEK_DATA) == 4096
     assert c.seek(4096, os.SEEK_DATA) == 4096
-    with pytest.raises(OSError) as exc:      # the hole's end lies in the broken range
+    with pytest.raises(OSError) as exc:  # the hole's end lies in the broken range
         c.seek(4096, os.SEEK_HOLE)
     assert exc.value.errno == errno.EIO

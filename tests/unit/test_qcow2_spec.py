@@ -8,18 +8,54 @@ import pytest
 
 from flatfs.errors import CorruptImage, UnsupportedImage
 from flatfs.qcow2 import clusters as C
-from flatfs.qcow2.spec import (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE, OFLAG_COMPRESSED,
-                               OFLAG_COPIED, OFLAG_ZERO, parse_header)
+from flatfs.qcow2.spec import (
+    EXT_BACKING_FORMAT,
+    EXT_DATA_FILE,
+    EXT_FEATURE_TABLE,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    parse_header,
+)
 
 CS = 65536
 
 
-def header(version=3, cluster_bits=16, size=1 << 30, l1_size=2, l1_off=3 * CS, rt_off=CS, rt_clusters=1,
-           incompat=0, autoclear=0, header_length=112, compression=0, crypt=0, exts=(),
-           backing=None) -> bytes:
+def header(
+    version=3,
+    cluster_bits=16,
+    size=1 << 30,
+    l1_size=2,
+    l1_off=3 * CS,
+    rt_off=CS,
+    rt_clusters=1,
+    incompat=0,
+    autoclear=0,
+    header_length=112,
+    compression=0,
+    crypt=0,
+    exts=(),
+    backing=None,
+) -> bytes:
     h = bytearray(CS)
-    struct.pack_into(">4sIQIIQIIQQIIQ", h, 0, b"QFI\xfb", version, 0, 0, cluster_bits, size, crypt,
-                     l1_size, l1_off, rt_off, rt_clusters, 0, 0)
+    struct.pack_into(
+        ">4sIQIIQIIQQIIQ",
+        h,
+        0,
+        b"QFI\xfb",
+        version,
+        0,
+        0,
+        cluster_bits,
+        size,
+        crypt,
+        l1_size,
+        l1_off,
+        rt_off,
+        rt_clusters,
+        0,
+        0,
+    )
     off = 72
     if version == 3:
         struct.pack_into(">QQQII", h, 72, incompat, 0, autoclear, 4, header_length)
@@ -28,12 +64,12 @@ def header(version=3, cluster_bits=16, size=1 << 30, l1_size=2, l1_off=3 * CS, r
         off = header_length
     for etype, data in exts:
         struct.pack_into(">II", h, off, etype, len(data))
-        h[off + 8:off + 8 + len(data)] = data
+        h[off + 8 : off + 8 + len(data)] = data
         off += 8 + (len(data) + 7 & ~7)
     off += 8
     if backing:
         struct.pack_into(">QI", h, 8, off, len(backing))
-        h[off:off + len(backing)] = backing
+        h[off : off + len(backing)] = backing
     return bytes(h)
 
 
@@ -54,30 +90,33 @@ def test_v2_header():
     assert h.compat == "0.10" and h.header_length == 72 and h.refcount_order == 4
 
 
-@pytest.mark.parametrize("kw, exc, text", [
-    (dict(version=1), UnsupportedImage, "version 1"),
-    (dict(version=4), UnsupportedImage, "version 4"),
-    (dict(cluster_bits=8), CorruptImage, "cluster_bits"),
-    (dict(cluster_bits=22), CorruptImage, "cluster_bits"),
-    (dict(header_length=100), CorruptImage, "header_length"),
-    (dict(header_length=108), CorruptImage, "header_length"),
-    (dict(incompat=1 << 5), UnsupportedImage, "bit 5"),
-    (dict(crypt=2), UnsupportedImage, "LUKS"),
-    (dict(crypt=1), UnsupportedImage, "AES"),
-    (dict(incompat=1 << 3, compression=0), CorruptImage, "compression"),
-    (dict(compression=1), CorruptImage, "compression"),
-    (dict(incompat=1 << 3, compression=7), UnsupportedImage, "compression type 7"),
-    (dict(l1_size=1), CorruptImage, "too small"),
-    (dict(l1_size=1 << 31), UnsupportedImage, "too large"),
-    (dict(size=1 << 62), UnsupportedImage, "too big"),
-    (dict(l1_off=3 * CS + 8), CorruptImage, "not cluster aligned"),
-    (dict(l1_off=100 * CS), CorruptImage, "past the end"),
-    (dict(rt_off=100 * CS), CorruptImage, "refcount table"),
-    (dict(incompat=1 << 2), UnsupportedImage, "data file"),
-    (dict(autoclear=2), CorruptImage, "data-file-raw"),
-    (dict(exts=[(0x1234, b"x" * CS)]), CorruptImage, "overruns"),
-    (dict(exts=[(EXT_BACKING_FORMAT, b"x" * 40)]), CorruptImage, "too long"),
-])
+@pytest.mark.parametrize(
+    "kw, exc, text",
+    [
+        (dict(version=1), UnsupportedImage, "version 1"),
+        (dict(version=4), UnsupportedImage, "version 4"),
+        (dict(cluster_bits=8), CorruptImage, "cluster_bits"),
+        (dict(cluster_bits=22), CorruptImage, "cluster_bits"),
+        (dict(header_length=100), CorruptImage, "header_length"),
+        (dict(header_length=108), CorruptImage, "header_length"),
+        (dict(incompat=1 << 5), UnsupportedImage, "bit 5"),
+        (dict(crypt=2), UnsupportedImage, "LUKS"),
+        (dict(crypt=1), UnsupportedImage, "AES"),
+        (dict(incompat=1 << 3, compression=0), CorruptImage, "compression"),
+        (dict(compression=1), CorruptImage, "compression"),
+        (dict(incompat=1 << 3, compression=7), UnsupportedImage, "compression type 7"),
+        (dict(l1_size=1), CorruptImage, "too small"),
+        (dict(l1_size=1 << 31), UnsupportedImage, "too large"),
+        (dict(size=1 << 62), UnsupportedImage, "too big"),
+        (dict(l1_off=3 * CS + 8), CorruptImage, "not cluster aligned"),
+        (dict(l1_off=100 * CS), CorruptImage, "past the end"),
+        (dict(rt_off=100 * CS), CorruptImage, "refcount table"),
+        (dict(incompat=1 << 2), UnsupportedImage, "data file"),
+        (dict(autoclear=2), CorruptImage, "data-file-raw"),
+        (dict(exts=[(0x1234, b"x" * CS)]), CorruptImage, "overruns"),
+        (dict(exts=[(EXT_BACKING_FORMAT, b"x" * 40)]), CorruptImage, "too long"),
+    ],
+)
 def test_bad_headers(kw, exc, text):
     with pytest.raises(exc) as e:
         parse(header(**kw))
@@ -118,20 +157,33 @@ def runs(t: C.Table):
 
 
 def test_classify_standard_entries():
-    e = [0, 0, (5 * CS) | OFLAG_COPIED, 6 * CS | OFLAG_COPIED, 9 * CS, OFLAG_ZERO, (7 * CS) | OFLAG_ZERO,
-         OFLAG_COMPRESSED | 12345, 7 * CS + 512, OFLAG_COPIED] + [0] * 8182
+    e = [
+        0,
+        0,
+        (5 * CS) | OFLAG_COPIED,
+        6 * CS | OFLAG_COPIED,
+        9 * CS,
+        OFLAG_ZERO,
+        (7 * CS) | OFLAG_ZERO,
+        OFLAG_COMPRESSED | 12345,
+        7 * CS + 512,
+        OFLAG_COPIED,
+    ] + [0] * 8182
     t = C.classify(table(e), 16, extended=False, data_file=False)
-    assert runs(t)[:6] == [(0, 2 * CS, C.ABSENT, 0), (2 * CS, 2 * CS, C.DATA, 5 * CS),
-                           (4 * CS, CS, C.DATA, 9 * CS), (5 * CS, 2 * CS, C.ZERO, 0),
-                           (7 * CS, CS, C.COMPRESSED, OFLAG_COMPRESSED | 12345),
-                           (8 * CS, CS, C.BAD, 8)]
+    assert runs(t)[:6] == [
+        (0, 2 * CS, C.ABSENT, 0),
+        (2 * CS, 2 * CS, C.DATA, 5 * CS),
+        (4 * CS, CS, C.DATA, 9 * CS),
+        (5 * CS, 2 * CS, C.ZERO, 0),
+        (7 * CS, CS, C.COMPRESSED, OFLAG_COMPRESSED | 12345),
+        (8 * CS, CS, C.BAD, 8),
+    ]
     assert "not cluster aligned" in t.reasons[5]
-    assert runs(t)[6] == (9 * CS, 8183 * CS, C.ABSENT, 0)   # COPIED alone: unallocated
+    assert runs(t)[6] == (9 * CS, 8183 * CS, C.ABSENT, 0)  # COPIED alone: unallocated
 
 
 def test_copied_offset_zero_is_data_with_an_external_data_file():
-    t = C.classify(table([OFLAG_COPIED, CS | OFLAG_COPIED] + [0] * 8190), 16, extended=False,
-                   data_file=True)
+    t = C.classify(table([OFLAG_COPIED, CS | OFLAG_COPIED] + [0] * 8190), 16, extended=False, data_file=True)
     assert runs(t)[0] == (0, 2 * CS, C.DATA, 0)
 
 
@@ -142,12 +194,20 @@ def test_compressed_with_data_file_is_bad():
 
 def test_classify_extended_entries():
     sc = CS // 32
-    entries = [5 * CS, 0xFFFFFFFF,                     # all allocated
-               8 * CS, (0b10 << 32) | 0b01,             # sc0 data, sc1 zero, rest absent
-               0, 0b1 << 32,                            # unallocated, sc0 zero
-               0, 0b1,                                  # alloc bit without a cluster: bad
-               7 * CS, (1 << 32) | 1,                   # both bits: bad
-               OFLAG_COMPRESSED | 99, 1]                # compressed with a bitmap: bad
+    entries = [
+        5 * CS,
+        0xFFFFFFFF,  # all allocated
+        8 * CS,
+        (0b10 << 32) | 0b01,  # sc0 data, sc1 zero, rest absent
+        0,
+        0b1 << 32,  # unallocated, sc0 zero
+        0,
+        0b1,  # alloc bit without a cluster: bad
+        7 * CS,
+        (1 << 32) | 1,  # both bits: bad
+        OFLAG_COMPRESSED | 99,
+        1,
+    ]  # compressed with a bitmap: bad
     raw = table(entries + [0] * (8192 - len(entries)))
     t = C.classify(raw, 16, extended=True, data_file=False)
     r = runs(t)
@@ -176,7 +236,7 @@ def test_allocated_l1():
 def test_count_nonzero_refcounts(order):
     bits = 1 << order
     n = 64
-    values = [(i * 7) % 3 for i in range(n)]            # some zero, some not
+    values = [(i * 7) % 3 for i in range(n)]  # some zero, some not
     acc = 0
     for i, v in enumerate(values):
         acc |= (v & ((1 << bits) - 1)) << (i * bits) if bits < 8 else 0

@@ -25,7 +25,7 @@ M = 1 << 20
 def audit(path: Path) -> None:
     """What `qemu-img check` checks: refcounts equal references; COPIED iff refcount 1."""
     data = path.read_bytes()
-    hdr = parse_header(str(path), data[:2 * M], len(data))
+    hdr = parse_header(str(path), data[: 2 * M], len(data))
     cs = hdr.cluster_size
     nclusters = -(-len(data) // cs)
     refs = [0] * nclusters
@@ -36,7 +36,7 @@ def audit(path: Path) -> None:
             refs[c] += 1
 
     def be64(off: int, n: int) -> array:
-        a = array("Q", data[off:off + 8 * n])
+        a = array("Q", data[off : off + 8 * n])
         a.byteswap()
         return a
 
@@ -83,17 +83,33 @@ def audit(path: Path) -> None:
         assert flag == (refs[off // cs] == 1), f"COPIED wrong at {off:#x}"
 
 
-def write_image(path: Path, size: int, cs: int, seed: int = 0, *, version: int = 3,
-                compress: str | None = None, ext: bool = False, zeros: bool = False,
-                backing: str | None = None) -> bytes:
+def write_image(
+    path: Path,
+    size: int,
+    cs: int,
+    seed: int = 0,
+    *,
+    version: int = 3,
+    compress: str | None = None,
+    ext: bool = False,
+    zeros: bool = False,
+    backing: str | None = None,
+) -> bytes:
     """Feed random runs of data/compressed/zero clusters; return the expected guest bytes."""
     rnd = random.Random(seed)
     want = bytearray(size)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        w = Qcow2Writer(fd, size, cluster_size=cs, version=version, extended_l2=ext,
-                        compression_type=compress or "zlib", backing_file=backing,
-                        backing_format="raw" if backing else None)
+        w = Qcow2Writer(
+            fd,
+            size,
+            cluster_size=cs,
+            version=version,
+            extended_l2=ext,
+            compression_type=compress or "zlib",
+            backing_file=backing,
+            backing_format="raw" if backing else None,
+        )
         g = 0
         n = -(-size // cs)
         while g < n:
@@ -109,23 +125,27 @@ def write_image(path: Path, size: int, cs: int, seed: int = 0, *, version: int =
             for i in range(k):
                 lo = (g + i) * cs
                 hi = min(size, lo + cs)
-                want[lo:hi] = (rnd.randbytes(hi - lo) if rnd.random() < 0.5
-                               else bytes([rnd.randrange(1, 255)]) * (hi - lo))
+                want[lo:hi] = (
+                    rnd.randbytes(hi - lo)
+                    if rnd.random() < 0.5
+                    else bytes([rnd.randrange(1, 255)]) * (hi - lo)
+                )
             if compress and r < 0.75:
                 for i in range(k):
-                    blk = bytes(want[(g + i) * cs:(g + i + 1) * cs])
+                    blk = bytes(want[(g + i) * cs : (g + i + 1) * cs])
                     blk += bytes(cs - len(blk))
                     if compress == "zlib":
                         p = zlib.compress(blk, 6, -12)
                     else:
                         import zstandard
+
                         p = zstandard.ZstdCompressor().compress(blk)
                     if len(p) < cs:
                         w.write_compressed(g + i, p)
                     else:
-                        w.write_clusters(g + i, blk[:min(cs, size - (g + i) * cs)])
+                        w.write_clusters(g + i, blk[: min(cs, size - (g + i) * cs)])
             else:
-                w.write_clusters(g, memoryview(want)[g * cs:min(size, (g + k) * cs)])
+                w.write_clusters(g, memoryview(want)[g * cs : min(size, (g + k) * cs)])
             g += k
         w.finish()
     finally:
@@ -143,7 +163,7 @@ CASES = [
     dict(size=8 * M, cs=64 * K, compress="zstd"),
     dict(size=2 * M, cs=512, compress="zlib"),
     dict(size=8 * M, cs=32 * K, compress="zlib", ext=True),
-    dict(size=6 * M, cs=512, compress="zlib"),           # many refcount blocks, written as it goes
+    dict(size=6 * M, cs=512, compress="zlib"),  # many refcount blocks, written as it goes
 ]
 
 
@@ -163,8 +183,15 @@ def test_zero_clusters_over_backing(tmp_path):
     for version, ext in ((3, False), (3, True), (2, False)):
         path = tmp_path / f"z{version}{ext}.qcow2"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-        w = Qcow2Writer(fd, 4 * M, cluster_size=64 * K, version=version, extended_l2=ext,
-                        backing_file="base.raw", backing_format="raw")
+        w = Qcow2Writer(
+            fd,
+            4 * M,
+            cluster_size=64 * K,
+            version=version,
+            extended_l2=ext,
+            backing_file="base.raw",
+            backing_format="raw",
+        )
         w.write_zero(2, 3)
         w.write_clusters(10, b"\x01" * 64 * K)
         w.finish()
@@ -173,21 +200,28 @@ def test_zero_clusters_over_backing(tmp_path):
         with open_chain(path) as chain:
             got = chain.pread(0, 4 * M)
         want = bytearray(b"\x5a" * (4 * M))
-        want[2 * 64 * K:5 * 64 * K] = bytes(3 * 64 * K)
-        want[10 * 64 * K:11 * 64 * K] = b"\x01" * 64 * K
+        want[2 * 64 * K : 5 * 64 * K] = bytes(3 * 64 * K)
+        want[10 * 64 * K : 11 * 64 * K] = b"\x01" * 64 * K
         assert got == want, (version, ext)
 
 
 def test_header_fields(tmp_path):
     path = tmp_path / "h.qcow2"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-    w = Qcow2Writer(fd, 10 * M, cluster_size=16 * K, extended_l2=True, compression_type="zstd",
-                    backing_file="../some/base image.qcow2", backing_format="qcow2")
+    w = Qcow2Writer(
+        fd,
+        10 * M,
+        cluster_size=16 * K,
+        extended_l2=True,
+        compression_type="zstd",
+        backing_file="../some/base image.qcow2",
+        backing_format="qcow2",
+    )
     w.write_clusters(0, b"x" * 16 * K)
     w.finish()
     os.close(fd)
     data = path.read_bytes()
-    hdr = parse_header(str(path), data[:16 * K], len(data))
+    hdr = parse_header(str(path), data[: 16 * K], len(data))
     assert (hdr.version, hdr.cluster_size, hdr.size) == (3, 16 * K, 10 * M)
     assert hdr.extended_l2 and hdr.compression_type == 1 and hdr.header_length == 112
     assert hdr.backing_file == "../some/base image.qcow2" and hdr.backing_format == "qcow2"
@@ -216,19 +250,26 @@ def test_order_and_limits(tmp_path):
         w = Qcow2Writer(fd, M, cluster_size=64 * K)
         w.write_clusters(3, b"a" * 64 * K)
         with pytest.raises(ValueError):
-            w.write_clusters(3, b"a" * 64 * K)         # not ascending
+            w.write_clusters(3, b"a" * 64 * K)  # not ascending
         with pytest.raises(ValueError):
-            w.write_clusters(16, b"a" * 64 * K)        # past the end
+            w.write_clusters(16, b"a" * 64 * K)  # past the end
         with pytest.raises(ValueError):
-            w.write_compressed(5, b"a" * 64 * K)       # not smaller than a cluster
-        for kw in (dict(cluster_size=1000), dict(cluster_size=4 * M), dict(cluster_size=256),
-                   dict(extended_l2=True, cluster_size=8 * K), dict(extended_l2=True, version=2),
-                   dict(compression_type="zstd", version=2), dict(compression_type="lz4"),
-                   dict(backing_file="x" * 1024), dict(backing_file="b" * 400, cluster_size=512)):
+            w.write_compressed(5, b"a" * 64 * K)  # not smaller than a cluster
+        for kw in (
+            dict(cluster_size=1000),
+            dict(cluster_size=4 * M),
+            dict(cluster_size=256),
+            dict(extended_l2=True, cluster_size=8 * K),
+            dict(extended_l2=True, version=2),
+            dict(compression_type="zstd", version=2),
+            dict(compression_type="lz4"),
+            dict(backing_file="x" * 1024),
+            dict(backing_file="b" * 400, cluster_size=512),
+        ):
             with pytest.raises(ConvertError):
                 Qcow2Writer(fd, M, **kw)
         with pytest.raises(ConvertError):
-            Qcow2Writer(fd, 1 << 50, cluster_size=512)     # L1 beyond QEMU's 32 MiB limit
+            Qcow2Writer(fd, 1 << 50, cluster_size=512)  # L1 beyond QEMU's 32 MiB limit
     finally:
         os.close(fd)
 
