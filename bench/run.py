@@ -714,8 +714,8 @@ def main(argv: list[str] | None = None) -> int:
             [
                 sys.executable,
                 "-c",
-                "import flatfs.cli, flatfs.cli_convert, flatfs.cli_mount, flatfs.convert, "
-                "flatfs.chain, flatfs.qcow2.layer, flatfs.qcow2.writer, flatfs.fuse, "
+                "import flatfs.cli, flatfs.convert, "
+                "flatfs.chain, flatfs.formats.qcow2, flatfs.fuse, "
                 "concurrent.futures, zlib",
             ],
             flatfs_cmd() + ["convert", "--help"],

@@ -178,7 +178,7 @@ def attribution(
     (kernel, libfuse, mfusepy/ctypes, the View glue) adds to every request.
     """
     from flatfs.chain import open_chain
-    from flatfs.dataindex import scan
+    from flatfs.chain.dataindex import scan
 
     def walk_inproc(seek, size: int) -> int:
         off, n = 0, 0

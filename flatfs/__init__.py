@@ -1,9 +1,12 @@
-"""flatfs: flatten qcow2/raw backing chains.
+"""flatfs: flatten VM disk image chains.
 
 Public API::
 
-    from flatfs import open_chain, OpenOptions, Kind, Extent, FlatfsError
+    from flatfs import open_chain, OpenOptions, Chain, Kind, Extent, FlatfsError
+    from flatfs.convert import convert, ConvertOptions   # the convert package is its own API
 """
+
+from __future__ import annotations
 
 from .chain import Chain, OpenOptions, open_chain
 from .errors import (
@@ -14,9 +17,12 @@ from .errors import (
     ImageError,
     ImageIOError,
     MountError,
+    ParentMismatch,
     UnsupportedImage,
 )
 from .extents import Extent, Kind
+
+__version__ = "0.1.0"
 
 __all__ = [
     "Chain",
@@ -28,9 +34,10 @@ __all__ = [
     "ImageError",
     "CorruptImage",
     "UnsupportedImage",
+    "ParentMismatch",
     "ImageIOError",
     "ChainError",
     "MountError",
     "ConvertError",
+    "__version__",
 ]
-__version__ = "0.1.0"

@@ -43,14 +43,14 @@ from typing import Any, TextIO
 
 from .chain import Chain, OpenOptions, open_chain
 from .errors import ConvertError, FlatfsError, ImageIOError
-from .qcow2.writer import (
+from .formats.qcow2.writer import (
     ALL_ALLOC,
     DEFAULT_CLUSTER_SIZE,
     SUBCLUSTERS,
     Qcow2Writer,
     cluster_bits_of,
-    pwritev_all,
 )
+from .hostio import pwritev_all
 
 # 1 MiB: a chunk read is still in the CPU cache when it is written out. Larger
 # chunks measured 2-4x slower here (each copy then goes through memory).
@@ -984,23 +984,17 @@ def check_target(target: str, dest: str, chains: Sequence[Chain], force: bool) -
         raise ImageIOError.from_oserror(target, exc) from None
     real = os.path.realpath(dest)
     for chain in chains:
-        for lay in chain.layers:
-            files = [(lay.path, lay.fd)]
-            if getattr(lay, "data_fd", None) not in (None, lay.fd):  # qcow2 external data file
-                files.append((getattr(lay, "data_path", lay.path), lay.data_fd))
-            for path, fd in files:
-                try:
-                    lst = os.fstat(fd)
-                except OSError:
-                    lst = None
-                same = (
-                    st is not None and lst is not None and (st.st_dev, st.st_ino) == (lst.st_dev, lst.st_ino)
+        for host in chain.host_files():
+            try:
+                lst = os.fstat(host.fd)
+            except OSError:
+                lst = None
+            same = st is not None and lst is not None and (st.st_dev, st.st_ino) == (lst.st_dev, lst.st_ino)
+            if same or os.path.realpath(host.path) == real:
+                raise ConvertError(
+                    f"{target}: refusing to write over {host.path}, which is part of "
+                    "the chain being read (even with --force)"
                 )
-                if same or os.path.realpath(path) == real:
-                    raise ConvertError(
-                        f"{target}: refusing to write over {path}, which is part of "
-                        "the chain being read (even with --force)"
-                    )
     folder = os.path.dirname(dest)
     if not os.path.isdir(folder):
         raise ConvertError(f"{target}: folder {folder} does not exist")

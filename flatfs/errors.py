@@ -47,6 +47,10 @@ class UnsupportedImage(ImageError):
     errno = _errno.EOPNOTSUPP
 
 
+class ParentMismatch(ImageError):
+    """A parent's recorded identity (VMDK CID, VHD/VHDX/VDI UUID) is not the one the child names."""
+
+
 class ImageIOError(ImageError):
     """The host file could not be opened or read."""
 

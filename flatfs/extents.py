@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+from array import array
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class Kind(enum.Enum):
@@ -41,6 +42,62 @@ class Extent:
     @property
     def end(self) -> int:
         return self.start + self.length
+
+
+# Kind codes for bulk runs: KINDS[code] is the Kind, CODES[kind] its code.
+KINDS: tuple[Kind, ...] = (Kind.DATA, Kind.ALLOC_ZERO, Kind.ZERO, Kind.ABSENT)
+CODES: dict[Kind, int] = {k: i for i, k in enumerate(KINDS)}
+DATA, ALLOC_ZERO, ZERO, ABSENT = range(4)
+
+
+@dataclass(slots=True)
+class Runs:
+    """One layer's map of a range, in bulk: parallel arrays, ascending and contiguous.
+
+    Run ``i`` covers ``[starts[i], ends[i])`` with kind ``KINDS[kinds[i]]``. A
+    format fills a table's worth at a time (an L2 table, a grain table, a BAT
+    block) with :meth:`add`, which merges a run into its neighbour of the same
+    kind, so one object describes thousands of clusters.
+    """
+
+    starts: array[int] = field(default_factory=lambda: array("Q"))
+    ends: array[int] = field(default_factory=lambda: array("Q"))
+    kinds: bytearray = field(default_factory=bytearray)
+
+    def add(self, start: int, end: int, code: int) -> None:
+        """Append ``[start, end)`` of kind code ``code``; it must start where the last run ends."""
+        if end <= start:
+            return
+        n = len(self.kinds)
+        if n:
+            last = self.ends[n - 1]
+            if last != start:
+                raise ValueError(f"run at 0x{start:x} does not follow the run ending at 0x{last:x}")
+            if self.kinds[n - 1] == code:
+                self.ends[n - 1] = end
+                return
+        self.starts.append(start)
+        self.ends.append(end)
+        self.kinds.append(code)
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        """(start, end, kind code) per run."""
+        return zip(self.starts, self.ends, self.kinds)
+
+    def extents(self, depth: int = 0) -> Iterator[Extent]:
+        for s, e, k in zip(self.starts, self.ends, self.kinds):
+            yield Extent(s, e - s, KINDS[k], depth)
+
+
+def runs_of(extents: Iterable[Extent]) -> Runs:
+    """The bulk form of ascending, contiguous extents."""
+    out = Runs()
+    for e in extents:
+        out.add(e.start, e.end, CODES[e.kind])
+    return out
 
 
 def coalesce(extents: Iterable[Extent]) -> Iterator[Extent]:

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .chain import SEEK_DATA, SEEK_HOLE, Chain, OpenOptions, open_chain
-from .dataindex import scan as scan_data
 from .errors import FlatfsError, ImageError, MountError
 
 log = logging.getLogger("flatfs.fuse")
@@ -147,8 +146,9 @@ class View:
         self.file_path = "/" if name is None else "/" + name
         self.size = chain.size
         # once: st_blocks and statfs, and the index that answers SEEK_DATA/SEEK_HOLE
-        self.index, self.data_bytes = scan_data(self.size, chain.extents())
-        self._seek = chain.seek if self.index is None else self.index.seek
+        chain.build_index()
+        self.data_bytes = chain.data_bytes()
+        self._seek = chain.seek
         times = {
             "st_atime": top_stat.st_atime_ns,
             "st_mtime": top_stat.st_mtime_ns,
@@ -727,7 +727,9 @@ class _Server:
         chain = open_chain(self.req.image, dataclasses.replace(self.req.options, readahead=False))
         try:
             top = chain.layers[0]
-            view = View(chain, view_name(self.req.image) if self.is_dir else None, os.fstat(top.fd))
+            view = View(
+                chain, view_name(self.req.image) if self.is_dir else None, os.fstat(chain.host_files()[0].fd)
+            )
             self.view_path = os.path.join(self.mountpoint, view.name) if view.name else self.mountpoint
             self._pre_dev = os.stat(self.mountpoint).st_dev
             kwargs = _fuse_kwargs(self.req, top.path)

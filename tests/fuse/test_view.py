@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from flatfs.chain.dataindex import DataIndex, scan
 from flatfs.errors import CorruptImage, ImageIOError, UnsupportedImage
 from flatfs.extents import Extent, Kind
 from flatfs.fuse import View, _fuse_opt_escape, _unescape, errno_for, view_name
@@ -23,6 +24,8 @@ class FakeChain:
         self._data = data
         self.fail = fail
         self.data_calls = 0
+        self.index: DataIndex | None = None
+        self.data = 0
 
     def extents(self):
         """``data`` bytes of DATA from 0, then nothing: walked once, when the view is made."""
@@ -38,8 +41,15 @@ class FakeChain:
         buf[:] = b"x" * len(buf)
         return len(buf)
 
+    def build_index(self) -> None:
+        self.index, self.data = scan(self.size, self.extents())
+
+    def data_bytes(self) -> int:
+        return self.data
+
     def seek(self, offset: int, whence: int) -> int:
-        raise AssertionError("the view answers from its data-run index")
+        assert self.index is not None, "the view builds the chain's data-run index at mount"
+        return self.index.seek(offset, whence)
 
 
 def st() -> os.stat_result:

@@ -43,7 +43,7 @@ def examine(path: str) -> dict:
 def main() -> None:
     cap = int(sys.argv[1])
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    import flatfs.qcow2  # noqa: F401  (import before the first image, under the cap)
+    import flatfs.formats.qcow2  # noqa: F401  (import before the first image, under the cap)
 
     for line in sys.stdin:
         print(json.dumps(examine(line.rstrip("\n"))), flush=True)

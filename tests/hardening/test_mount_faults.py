@@ -36,6 +36,7 @@ from ..fuse.conftest import (
     daemon_pid,
     data_extents,
     is_mounted,
+    mounter,  # noqa: F401  (a fixture; shared fixtures move to tests/conftest.py)
     qemu_map,
     seek_walk,
     unmount,

@@ -234,7 +234,7 @@ def test_snapshot_table_is_not_read_for_the_active_view(qemu, tmp_path):
 @pytest.mark.qemu
 def test_info_reports_features(qemu, tmp_path):
     img = _basic(qemu, tmp_path, "extended_l2=on,compression_type=zstd,lazy_refcounts=on")
-    from flatfs.info import chain_info
+    from flatfs.cli.info import chain_info
 
     with open_chain(img) as chain:
         row = chain_info(chain)[0]

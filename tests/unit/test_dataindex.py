@@ -8,7 +8,7 @@ import os
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flatfs.dataindex import DataIndex, scan
+from flatfs.chain.dataindex import DataIndex, scan
 from flatfs.extents import Extent, Kind
 
 from .test_extents_and_chain import AZ, D, FakeLayer, Z, chain, normalise, runs_st
@@ -116,23 +116,24 @@ def test_walk_visits_every_run():
     assert seen == [(s, s + 7) for s in range(3, 1000, 50)]
 
 
-def test_view_seeks_through_the_index_or_falls_back_to_the_chain(monkeypatch):
-    from flatfs import dataindex
-    from flatfs.fuse import View
+def test_chain_seeks_through_its_index_or_walks_the_composition(monkeypatch):
+    from flatfs.chain import dataindex
 
-    c = chain(
+    layers = (
         FakeLayer(100, [(10, 20, D), (40, 50, AZ), (60, 70, Z)], 1),
         FakeLayer(100, [(20, 30, D), (80, 90, D)], 2),
     )
-    top = os.stat("/")
-    with_index = View(c, None, top)
-    assert with_index.index is not None and len(with_index.index) == 3
+    walk = chain(*layers)
+    with_index = chain(*layers)
+    with_index.build_index()
+    assert with_index.indexed
     monkeypatch.setattr(dataindex, "MAX_RUNS", 2)
-    without = View(c, None, top)
-    assert without.index is None
-    assert with_index.data_bytes == without.data_bytes == c.data_bytes() == 40
+    without = chain(*layers)
+    without.build_index()
+    assert not without.indexed
+    assert with_index.data_bytes() == without.data_bytes() == walk.data_bytes() == 40
     for off in range(0, 102):
         for whence in (SEEK_DATA, SEEK_HOLE, os.SEEK_SET):
-            want = answer(c.seek, off, whence) if whence != os.SEEK_SET else "EINVAL"
-            assert answer(lambda o, w: with_index.seek("/", o, w), off, whence) == want
-            assert answer(lambda o, w: without.seek("/", o, w), off, whence) == want
+            want = answer(walk.seek, off, whence) if whence != os.SEEK_SET else "EINVAL"
+            assert answer(with_index.seek, off, whence) == want
+            assert answer(without.seek, off, whence) == want

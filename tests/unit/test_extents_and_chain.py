@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flatfs.chain import Chain, Opener, OpenOptions
-from flatfs.extents import Extent, Kind, clip, coalesce
+from flatfs.extents import Extent, Kind, clip, coalesce, runs_of
 
 D, Z, A, AZ = Kind.DATA, Kind.ZERO, Kind.ABSENT, Kind.ALLOC_ZERO
 
@@ -19,19 +19,18 @@ class FakeLayer:
     """A layer described by a list of (start, end, kind); data bytes are the depth+1."""
 
     format = "fake"
-    backing = None
-    fd = -1
+    parent = None
 
     def __init__(self, size: int, runs: list[tuple[int, int, Kind]], fill: int) -> None:
         self.path = f"fake{fill}"
         self.size = size
-        self.runs = runs
+        self.spec = runs
         self.fill = fill
         self.reads: list[tuple[int, int]] = []
 
     def extents(self, start, end):
         pos = start
-        for s, e, k in self.runs:
+        for s, e, k in self.spec:
             if e <= pos or s >= end:
                 continue
             s2, e2 = max(s, pos), min(e, end)
@@ -42,9 +41,12 @@ class FakeLayer:
         if pos < end:
             yield Extent(pos, end - pos, A)
 
+    def runs(self, start, end):
+        return runs_of(self.extents(start, end))
+
     def readinto(self, offset, buf):
         self.reads.append((offset, len(buf)))
-        for s, e, k in self.runs:
+        for s, e, k in self.spec:
             assert not (s < offset + len(buf) and offset < e) or k is D, "read a non-DATA range"
         buf[:] = bytes([self.fill]) * len(buf)
 
@@ -170,7 +172,7 @@ def test_composition_is_contiguous_and_reads_only_data(spec):
                 if off >= lay.size:
                     want = (A, depth - 1)
                     break
-                kind = next((k for s, t, k in lay.runs if s <= off < t), A)
+                kind = next((k for s, t, k in lay.spec if s <= off < t), A)
                 if kind is not A or depth == len(layers) - 1:
                     want = (kind, depth)
                     break

@@ -7,8 +7,8 @@ import struct
 import pytest
 
 from flatfs.errors import CorruptImage, UnsupportedImage
-from flatfs.qcow2 import clusters as C
-from flatfs.qcow2.spec import (
+from flatfs.formats.qcow2 import clusters as C
+from flatfs.formats.qcow2.spec import (
     EXT_BACKING_FORMAT,
     EXT_DATA_FILE,
     EXT_FEATURE_TABLE,

@@ -15,8 +15,8 @@ import pytest
 
 from flatfs import OpenOptions, open_chain
 from flatfs.errors import ConvertError
-from flatfs.qcow2.spec import parse_header
-from flatfs.qcow2.writer import ALL_ALLOC, Qcow2Writer
+from flatfs.formats.qcow2.spec import parse_header
+from flatfs.formats.qcow2.writer import ALL_ALLOC, Qcow2Writer
 
 K = 1024
 M = 1 << 20

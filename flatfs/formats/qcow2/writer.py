@@ -53,7 +53,8 @@ from array import array
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from ..errors import ConvertError, ImageIOError
+from ...errors import ConvertError, ImageIOError
+from ...hostio import pwritev_all
 
 MAGIC = b"QFI\xfb"
 
@@ -522,29 +523,6 @@ class Qcow2Writer:
         if v3:
             head += _HEADER_V3_TAIL.pack(incompat, 0, 0, REFCOUNT_ORDER, HEADER_V3_LEN, ctype)
         return head + exts + name
-
-
-def pwritev_all(fd: int, bufs: Sequence[memoryview | bytes | bytearray], offset: int, path: str) -> int:
-    """Write every byte of ``bufs`` at ``offset`` (retrying short writes); return the count."""
-    views = [memoryview(b).cast("B") for b in bufs]
-    total = sum(len(v) for v in views)
-    done = 0
-    while done < total:
-        try:
-            n = os.pwritev(fd, views, offset + done)
-        except OSError as exc:
-            raise ImageIOError.from_oserror(path, exc, offset + done) from None
-        if n <= 0:
-            raise ImageIOError(path, "write made no progress", offset + done)
-        done += n
-        while n and views:  # drop what was written; retry the rest
-            if n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
-    return total
 
 
 class WriteIO(Protocol):

@@ -3,40 +3,20 @@
 from __future__ import annotations
 
 import json
-import re
 
 import click
 
-from .chain import OpenOptions
-from .cli import chain_options, main
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+from ..chain import OpenOptions
+from .common import SIZE, chain_options, format_names, target_format_names
 
 
-class SizeParam(click.ParamType):
-    """A byte count: 65536, 64k, 64K, 2M, 2MiB, 1G."""
-
-    name = "size"
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtTbB]?)(?:i?[bB])?\s*", str(value))
-        if not m:
-            self.fail(f"{value!r} is not a size (examples: 512, 64k, 2M)", param, ctx)
-        return int(m.group(1)) * _UNITS[m.group(2).lower()]
-
-
-SIZE = SizeParam()
-
-
-@main.command()
+@click.command()
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.argument("target", type=click.Path(dir_okay=False))
 @click.option(
     "-O",
     "--target-format",
-    type=click.Choice(["qcow2", "raw"]),
+    type=click.Choice(target_format_names()),
     default="qcow2",
     show_default=True,
     help="Format of TARGET.",
@@ -81,7 +61,7 @@ SIZE = SizeParam()
 @click.option(
     "-F",
     "--backing-format",
-    type=click.Choice(["qcow2", "raw"]),
+    type=click.Choice(format_names()),
     default=None,
     help="Format of BACKING (default: probe).",
 )
@@ -115,12 +95,10 @@ def convert(
 ) -> None:
     """Write SOURCE's flattened chain to TARGET, reading only its data.
 
-    SOURCE is any image flatfs reads (a qcow2 chain, or a raw file such as a
-    mounted flatfs view). TARGET is written to a temporary file next to it and
-    renamed into place; on any error or interruption nothing is left behind.
+    TARGET appears whole or not at all. Manual: flatfs-convert(1).
     """
-    from .convert import ConvertOptions, Interrupted
-    from .convert import convert as do_convert
+    from ..convert import ConvertOptions, Interrupted
+    from ..convert import convert as do_convert
 
     opts = ConvertOptions(
         target_format=target_format,

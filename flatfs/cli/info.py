@@ -1,11 +1,11 @@
-"""Facts about each image of a chain, top first (for `flatfs info`)."""
+"""Facts about each image of a chain, top first (the rows of `flatfs info`)."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from .chain import Chain
+from ..chain import Chain
 
 
 def _disk_usage(fd: int) -> int:
@@ -18,23 +18,18 @@ def _disk_usage(fd: int) -> int:
 def chain_info(chain: Chain) -> list[dict[str, Any]]:
     rows = []
     for depth, lay in enumerate(chain.layers):
-        extra = lay.info()
-        used = _disk_usage(lay.fd)
-        data_fd = getattr(lay, "data_fd", lay.fd)
-        if data_fd != lay.fd:
-            used += _disk_usage(data_fd)
         row: dict[str, Any] = {
             "depth": depth,
             "filename": lay.path,
             "format": lay.format,
             "virtual-size": lay.size,
-            "actual-size": used,
+            "actual-size": sum(_disk_usage(f.fd) for f in lay.host_files()),
         }
-        if lay.backing is not None:
-            row["backing-filename"] = lay.backing.name
-            row["backing-filename-format"] = lay.backing.format
+        if lay.parent is not None:
+            row["backing-filename"] = lay.parent.name
+            row["backing-filename-format"] = lay.parent.format
             if depth + 1 < len(chain.layers):
                 row["full-backing-filename"] = chain.layers[depth + 1].path
-        row.update(extra)
+        row.update(lay.info())
         rows.append(row)
     return rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from ..errors import CorruptImage, UnsupportedImage
+from ...errors import CorruptImage, UnsupportedImage
 
 MAGIC = b"QFI\xfb"
 V2_HEADER_LENGTH = 72

@@ -16,10 +16,10 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import CorruptImage, ImageIOError
-from ..extents import Extent, Kind
-from ..hostfile import data_runs, pread_exact, pread_padded
-from ..layer import BackingRef, Format, register
+from ...errors import CorruptImage, ImageIOError
+from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
+from ...hostio import data_runs, host_size, pread_exact, pread_padded
+from ..api import HostFile, LayerBase, OpenContext, ParentRef
 from . import clusters as C
 from .spec import (
     COMPRESSION_NAMES,
@@ -29,7 +29,6 @@ from .spec import (
     OFFSET_MASK,
     SNAPSHOT_HEADER,
     Header,
-    looks_like_qcow2,
     parse_header,
 )
 
@@ -48,19 +47,16 @@ _BITMAP_ENTRY = struct.Struct(">QIIBBHI")
 CACHE_MAX_RUNS = 256 * 1024
 CACHE_MIN_TABLES = 4
 
-_KIND = {C.ABSENT: Kind.ABSENT, C.ZERO: Kind.ZERO, C.DATA: Kind.DATA, C.COMPRESSED: Kind.DATA}
+_KIND = {C.ABSENT: ABSENT, C.ZERO: ZERO, C.DATA: DATA, C.COMPRESSED: DATA}
 
 
-class Qcow2Layer:
+class Qcow2Layer(LayerBase):
     format = "qcow2"
 
-    def __init__(self, path: str, fd: int, *, opener: Any) -> None:
+    def __init__(self, path: str, fd: int, ctx: OpenContext) -> None:
         self.path = path
         self.fd = fd
-        try:
-            self.file_size = os.fstat(fd).st_size
-        except OSError as exc:
-            raise ImageIOError.from_oserror(path, exc) from None
+        self.file_size = host_size(fd, path)
         # Read the header cluster and nothing past it: reading a data cluster
         # would put its pages in the page cache, and ext4 then reports the
         # unwritten extents under them as data, which changes the answer of
@@ -77,7 +73,7 @@ class Qcow2Layer:
         self.cluster_bits = hdr.cluster_bits
         self.cluster_size = hdr.cluster_size
         self.l1_span = hdr.l1_span
-        self.backing = BackingRef(hdr.backing_file, hdr.backing_format) if hdr.backing_file else None
+        self.parent = ParentRef((hdr.backing_file,), hdr.backing_format) if hdr.backing_file else None
         # QEMU reads the snapshot table and the bitmap directory at open, and
         # refuses the image if either is broken: so does flatfs
         self._check_snapshots()
@@ -87,11 +83,8 @@ class Qcow2Layer:
         # the file holding guest clusters
         if hdr.has_data_file:
             assert hdr.data_file is not None
-            self.data_path, self.data_fd = opener.open_related(path, hdr.data_file, "data file")
-            try:
-                self.data_size = os.fstat(self.data_fd).st_size
-            except OSError as exc:
-                raise ImageIOError.from_oserror(self.data_path, exc) from None
+            self.data_path, self.data_fd = ctx.open_related(path, hdr.data_file, "data file")
+            self.data_size = host_size(self.data_fd, self.data_path)
         else:
             self.data_path, self.data_fd, self.data_size = path, fd, self.file_size
 
@@ -327,20 +320,38 @@ class Qcow2Layer:
             )
         return count >= threshold
 
-    def extents(self, start: int, end: int) -> Iterator[Extent]:
+    def runs(self, start: int, end: int) -> Runs:
+        """At most one L2 table's worth (a run of unallocated L1 entries counts as one).
+
+        A corrupt L2 entry ends the answer before it, so a caller that stops
+        early (a SEEK_DATA) never trips on damage past its answer; asked
+        again from there, it raises.
+        """
         end = min(end, self.size)
+        out = Runs()
+        boundary = (start // self.l1_span + 1) * self.l1_span
         for s, e, code, host, t, r in self._runs(start, end):
+            if s >= boundary and len(out):
+                break
             if code == C.BAD:
+                if len(out):
+                    break
                 raise self._bad(t, r)  # type: ignore[arg-type]
             if code != C.DATA or not self.metadata_preallocated():
-                yield Extent(s, e - s, _KIND[code])
+                out.add(s, e, _KIND[code])
                 continue
             # In a metadata-preallocated image QEMU asks the host file too:
             # allocated clusters over a hole read as zeros.
             for hs, he, is_data in data_runs(
                 self.data_fd, self.data_path, host, host + (e - s), self.data_size
             ):
-                yield Extent(s + (hs - host), he - hs, Kind.DATA if is_data else Kind.ALLOC_ZERO)
+                out.add(s + (hs - host), s + (he - host), DATA if is_data else ALLOC_ZERO)
+        return out
+
+    def host_files(self) -> tuple[HostFile, ...]:
+        if self.data_fd != self.fd:
+            return (HostFile(self.path, self.fd), HostFile(self.data_path, self.data_fd, "data file"))
+        return (HostFile(self.path, self.fd),)
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         end = offset + len(buf)
@@ -438,6 +449,3 @@ def _decompressor(ctype: int, cluster_size: int):
         return zlib.decompressobj(-12).decompress(data, cluster_size)
 
     return deflate
-
-
-register(Format("qcow2", probe=looks_like_qcow2, open=Qcow2Layer))

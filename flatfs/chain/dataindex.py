@@ -21,7 +21,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Iterable
 
-from .extents import Extent
+from ..extents import Extent
 
 SEEK_DATA = os.SEEK_DATA
 SEEK_HOLE = os.SEEK_HOLE
@@ -46,6 +46,8 @@ class DataIndex:
 
     def seek(self, offset: int, whence: int) -> int:
         """lseek(2) SEEK_DATA/SEEK_HOLE semantics, exactly as ``Chain.seek``; raises OSError."""
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            raise OSError(errno.EINVAL, "whence must be SEEK_DATA or SEEK_HOLE")
         if offset < 0:
             raise OSError(errno.EINVAL, "negative offset")
         if offset >= self.size:
@@ -57,11 +59,9 @@ class DataIndex:
                 raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
             start = self.starts[i]
             return start if start > offset else offset
-        if whence == SEEK_HOLE:
-            if i < len(ends) and self.starts[i] <= offset:
-                return ends[i]  # a hole, or the end of the view
-            return offset
-        raise OSError(errno.EINVAL, "whence must be SEEK_DATA or SEEK_HOLE")
+        if i < len(ends) and self.starts[i] <= offset:  # SEEK_HOLE
+            return ends[i]  # a hole, or the end of the view
+        return offset
 
 
 def scan(size: int, extents: Iterable[Extent], max_runs: int | None = None) -> tuple[DataIndex | None, int]:

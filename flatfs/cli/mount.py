@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from .chain import OpenOptions
-from .cli import chain_options, main
+from ..chain import OpenOptions
+from .common import chain_options
 
 
-@main.command()
+@click.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path())
 @click.option(
@@ -42,13 +42,11 @@ def mount(
 ) -> None:
     """Show IMAGE's flattened chain as one read-only raw file at MOUNTPOINT.
 
-    If MOUNTPOINT is a directory, the view is MOUNTPOINT/<name>.raw (vm.qcow2 ->
-    vm.raw); if it is a regular file, the view is mounted over it. Returns once
-    the view is readable; the server then runs in the background until
-    `flatfs umount MOUNTPOINT`, SIGTERM or SIGINT.
+    A directory MOUNTPOINT holds the view as <name>.raw; a file MOUNTPOINT is
+    covered by it. Manual: flatfs-mount(1).
     """
-    from .fuse import MountRequest
-    from .fuse import mount as do_mount
+    from ..fuse import MountRequest
+    from ..fuse import mount as do_mount
 
     do_mount(
         MountRequest(
@@ -63,12 +61,12 @@ def mount(
     )
 
 
-@main.command()
+@click.command()
 @click.argument("mountpoint", type=click.Path())
 @click.option("-l", "--lazy", is_flag=True, help="Detach now even if busy (fusermount3 -u -z).")
 @click.option("-q", "--quiet", is_flag=True, help="Succeed silently if nothing is mounted there.")
 def umount(mountpoint: str, lazy: bool, quiet: bool) -> None:
-    """Unmount a flatfs view (refuses anything that is not one)."""
-    from .fuse import umount as do_umount
+    """Unmount a flatfs view (refuses anything that is not one). Manual: flatfs-mount(1)."""
+    from ..fuse import umount as do_umount
 
     do_umount(mountpoint, lazy=lazy, quiet=quiet)

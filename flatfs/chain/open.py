@@ -1,0 +1,317 @@
+"""Open an image and its chain of parents, under one policy.
+
+Every file a chain reads is opened here: the top image, each parent a layer
+names through its :class:`ParentRef`, and each related file a format asks
+for (a qcow2 data file, a VMDK extent). One policy applies to all of them:
+the ``--backing-dir`` fence, no special files unless allowed, no URLs,
+probing (raw only when allowed), a depth limit, loop detection, parent
+identity checks, and QEMU's image locks.
+"""
+
+from __future__ import annotations
+
+import errno
+import ntpath
+import os
+import re
+import stat
+from dataclasses import dataclass
+
+from ..errors import ChainError, FlatfsError, ImageIOError, ParentMismatch, UnsupportedImage
+from ..formats import lookup, probe
+from ..formats.api import PROBE_SIZE, Format, Layer, ParentRef
+from ..hostio import lock_shared_readonly
+from .compose import Chain
+
+# A chain deeper than this is refused. QEMU sets no limit, but a hostile image
+# set could otherwise make us open thousands of files; real chains made by
+# snapshot tools stay far below it.
+MAX_CHAIN_DEPTH = 64
+
+# Files a search for a parent by identity reads the head of, per folder, at most
+MAX_SCAN_FILES = 4096
+
+# A name with a scheme ("nbd://", "http://", "json:{...}") is not a local file
+_URL = re.compile(r"^(json:|[A-Za-z][A-Za-z0-9+.-]*://)")
+_WINDOWS = re.compile(r"^([A-Za-z]:|\\\\|\.\\)|\\")
+
+
+@dataclass(frozen=True, slots=True)
+class OpenOptions:
+    """How to open a chain. The defaults are the safe ones."""
+
+    format: str | None = None  # format of the top image; None = probe
+    backing_dir: str | None = None  # refuse backing/data files that resolve outside it
+    no_backing: bool = False  # show the top layer alone
+    allow_probe_raw: bool = False  # let an unrecorded backing format be probed as raw
+    allow_special: bool = False  # allow backing/data files that are devices or FIFOs
+    force_share: bool = False  # skip QEMU-compatible image locking
+    ignore_parent_id: bool = False  # read a parent whose identity does not match the child's record
+    search_dirs: tuple[str, ...] = ()  # more folders to search for a parent named by identity
+    max_depth: int = MAX_CHAIN_DEPTH
+    readahead: bool = True  # False: POSIX_FADV_RANDOM on every file, before its first read
+
+
+class Opener:
+    """Opens host files for one chain under the policy in OpenOptions; owns every fd.
+
+    It is the :class:`~flatfs.formats.api.OpenContext` formats see.
+    """
+
+    def __init__(self, options: OpenOptions) -> None:
+        self.options = options
+        self.fds: list[int] = []
+
+    # -- names -----------------------------------------------------------------
+    @staticmethod
+    def check_local(referrer: str, name: str, what: str) -> None:
+        if _URL.match(name):
+            raise UnsupportedImage(referrer, f"{what} {name!r} is not a local file")
+
+    def resolve(self, referrer: str, name: str, what: str) -> str:
+        """A name as QEMU resolves it: absolute, or relative to the referrer's folder."""
+        self.check_local(referrer, name, what)
+        if os.path.isabs(name):
+            return name
+        return os.path.join(os.path.dirname(referrer), name)
+
+    def candidates(self, referrer: str, ref: ParentRef, what: str) -> list[str]:
+        """The paths to try for ``ref``, in order, without duplicates."""
+        folder = os.path.dirname(referrer)
+        out: list[str] = []
+        for name in ref.candidates:
+            if not name:
+                continue
+            self.check_local(referrer, name, what)
+            if ref.loose and _WINDOWS.search(name):
+                # A Windows path: drive letters and UNC hosts mean nothing here;
+                # a relative one (.\sub\disk.vhd) is relative to the child.
+                drive, rest = ntpath.splitdrive(name)
+                parts = [p for p in rest.replace("\\", "/").split("/") if p not in ("", ".")]
+                if drive or rest.startswith(("\\", "/")):
+                    parts = parts[-1:]
+                if parts:
+                    out.append(os.path.join(folder, *parts))
+            else:
+                out.append(self.resolve(referrer, name, what))
+        if ref.loose:
+            for name in ref.candidates:
+                bare = ntpath.basename(name.replace("/", "\\"))
+                if bare:
+                    out.append(os.path.join(folder, bare))
+        return list(dict.fromkeys(out))
+
+    def check_dir(self, referrer: str, path: str, what: str) -> None:
+        bdir = self.options.backing_dir
+        if bdir is None:
+            return
+        real = os.path.realpath(path)
+        root = os.path.realpath(bdir)
+        if os.path.commonpath([real, root]) != root:
+            raise ChainError(
+                f"{referrer}: {what} {path!r} resolves to {real!r}, outside --backing-dir {bdir!r}"
+            )
+
+    # -- files -----------------------------------------------------------------
+    def open(self, path: str, *, top: bool, referrer: str | None = None, what: str = "backing file") -> int:
+        try:
+            # O_NONBLOCK: a FIFO must be refused, not waited on
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            if referrer is not None and exc.errno == errno.ENOENT:
+                raise ChainError(f"{referrer}: {what} {path!r} not found") from None
+            raise ImageIOError.from_oserror(path, exc) from None
+        self.fds.append(fd)
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise ImageIOError.from_oserror(path, exc) from None
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageIOError(path, "is a directory")
+        if not self.options.allow_special:
+            # The user named the top image, so a block device is fine there; a file
+            # an image names must be a regular file unless explicitly allowed.
+            if top and not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise ImageIOError(path, "not a regular file or block device")
+            if not top and not stat.S_ISREG(st.st_mode):
+                raise ChainError(
+                    f"{referrer}: {what} {path!r} is not a regular file "
+                    "(use --allow-special to allow devices)"
+                )
+        os.set_blocking(fd, True)
+        if not self.options.readahead:
+            # Before the first read: even the 4 KiB probe of the header would
+            # otherwise start a readahead of several MiB. Readahead past a data
+            # extent fills the page cache over the unwritten extents next to
+            # it, and ext4's SEEK_DATA then reports those as data: reads through
+            # a long-lived view would change what `qemu-img map` says about the
+            # image, and stop matching the view's SEEK walk, computed at mount.
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            except OSError:
+                pass
+        if not self.options.force_share:
+            lock_shared_readonly(fd, path)
+        return fd
+
+    def open_related(self, referrer: str, name: str, what: str) -> tuple[str, int]:
+        """Open a file an image refers to (its data file, an extent), under the same policy."""
+        path = self.resolve(referrer, name, what)
+        self.check_dir(referrer, path, what)
+        return path, self.open(path, top=False, referrer=referrer, what=what)
+
+    def close(self) -> None:
+        while self.fds:
+            try:
+                os.close(self.fds.pop())
+            except OSError:
+                pass
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _head(path: str, fd: int) -> bytes:
+    try:
+        return os.pread(fd, PROBE_SIZE, 0)
+    except OSError as exc:
+        raise ImageIOError.from_oserror(path, exc) from None
+
+
+def open_layer(
+    path: str, fmt: str | None, opener: Opener, *, top: bool, referrer: str | None = None
+) -> Layer:
+    """Open one image file as a layer, probing its format when ``fmt`` is None."""
+    fd = opener.open(path, top=top, referrer=referrer)
+    if fmt is None:
+        fmt = probe(path, _head(path, fd))
+        if fmt is None:
+            if not top and not opener.options.allow_probe_raw:
+                raise ChainError(
+                    f"{referrer}: backing file {path!r} has no recorded format and does not look like "
+                    "any image format; refusing to probe it as raw (use --allow-probe-raw)"
+                )
+            fmt = "raw"
+    entry = lookup(fmt)
+    if entry is None:
+        raise UnsupportedImage(path, f"unknown or unsupported format {fmt!r}")
+    return entry.open(path, fd, opener)
+
+
+def _check_identity(child: Layer, parent: Layer, ref: ParentRef, options: OpenOptions) -> None:
+    if ref.identity is None or options.ignore_parent_id:
+        return
+    kind, want = ref.identity
+    got = parent.identity(kind)
+    if got != want:
+        raise ParentMismatch(
+            child.path,
+            f"parent {parent.path} has {kind} {got or '(none)'}, but this image was made over "
+            f"{kind} {want} (the parent changed since; use --ignore-parent-id to read it anyway)",
+        )
+
+
+def _search_by_id(child: str, ref: ParentRef, opener: Opener, what: str) -> str:
+    """Find the one file whose header carries ``ref.by_id``, in the child's folder, the one
+    above it and every --search-dir. Only regular files with the format's suffixes are read."""
+    assert ref.by_id is not None
+    kind, want = ref.by_id
+    fmt: Format | None = lookup(ref.format) if ref.format else None
+    if fmt is None or fmt.identify is None:
+        raise ChainError(f"{child}: cannot search for a parent of format {ref.format!r} by {kind}")
+    folder = os.path.dirname(os.path.abspath(child))
+    folders = list(dict.fromkeys([folder, os.path.dirname(folder), *opener.options.search_dirs]))
+    me = os.path.realpath(child)
+    found: list[str] = []
+    for d in folders:
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries[:MAX_SCAN_FILES]:
+            if not entry.name.lower().endswith(fmt.suffixes or ("",)):
+                continue
+            try:
+                if not entry.is_file(follow_symlinks=True):
+                    continue
+                st = os.stat(entry.path)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or os.path.realpath(entry.path) == me:
+                continue
+            try:
+                with open(entry.path, "rb") as f:
+                    head = f.read(PROBE_SIZE)
+            except OSError:
+                continue
+            if fmt.probe(head) and fmt.identify(head).get(kind) == want:
+                found.append(entry.path)
+    found = list(dict.fromkeys(os.path.realpath(p) for p in found))
+    if not found:
+        raise ChainError(f"{child}: {what} with {kind} {want} not found (searched {', '.join(folders)})")
+    if len(found) > 1:
+        raise ChainError(
+            f"{child}: {what} with {kind} {want} is ambiguous: both {found[0]} and {found[1]} have it"
+        )
+    return found[0]
+
+
+def _open_parent(lay: Layer, ref: ParentRef, opener: Opener) -> Layer:
+    what = "backing file"
+    tried = opener.candidates(lay.path, ref, what)
+    for i, path in enumerate(tried):
+        last = i == len(tried) - 1 and ref.by_id is None
+        if not last and not os.path.lexists(path):
+            continue
+        opener.check_dir(lay.path, path, what)
+        try:
+            parent = open_layer(path, ref.format, opener, top=False, referrer=lay.path)
+        except ChainError as exc:
+            if len(tried) > 1 and last and not os.path.lexists(path):
+                raise ChainError(f"{lay.path}: {what} not found (tried {', '.join(tried)})") from exc
+            raise
+        if ref.by_id is not None and parent.identity(ref.by_id[0]) != ref.by_id[1]:
+            parent.close()
+            continue  # a file of that name, but not the parent: keep looking
+        return parent
+    if ref.by_id is None:
+        raise ChainError(f"{lay.path}: {what} not found")
+    path = _search_by_id(lay.path, ref, opener, what)
+    opener.check_dir(lay.path, path, what)
+    return open_layer(path, ref.format, opener, top=False, referrer=lay.path)
+
+
+def open_chain(path: str | os.PathLike[str], options: OpenOptions | None = None) -> Chain:
+    """Open ``path`` and every parent below it."""
+    options = options or OpenOptions()
+    path = os.fspath(path)
+    opener = Opener(options)
+    layers: list[Layer] = []
+    seen: dict[tuple[int, int], str] = {}
+    try:
+        lay = open_layer(path, options.format, opener, top=True)
+        while True:
+            ident = _identity(lay.host_files()[0].fd)
+            if ident in seen:
+                raise ChainError(f"{layers[-1].path}: backing chain loops back to {seen[ident]!r}")
+            seen[ident] = lay.path
+            if layers:
+                _check_identity(layers[-1], lay, layers[-1].parent, options)  # type: ignore[arg-type]
+            layers.append(lay)
+            ref = lay.parent
+            if ref is None or options.no_backing:
+                break
+            if len(layers) >= options.max_depth:
+                raise ChainError(f"{path}: backing chain is deeper than {options.max_depth} images")
+            lay = _open_parent(lay, ref, opener)
+    except FlatfsError:
+        for done in layers:
+            done.close()
+        opener.close()
+        raise
+    except BaseException:
+        opener.close()
+        raise
+    return Chain(tuple(layers), opener)

@@ -1,0 +1,140 @@
+"""What every flatfs command shares: the error boundary, the chain options, sizes."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..chain import OpenOptions
+from ..errors import FlatfsError
+from ..formats import FORMATS
+
+
+def format_names() -> list[str]:
+    """What -f/-F accept: every format in the table."""
+    return [f.name for f in FORMATS]
+
+
+def target_format_names() -> list[str]:
+    """What -O accepts: the formats that can be written (qcow2 first, the default)."""
+    return sorted(
+        (f.name for f in FORMATS if f.target is not None or f.name == "raw"), key=lambda n: n != "qcow2"
+    )
+
+
+class FlatfsGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FlatfsError as exc:
+            click.echo(f"flatfs: {exc}", err=True)
+            ctx.exit(1)
+        except BrokenPipeError:
+            # `flatfs map | head`: not an error worth a traceback.
+            try:
+                sys.stdout = open(os.devnull, "w")
+            except OSError:
+                pass
+            ctx.exit(1)
+
+
+def chain_options(format_flag: tuple[str, ...] = ("-f", "--format")) -> Callable:
+    """The options every command that opens a chain shares."""
+
+    def deco(fn: Callable) -> Callable:
+        opts = [
+            click.option(
+                *format_flag,
+                "fmt",
+                type=click.Choice(format_names()),
+                default=None,
+                help="Format of the top image (default: probe).",
+            ),
+            click.option(
+                "--backing-dir",
+                type=click.Path(file_okay=False),
+                default=None,
+                help="Refuse backing and data files that resolve outside DIR.",
+            ),
+            click.option("--no-backing", is_flag=True, help="Show the top image alone."),
+            click.option(
+                "--allow-probe-raw", is_flag=True, help="Probe a backing file with no recorded format as raw."
+            ),
+            click.option(
+                "--allow-special", is_flag=True, help="Allow backing/data files that are devices or FIFOs."
+            ),
+            click.option(
+                "-U",
+                "--force-share",
+                is_flag=True,
+                help="Open images even if a writer holds them (no locking).",
+            ),
+            click.option(
+                "--ignore-parent-id",
+                is_flag=True,
+                help="Read a parent whose identity (CID, UUID) differs from the one its child records.",
+            ),
+        ]
+        for o in reversed(opts):
+            fn = o(fn)
+
+        @functools.wraps(fn)
+        def wrapper(
+            *args: Any,
+            fmt: str | None,
+            backing_dir: str | None,
+            no_backing: bool,
+            allow_probe_raw: bool,
+            allow_special: bool,
+            force_share: bool,
+            ignore_parent_id: bool,
+            **kw: Any,
+        ) -> Any:
+            kw["options"] = OpenOptions(
+                format=fmt,
+                backing_dir=backing_dir,
+                no_backing=no_backing,
+                allow_probe_raw=allow_probe_raw,
+                allow_special=allow_special,
+                force_share=force_share,
+                ignore_parent_id=ignore_parent_id,
+            )
+            return fn(*args, **kw)
+
+        return wrapper
+
+    return deco
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class SizeParam(click.ParamType):
+    """A byte count: 65536, 64k, 64K, 2M, 2MiB, 1G."""
+
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtTbB]?)(?:i?[bB])?\s*", str(value))
+        if not m:
+            self.fail(f"{value!r} is not a size (examples: 512, 64k, 2M)", param, ctx)
+        return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+SIZE = SizeParam()

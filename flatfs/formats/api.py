@@ -1,0 +1,153 @@
+"""The format plug-in interface: what a format gives the chain, and what the chain gives a format.
+
+A format answers only for its own layer: its size, where its own data is,
+and its own bytes. It never opens its parent: it names it with a
+:class:`ParentRef`, and the chain resolves that name through one policy
+(``flatfs.chain.open``). Files a format needs besides its image (a qcow2
+external data file, VMDK extent files, a VirtualBox registry) come through
+the :class:`OpenContext` the chain hands it, under the same policy.
+
+A format module imports only this module, ``flatfs.hostio``,
+``flatfs.extents`` and ``flatfs.errors`` (a test enforces it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..extents import Extent, Runs
+
+PROBE_SIZE = 4096  # bytes of an image's head that probing looks at
+
+
+@dataclass(frozen=True, slots=True)
+class ParentRef:
+    """How a layer names its parent. The chain, not the format, resolves it.
+
+    ``candidates``: names to try, in order, as the image records them
+    (qcow2: one; VHDX: relative, volume, absolute). ``loose``: the names were
+    written by another operating system (Windows paths in VMDK, VHD and VHDX
+    images), so the chain maps them onto the child's folder and tries the
+    bare file name there last; a qcow2 name is used exactly as QEMU uses it.
+    ``identity``: (kind, value) that the parent's :meth:`Layer.identity` must
+    return, else the chain refuses (``--ignore-parent-id`` overrides).
+    ``by_id``: (kind, value) by which the parent is found when no candidate
+    name resolves (a VirtualBox snapshot names its parent only by UUID): the
+    chain scans folders for files of ``format`` whose header has it.
+    """
+
+    candidates: tuple[str, ...]
+    format: str | None = None
+    identity: tuple[str, str] | None = None
+    by_id: tuple[str, str] | None = None
+    loose: bool = False
+
+    @property
+    def name(self) -> str:
+        """The name as the image records it first (what ``info`` shows)."""
+        return self.candidates[0] if self.candidates else ""
+
+
+@dataclass(frozen=True, slots=True)
+class HostFile:
+    """A host file a layer reads: to lock, to show in ``info``, to compare against a TARGET."""
+
+    path: str
+    fd: int
+    role: str = "image"  # "image", "data file", "extent", ...
+
+
+class OpenContext(Protocol):
+    """What the chain offers a format while it opens: related files, under the chain's policy."""
+
+    def open_related(self, referrer: str, name: str, what: str) -> tuple[str, int]:
+        """Open a file ``referrer`` names (resolved against its folder); return (path, fd).
+
+        The chain owns the fd. Refused like a backing file would be: outside
+        ``--backing-dir``, a special file without ``--allow-special``, a URL.
+        """
+        ...
+
+
+class Layer(Protocol):
+    """One image file of a chain, answering only for itself."""
+
+    path: str
+    format: str
+    size: int  # guest bytes
+    parent: ParentRef | None
+
+    def runs(self, start: int, end: int) -> Runs:
+        """This layer's map of [start, end) in bulk: ascending, contiguous, covering it exactly."""
+        ...
+
+    def extents(self, start: int, end: int) -> Iterator[Extent]:
+        """The same as :meth:`runs`, one Extent at a time (a convenience)."""
+        ...
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with this layer's bytes at ``offset``. Only called for DATA ranges.
+
+        Safe to call from many threads at once (FUSE workers, convert's readers).
+        """
+        ...
+
+    def host_files(self) -> tuple[HostFile, ...]:
+        """Every host file this layer reads, the image itself first."""
+        ...
+
+    def identity(self, kind: str) -> str | None:
+        """The value a child's ``ParentRef.identity`` of this ``kind`` compares to, or None."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """Format-specific facts for ``flatfs info`` (JSON-able, keys in qemu-img's style)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LayerBase:
+    """Conveniences a format's layer class may inherit: ``extents`` from ``runs``, no identity."""
+
+    parent: ParentRef | None = None
+
+    def runs(self, start: int, end: int) -> Runs:
+        raise NotImplementedError
+
+    def extents(self, start: int, end: int) -> Iterator[Extent]:
+        return self.runs(start, end).extents()
+
+    def identity(self, kind: str) -> str | None:
+        return None
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+Opener = Callable[[str, int, OpenContext], Layer]
+
+
+@dataclass(frozen=True)
+class Format:
+    """One entry of ``FORMATS``: how to recognise and open a format, and what else it offers.
+
+    Capabilities are optional and looked up by name by the consumers that
+    need them, never imported: ``target`` makes a convert target writer
+    (``target(fd, size, path=..., **options)``); ``identify`` reads the
+    identities a ``ParentRef.by_id`` can search for from a file's head alone;
+    ``suffixes`` are the file name endings such a search considers.
+    """
+
+    name: str
+    probe: Callable[[bytes], bool]  # does this head (PROBE_SIZE bytes) look like ours?
+    open: Opener
+    aliases: tuple[str, ...] = ()
+    target: Callable[..., Any] | None = None
+    identify: Callable[[bytes], dict[str, str]] | None = None
+    suffixes: tuple[str, ...] = field(default=())

@@ -1,3 +1,0 @@
-"""qcow2 support: importing this package registers the format."""
-
-from . import layer  # noqa: F401
