@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all demo test test-fast bench fuzz-long deps-run deps-test venv clean
+.PHONY: all demo test test-fast check bench fuzz-long deps-run deps-test venv clean
 
 all: test
 
@@ -17,7 +17,7 @@ deps-test:
 $(BIN)/.stamp: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-	@$(BIN)/python -m pip install -q -e '.[test]'
+	@$(BIN)/python -m pip install -q -e '.[test]' >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	@touch $@
 
 venv: $(BIN)/.stamp
@@ -27,6 +27,11 @@ demo: deps-run venv
 
 test: deps-test venv
 	@$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+check: deps-run venv
+	@$(BIN)/ruff check .
+	@$(BIN)/ruff format --check .
+	@$(BIN)/mypy
 
 test-fast: venv
 	@$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -164,7 +164,7 @@ def _flock(kind: int, start: int) -> bytes:
 
 def _locked_by_other(fd: int, byte: int) -> bool:
     out = fcntl.fcntl(fd, F_OFD_GETLK, _flock(fcntl.F_WRLCK, byte))
-    return _FLOCK.unpack(out[: _FLOCK.size])[0] != fcntl.F_UNLCK
+    return bool(_FLOCK.unpack(out[: _FLOCK.size])[0] != fcntl.F_UNLCK)
 
 
 def lock_shared_readonly(fd: int, path: str) -> bool:

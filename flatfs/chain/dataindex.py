@@ -36,7 +36,7 @@ class DataIndex:
 
     __slots__ = ("size", "starts", "ends")
 
-    def __init__(self, size: int, starts: array, ends: array) -> None:
+    def __init__(self, size: int, starts: array[int], ends: array[int]) -> None:
         self.size = size
         self.starts = starts  # ascending, disjoint, non-adjacent: starts[i] < ends[i] < starts[i+1]
         self.ends = ends
@@ -57,10 +57,10 @@ class DataIndex:
         if whence == SEEK_DATA:
             if i == len(ends):
                 raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
-            start = self.starts[i]
+            start = int(self.starts[i])
             return start if start > offset else offset
         if i < len(ends) and self.starts[i] <= offset:  # SEEK_HOLE
-            return ends[i]  # a hole, or the end of the view
+            return int(ends[i])  # a hole, or the end of the view
         return offset
 
 

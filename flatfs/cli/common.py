@@ -28,6 +28,9 @@ def target_format_names() -> list[str]:
     )
 
 
+Command = Callable[..., Any]
+
+
 class FlatfsGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -44,10 +47,10 @@ class FlatfsGroup(click.Group):
             ctx.exit(1)
 
 
-def chain_options(format_flag: tuple[str, ...] = ("-f", "--format")) -> Callable:
+def chain_options(format_flag: tuple[str, ...] = ("-f", "--format")) -> Callable[[Command], Command]:
     """The options every command that opens a chain shares."""
 
-    def deco(fn: Callable) -> Callable:
+    def deco(fn: Command) -> Command:
         opts = [
             click.option(
                 *format_flag,
@@ -123,7 +126,7 @@ def human_size(n: int) -> str:
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-class SizeParam(click.ParamType):
+class SizeParam(click.ParamType):  # type: ignore[type-arg]  # generic in newer click, not in older
     """A byte count: 65536, 64k, 64K, 2M, 2MiB, 1G."""
 
     name = "size"

@@ -73,7 +73,7 @@ class _Builder:
         return Table(self.starts, self.lengths, self.codes, self.hosts, self.reasons)
 
 
-def decode(raw: bytes) -> array:
+def decode(raw: bytes) -> array[int]:
     a = array("Q")
     a.frombytes(raw)
     if _LITTLE:

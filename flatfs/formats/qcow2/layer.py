@@ -13,7 +13,7 @@ import threading
 import zlib
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ...errors import CorruptImage, ImageIOError
@@ -421,7 +421,7 @@ def _first_cluster(head: bytes) -> int:
     return len(head) if len(head) < 24 else min(len(head), _claimed_cluster_size(head))
 
 
-def _decompressor(ctype: int, cluster_size: int):
+def _decompressor(ctype: int, cluster_size: int) -> Callable[[bytes], bytes]:
     if ctype == COMPRESSION_ZSTD:
         import zstandard
 

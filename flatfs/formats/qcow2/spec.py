@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from ...errors import CorruptImage, UnsupportedImage
 
@@ -41,13 +42,6 @@ INCOMPAT_EXTL2 = 1 << 4
 INCOMPAT_KNOWN = (
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
 )
-INCOMPAT_NAMES = {
-    0: "dirty",
-    1: "corrupt",
-    2: "external data file",
-    3: "compression type",
-    4: "extended L2 entries",
-}
 # compatible_features
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 # autoclear_features
@@ -205,7 +199,7 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
             path, f"cluster_bits {cluster_bits} out of range {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}", 20
         )
     cs = 1 << cluster_bits
-    fields: dict = dict(
+    fields: dict[str, Any] = dict(
         version=version,
         backing_file_offset=bf_off,
         backing_file_size=bf_size,
@@ -288,8 +282,6 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
         has_bitmaps="bitmaps" in ext,
         bitmaps=bitmaps,
     )
-    if size % 512 and version == 2:
-        pass  # QEMU rounds v2 sizes; reads past the last sector are clipped anyway
     l1_needed = -(-size // hdr.l1_span)
     if l1_needed > MAX_L1_INDEX:
         raise UnsupportedImage(path, f"virtual size {size} is too big for cluster size {cs}", 24)
@@ -333,7 +325,7 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
     return _replace(hdr, backing_file=backing)
 
 
-def _replace(hdr: Header, **kw: object) -> Header:
+def _replace(hdr: Header, **kw: Any) -> Header:
     from dataclasses import replace
 
     return replace(hdr, **kw)
@@ -365,10 +357,10 @@ def _check_table(
         )
 
 
-def _parse_extensions(path: str, head: bytes, start: int, bf_off: int, cs: int) -> dict:
+def _parse_extensions(path: str, head: bytes, start: int, bf_off: int, cs: int) -> dict[str, Any]:
     end = bf_off if bf_off and bf_off < cs else cs
     end = min(end, len(head))
-    out: dict = {}
+    out: dict[str, Any] = {}
     seen: set[int] = set()
     off = start
     while off < end:
