@@ -81,7 +81,9 @@ def decode(raw: bytes) -> array[int]:
     return a
 
 
-def classify(raw: bytes, cluster_bits: int, *, extended: bool, data_file: bool, base: int = 0) -> Table:
+def classify(
+    raw: bytes, cluster_bits: int, *, extended: bool, data_file: bool, base: int = 0, version: int = 3
+) -> Table:
     """Classify every entry of one L2 table (``raw`` is the table as stored).
 
     ``base`` is the guest offset the table starts at: in an external data file
@@ -133,7 +135,10 @@ def classify(raw: bytes, cluster_bits: int, *, extended: bool, data_file: bool, 
             i += 1
             continue
         if not extended:
-            if e & OFLAG_ZERO:
+            if e & OFLAG_ZERO and version < 3:
+                # QEMU fails the read and calls the image corrupt: zero clusters came with v3
+                b.add(gstart, cs, BAD, i, "zero cluster entry in a version 2 image")
+            elif e & OFLAG_ZERO:
                 if allocated and host % cs:
                     b.add(gstart, cs, BAD, i, f"zero cluster offset 0x{host:x} is not cluster aligned")
                 else:

@@ -230,6 +230,7 @@ class Qcow2Layer(LayerBase):
             extended=self.header.extended_l2,
             data_file=self.header.has_data_file,
             base=l1_index * self.l1_span,
+            version=self.header.version,
         )
         t.l2_offset = l2_off
         with self._lock:

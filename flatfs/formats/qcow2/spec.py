@@ -282,6 +282,14 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
         has_bitmaps="bitmaps" in ext,
         bitmaps=bitmaps,
     )
+    if hdr.extended_l2 and cluster_bits - 5 < MIN_CLUSTER_BITS:
+        # QEMU at open: a subcluster (1/32 of a cluster) must be at least a sector
+        raise UnsupportedImage(
+            path,
+            f"unsupported subcluster size {cs // SUBCLUSTERS} (extended L2 entries need clusters of "
+            "16 KiB or more)",
+            72,
+        )
     l1_needed = -(-size // hdr.l1_span)
     if l1_needed > MAX_L1_INDEX:
         raise UnsupportedImage(path, f"virtual size {size} is too big for cluster size {cs}", 24)
