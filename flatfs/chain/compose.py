@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ..extents import ABSENT, KINDS, Extent, coalesce
+from ..extents import ABSENT, KINDS, Extent, Runs, coalesce
 from ..formats.api import HostFile, Layer
 from . import dataindex
 
@@ -143,6 +143,20 @@ class Chain:
         if self._data_bytes is None:
             self._data_bytes = sum(e.length for e in self.extents() if e.kind.is_data)
         return self._data_bytes
+
+    # -- each layer alone (for pictures and info) ------------------------------
+    def layer_runs(self, depth: int) -> Iterator[tuple[int, int, int]]:
+        """(start, end, kind code) of layer ``depth`` alone, over its whole size."""
+        layer = self.layers[depth]
+        pos = 0
+        while pos < layer.size:
+            runs = layer.runs(pos, layer.size)
+            yield from runs
+            pos = runs.ends[len(runs) - 1]
+
+    def coarse_runs(self, depth: int) -> Runs:
+        """Where layer ``depth`` may hold data, from its tables alone (cheap on any disk)."""
+        return self.layers[depth].coarse_runs()
 
     # -- host files ----------------------------------------------------------
     def host_files(self) -> tuple[HostFile, ...]:

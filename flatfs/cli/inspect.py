@@ -9,7 +9,14 @@ import click
 
 from ..chain import OpenOptions, open_chain
 from ..extents import Kind
+from ..formats import lookup
 from .common import chain_options, human_size
+
+
+def _value(v: object) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v)
+    return str(v)
 
 
 @click.command()
@@ -18,10 +25,12 @@ from .common import chain_options, human_size
 @chain_options()
 def info(image: str, output: str, options: OpenOptions) -> None:
     """Describe IMAGE and its backing chain, top first. Manual: flatfs(1)."""
+    from .. import picture
     from .info import chain_info
 
     with open_chain(image, options) as chain:
         rows = chain_info(chain)
+        strips = [picture.strip(chain, d) for d in range(len(chain.layers))] if output == "human" else []
     if output == "json":
         click.echo(json.dumps(rows, indent=2))
         return
@@ -32,24 +41,30 @@ def info(image: str, output: str, options: OpenOptions) -> None:
         click.echo(f"    format:        {r['format']}")
         click.echo(f"    virtual size:  {human_size(r['virtual-size'])} ({r['virtual-size']} bytes)")
         click.echo(f"    disk size:     {human_size(r['actual-size'])}")
-        if "cluster-size" in r:
-            click.echo(f"    cluster size:  {r['cluster-size']}")
-        if "compat" in r:
-            click.echo(f"    compat:        {r['compat']}")
+        fmt_entry = lookup(r["format"])
+        for key, label in fmt_entry.info_rows if fmt_entry is not None else ():
+            if key in r:
+                click.echo(f"    {label + ':':<14} {_value(r[key])}")
         if r.get("backing-filename"):
             fmt = r.get("backing-filename-format") or "(not recorded)"
             click.echo(f"    backing file:  {r['backing-filename']} (format: {fmt})")
         if r.get("features"):
             click.echo(f"    features:      {', '.join(r['features'])}")
+        click.echo(f"    data map:      [{strips[i]}]")
 
 
 @click.command("map")
 @click.argument("image", type=click.Path())
-@click.option("--output", type=click.Choice(["human", "json"]), default="human")
+@click.option("--output", type=click.Choice(["human", "json", "svg"]), default="human")
 @chain_options()
 def map_(image: str, output: str, options: OpenOptions) -> None:
     """Print the flattened allocation map of IMAGE's chain. Manual: flatfs(1)."""
     with open_chain(image, options) as chain:
+        if output == "svg":
+            from .. import picture
+
+            sys.stdout.write(picture.svg(chain))
+            return
         if output == "json":
             out = sys.stdout
             out.write("[")

@@ -102,6 +102,12 @@ class Layer(Protocol):
         """The value a child's ``ParentRef.identity`` of this ``kind`` compares to, or None."""
         ...
 
+    def coarse_runs(self) -> Runs:
+        """Where this layer may hold data, from table-level facts only (L1 entries, grain
+        directories, a BAT): DATA where a table says data may lie, ABSENT where none can.
+        Cheap on any disk, however fragmented; for pictures, never for reading."""
+        ...
+
     def info(self) -> dict[str, Any]:
         """Format-specific facts for ``flatfs info`` (JSON-able, keys in qemu-img's style)."""
         ...
@@ -123,6 +129,18 @@ class LayerBase:
     def identity(self, kind: str) -> str | None:
         return None
 
+    def coarse_runs(self) -> Runs:
+        """By default the exact map, a window at a time; formats with tables override it."""
+        size: int = getattr(self, "size", 0)
+        out = Runs()
+        pos = 0
+        while pos < size:
+            got = self.runs(pos, size)
+            for s, e, k in got:
+                out.add(s, e, k)
+            pos = got.ends[len(got) - 1]
+        return out
+
     def info(self) -> dict[str, Any]:
         return {}
 
@@ -141,7 +159,9 @@ class Format:
     need them, never imported: ``target`` makes a convert target writer
     (``target(fd, size, path=..., **options)``); ``identify`` reads the
     identities a ``ParentRef.by_id`` can search for from a file's head alone;
-    ``suffixes`` are the file name endings such a search considers.
+    ``suffixes`` are the file name endings such a search considers;
+    ``info_rows`` name the keys of ``Layer.info()`` that the human ``info``
+    prints, and their labels.
     """
 
     name: str
@@ -151,3 +171,4 @@ class Format:
     target: Callable[..., Any] | None = None
     identify: Callable[[bytes], dict[str, str]] | None = None
     suffixes: tuple[str, ...] = field(default=())
+    info_rows: tuple[tuple[str, str], ...] = ()  # (info() key, label) lines of the human `info`

@@ -7,4 +7,10 @@ from .layer import Qcow2Layer
 from .spec import looks_like_qcow2
 from .writer import Qcow2Writer
 
-FORMAT = Format("qcow2", probe=looks_like_qcow2, open=Qcow2Layer, target=Qcow2Writer)
+FORMAT = Format(
+    "qcow2",
+    probe=looks_like_qcow2,
+    open=Qcow2Layer,
+    target=Qcow2Writer,
+    info_rows=(("cluster-size", "cluster size"), ("compat", "compat")),
+)

@@ -349,6 +349,21 @@ class Qcow2Layer(LayerBase):
                 out.add(s + (hs - host), s + (he - host), DATA if is_data else ALLOC_ZERO)
         return out
 
+    def coarse_runs(self) -> Runs:
+        """DATA over every guest range an allocated L1 entry (an L2 table) covers."""
+        out = Runs()
+        span = self.l1_span
+        pos = 0
+        for i in self._l1_used:
+            s, e = i * span, min((i + 1) * span, self.size)
+            if s >= self.size:
+                break
+            out.add(pos, s, ABSENT)
+            out.add(s, e, DATA)
+            pos = e
+        out.add(pos, self.size, ABSENT)
+        return out
+
     def host_files(self) -> tuple[HostFile, ...]:
         if self.data_fd != self.fd:
             return (HostFile(self.path, self.fd), HostFile(self.data_path, self.data_fd, "data file"))
