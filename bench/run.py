@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.executable,
                 "-c",
                 "import flatfs.cli, flatfs.convert, "
-                "flatfs.chain, flatfs.formats.qcow2, flatfs.fuse, "
+                "flatfs.chain, flatfs.formats.qcow2, flatfs.fuse.mount, "
                 "concurrent.futures, zlib",
             ],
             flatfs_cmd() + ["convert", "--help"],

@@ -111,7 +111,7 @@ def summarize(name: str, path: Path, top: int) -> str:
             g = "main thread"
         elif any("_worker (concurrent/futures" in f or "concurrent/futures/thread.py" in f for f in body):
             g = "thread pool"
-        elif any("flatfs/fuse.py" in f or "mfusepy" in f for f in body):
+        elif any("flatfs/fuse/" in f or "mfusepy" in f for f in body):
             g = "FUSE request threads"
         else:
             g = "other threads"

@@ -1,4 +1,4 @@
-"""`flatfs mount` / `flatfs umount` (see fuse.py). Imports mfusepy only when run."""
+"""`flatfs mount` / `flatfs umount` (see fuse/mount.py). Imports mfusepy only when run."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def mount(
     A directory MOUNTPOINT holds the view as <name>.raw; a file MOUNTPOINT is
     covered by it. Manual: flatfs-mount(1).
     """
-    from ..fuse import MountRequest
-    from ..fuse import mount as do_mount
+    from ..fuse.mount import MountRequest
+    from ..fuse.mount import mount as do_mount
 
     do_mount(
         MountRequest(
@@ -67,6 +67,6 @@ def mount(
 @click.option("-q", "--quiet", is_flag=True, help="Succeed silently if nothing is mounted there.")
 def umount(mountpoint: str, lazy: bool, quiet: bool) -> None:
     """Unmount a flatfs view (refuses anything that is not one). Manual: flatfs-mount(1)."""
-    from ..fuse import umount as do_umount
+    from ..fuse.mount import umount as do_umount
 
     do_umount(mountpoint, lazy=lazy, quiet=quiet)

@@ -13,7 +13,9 @@ import pytest
 from flatfs.chain.dataindex import DataIndex, scan
 from flatfs.errors import CorruptImage, ImageIOError, UnsupportedImage
 from flatfs.extents import Extent, Kind
-from flatfs.fuse import View, _fuse_opt_escape, _unescape, errno_for, view_name
+from flatfs.fuse.mount import _fuse_opt_escape
+from flatfs.fuse.mountinfo import _unescape
+from flatfs.fuse.view import View, errno_for, view_name
 
 SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
 
@@ -148,7 +150,7 @@ def test_refuses_libfuse_without_lseek(major: int, minor: int, monkeypatch: pyte
     import sys
     from types import ModuleType
 
-    import flatfs.fuse as ff
+    import flatfs.fuse.glue as ff
     from flatfs.errors import MountError
 
     fake = ModuleType("mfusepy")
