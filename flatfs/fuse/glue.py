@@ -60,7 +60,7 @@ def load_mfusepy() -> Any:
     if by_soname:
         os.environ["FUSE_LIBRARY_PATH"] = LIBFUSE3_SONAME
     try:
-        import mfusepy  # type: ignore[import-untyped]
+        import mfusepy
     except ImportError as exc:
         raise MountError(f"cannot import mfusepy ({exc}); install flatfs's dependencies") from None
     except (OSError, AttributeError) as exc:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import stat
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +48,16 @@ class MountRequest:
     fuse_options: tuple[str, ...] = ()
 
 
+_DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def _dead(mountpoint: str) -> MountError:
+    return MountError(
+        f"{mountpoint}: a flatfs mount whose server is gone is still there; "
+        f"clear it with: flatfs umount {mountpoint}"
+    )
+
+
 def check_mountpoint(mountpoint: str) -> tuple[str, bool]:
     """Return (real path, is_dir); refuse a missing, stale, busy or odd mountpoint."""
     path = os.path.realpath(mountpoint)
@@ -54,17 +66,51 @@ def check_mountpoint(mountpoint: str) -> tuple[str, bool]:
     except FileNotFoundError:
         raise MountError(f"{mountpoint}: mountpoint does not exist") from None
     except OSError as exc:
-        dead = exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-        hint = f" (a dead FUSE mount? try: flatfs umount {mountpoint})" if dead else ""
-        raise MountError(f"{mountpoint}: cannot use as mountpoint: {exc.strerror}{hint}") from None
+        if exc.errno in _DEAD:
+            raise _dead(mountpoint) from None
+        raise MountError(f"{mountpoint}: cannot use as mountpoint: {exc.strerror}") from None
     if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
         raise MountError(f"{mountpoint}: mountpoint must be a directory or a regular file")
     busy = find_mount(path)
+    if busy is not None and busy.fstype == FSTYPE:
+        try:
+            os.statvfs(path)  # never cached by the kernel: a dead server answers ENOTCONN
+        except OSError as exc:
+            if exc.errno in _DEAD:
+                raise _dead(mountpoint) from None
     if busy is not None or (stat.S_ISDIR(st.st_mode) and os.path.ismount(path)):
         what = f" ({busy.fstype} from {busy.source})" if busy else ""
         hint = f"; to unmount it: flatfs umount {mountpoint}" if busy and busy.fstype == FSTYPE else ""
         raise MountError(f"{mountpoint}: already a mount point{what}{hint}")
     return path, stat.S_ISDIR(st.st_mode)
+
+
+def claim_mountpoint(mountpoint: str) -> int:
+    """An fd on the mountpoint itself, flock()ed: of two mounts started together, one wins.
+
+    The lock sits on the directory (or file) that the mount will cover, and
+    lives as long as the fd: the server keeps it (a daemon inherits it) until
+    it unmounts. A second ``flatfs mount`` either opens that same inode and
+    fails to lock it, or opens after the mount appeared and is refused by
+    :func:`check_mountpoint`; it never mounts, so it never unmounts anything.
+    """
+    path = os.path.realpath(mountpoint)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise MountError(f"{mountpoint}: mountpoint does not exist") from None
+    except OSError as exc:
+        if exc.errno in _DEAD:
+            raise _dead(mountpoint) from None
+        raise MountError(f"{mountpoint}: cannot use as mountpoint: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise MountError(f"{mountpoint}: another flatfs mount is starting there") from None
+        raise MountError(f"{mountpoint}: cannot lock the mountpoint: {exc.strerror}") from None
+    return fd
 
 
 # ---------------------------------------------------------------------------
@@ -87,6 +133,11 @@ def _fuse_kwargs(req: MountRequest, image: str) -> dict[str, Any]:
     }
     if req.allow_other:
         kw["allow_other"] = True
+    if req.debug:
+        # libfuse 3.14 in debug mode takes its default (unlimited) for a bad value and
+        # says so ("Ignoring invalid max threads value 4294967295"); an explicit
+        # limit that no mount reaches keeps every idle worker all the same.
+        kw["max_idle_threads"] = 100000
     for group in req.fuse_options:
         for opt in group.split(","):
             opt = opt.strip()
@@ -227,8 +278,22 @@ class _Server:
 
 def mount(req: MountRequest) -> None:
     """``flatfs mount``: return once the view is live (background) or after unmount (foreground)."""
+    claim = claim_mountpoint(req.mountpoint)
+    try:
+        _mount(req)
+    finally:
+        os.close(claim)  # a daemon keeps its own copy, and with it the lock
+
+
+def _mount(req: MountRequest) -> None:
     mountpoint, is_dir = check_mountpoint(req.mountpoint)
     glue.load_mfusepy()
+    if req.options.force_share:
+        print(
+            f"flatfs: warning: -U: {req.image} is read without locks; if another process writes "
+            "to the chain while it is mounted, the view can show a torn mix of old and new data",
+            file=sys.stderr,
+        )
     foreground = req.foreground or req.debug
     if foreground:
         notify = os.environ.pop("NOTIFY_SOCKET", None)  # not for our children (fusermount3)
