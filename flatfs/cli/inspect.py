@@ -41,6 +41,20 @@ def info(image: str, output: str, options: OpenOptions) -> None:
             click.echo(f"    backing file:  {r['backing-filename']} (format: {fmt})")
         if r.get("features"):
             click.echo(f"    features:      {', '.join(r['features'])}")
+        for key, value in r.items():
+            if key not in _SHOWN and value is not None:
+                click.echo(f"    {key.replace('-', ' ') + ':':<14} {value}")
+
+
+# Keys printed above, or kept for --output=json only; any other key a layer
+# reports is printed as "key: value" after them.
+_SHOWN = frozenset(
+    (
+        "depth filename format virtual-size actual-size cluster-size compat backing-filename "
+        "backing-filename-format full-backing-filename features compression-type refcount-bits snapshots "
+        "data-file"
+    ).split()
+)
 
 
 @click.command("map")
