@@ -125,7 +125,8 @@ def write_registry(path: str | os.PathLike[str], disks: list[tuple[Vdi, str]]) -
     """A VM's ``.vbox`` file: the first disk is the base, each next one a child of the previous."""
     inner = ""
     for img, loc in reversed(disks):
-        inner = f'<HardDisk uuid={quoteattr("{" + str(img.create) + "}")} location={quoteattr(loc)} format="VDI">{inner}</HardDisk>'
+        ident = quoteattr("{" + str(img.create) + "}")
+        inner = f'<HardDisk uuid={ident} location={quoteattr(loc)} format="VDI">{inner}</HardDisk>'
     text = (
         '<?xml version="1.0"?>\n'
         '<VirtualBox xmlns="http://www.virtualbox.org/" version="1.16-linux">\n'
