@@ -42,6 +42,10 @@ class Chain:
         self._index: dataindex.DataIndex | None = None
         self._data_bytes: int | None = None
 
+    def found_by(self, depth: int) -> str | None:
+        """How the parent of layer ``depth`` was found ("name", "search by <kind>"), if it has one."""
+        return self._opener.found_by.get(self.layers[depth].path)
+
     # -- the one composer --------------------------------------------------
     def _compose(self, depth: int, start: int, end: int) -> Iterator[Run]:
         layer = self.layers[depth]

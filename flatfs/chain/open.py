@@ -61,6 +61,9 @@ class Opener:
     def __init__(self, options: OpenOptions) -> None:
         self.options = options
         self.fds: list[int] = []
+        # child path -> how its parent was found: "name" (a name the child
+        # records, or a registry names) or "search by <kind>" (a folder scan)
+        self.found_by: dict[str, str] = {}
 
     # -- names -----------------------------------------------------------------
     @staticmethod
@@ -160,6 +163,48 @@ class Opener:
         self.check_dir(referrer, path, what)
         return path, self.open(path, top=False, referrer=referrer, what=what)
 
+    def read_sidecar(self, referrer: str, name: str, max_bytes: int) -> bytes | None:
+        """A small file an image may consult (a .vbox registry), or None if it is refused or absent.
+
+        The --backing-dir fence applies; anything but a regular file is
+        skipped without being opened (a FIFO would block the open); a file
+        larger than ``max_bytes`` is skipped rather than read.
+        """
+        try:
+            path = self.resolve(referrer, name, "registry")
+        except FlatfsError:
+            return None
+        bdir = self.options.backing_dir
+        if bdir is not None:
+            root = os.path.realpath(bdir)
+            if os.path.commonpath([os.path.realpath(path), root]) != root:
+                return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)  # it may have been swapped since the stat
+            if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+                return None
+            out = bytearray()
+            while len(out) <= max_bytes:
+                chunk = os.pread(fd, max_bytes + 1 - len(out), len(out))
+                if not chunk:
+                    break
+                out += chunk
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return bytes(out) if len(out) <= max_bytes else None
+
     def close(self) -> None:
         while self.fds:
             try:
@@ -225,29 +270,24 @@ def _search_by_id(child: str, ref: ParentRef, opener: Opener, what: str) -> str:
     folders = list(dict.fromkeys([folder, os.path.dirname(folder), *opener.options.search_dirs]))
     me = os.path.realpath(child)
     found: list[str] = []
+    suffixes = tuple(x.lower() for x in fmt.suffixes) or ("",)
     for d in folders:
         try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
+            with os.scandir(d) as it:
+                names = sorted(e.name for e in it if e.name.lower().endswith(suffixes))
         except OSError:
             continue
-        for entry in entries[:MAX_SCAN_FILES]:
-            if not entry.name.lower().endswith(fmt.suffixes or ("",)):
-                continue
+        for name in names[:MAX_SCAN_FILES]:
+            path = os.path.join(d, name)
             try:
-                if not entry.is_file(follow_symlinks=True):
-                    continue
-                st = os.stat(entry.path)
+                st = os.stat(path)
             except OSError:
                 continue
-            if not stat.S_ISREG(st.st_mode) or os.path.realpath(entry.path) == me:
-                continue
-            try:
-                with open(entry.path, "rb") as f:
-                    head = f.read(PROBE_SIZE)
-            except OSError:
-                continue
-            if fmt.probe(head) and fmt.identify(head).get(kind) == want:
-                found.append(entry.path)
+            if not stat.S_ISREG(st.st_mode) or os.path.realpath(path) == me:
+                continue  # a FIFO or a device is never opened: the open could block
+            head = _scan_head(path)
+            if head is not None and fmt.probe(head) and fmt.identify(head).get(kind) == want:
+                found.append(path)
     found = list(dict.fromkeys(os.path.realpath(p) for p in found))
     if not found:
         raise ChainError(f"{child}: {what} with {kind} {want} not found (searched {', '.join(folders)})")
@@ -256,6 +296,23 @@ def _search_by_id(child: str, ref: ParentRef, opener: Opener, what: str) -> str:
             f"{child}: {what} with {kind} {want} is ambiguous: both {found[0]} and {found[1]} have it"
         )
     return found[0]
+
+
+def _scan_head(path: str) -> bytes | None:
+    """The head of a file found by a scan; None unless it is (still) a regular file."""
+    try:
+        # O_NONBLOCK: the file may have been swapped for a FIFO since the stat
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.pread(fd, PROBE_SIZE, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _open_parent(lay: Layer, ref: ParentRef, opener: Opener) -> Layer:
@@ -275,12 +332,15 @@ def _open_parent(lay: Layer, ref: ParentRef, opener: Opener) -> Layer:
         if ref.by_id is not None and parent.identity(ref.by_id[0]) != ref.by_id[1]:
             parent.close()
             continue  # a file of that name, but not the parent: keep looking
+        opener.found_by[lay.path] = "name"
         return parent
     if ref.by_id is None:
         raise ChainError(f"{lay.path}: {what} not found")
     path = _search_by_id(lay.path, ref, opener, what)
     opener.check_dir(lay.path, path, what)
-    return open_layer(path, ref.format, opener, top=False, referrer=lay.path)
+    parent = open_layer(path, ref.format, opener, top=False, referrer=lay.path)
+    opener.found_by[lay.path] = f"search by {ref.by_id[0]}"
+    return parent
 
 
 def open_chain(path: str | os.PathLike[str], options: OpenOptions | None = None) -> Chain:

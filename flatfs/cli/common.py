@@ -83,6 +83,13 @@ def chain_options(format_flag: tuple[str, ...] = ("-f", "--format")) -> Callable
                 is_flag=True,
                 help="Read a parent whose identity (CID, UUID) differs from the one its child records.",
             ),
+            click.option(
+                "--search-dir",
+                "search_dirs",
+                multiple=True,
+                type=click.Path(file_okay=False),
+                help="Also search DIR for a parent named only by UUID (VDI snapshots); repeatable.",
+            ),
         ]
         for o in reversed(opts):
             fn = o(fn)
@@ -97,6 +104,7 @@ def chain_options(format_flag: tuple[str, ...] = ("-f", "--format")) -> Callable
             allow_special: bool,
             force_share: bool,
             ignore_parent_id: bool,
+            search_dirs: tuple[str, ...],
             **kw: Any,
         ) -> Any:
             kw["options"] = OpenOptions(
@@ -107,6 +115,7 @@ def chain_options(format_flag: tuple[str, ...] = ("-f", "--format")) -> Callable
                 allow_special=allow_special,
                 force_share=force_share,
                 ignore_parent_id=ignore_parent_id,
+                search_dirs=tuple(search_dirs),
             )
             return fn(*args, **kw)
 

@@ -30,6 +30,8 @@ def chain_info(chain: Chain) -> list[dict[str, Any]]:
             row["backing-filename-format"] = lay.parent.format
             if depth + 1 < len(chain.layers):
                 row["full-backing-filename"] = chain.layers[depth + 1].path
+                if lay.parent.by_id is not None:
+                    row["backing-found-by"] = chain.found_by(depth)
         row.update(lay.info())
         rows.append(row)
     return rows

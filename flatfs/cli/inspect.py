@@ -43,11 +43,13 @@ def info(image: str, output: str, options: OpenOptions) -> None:
         click.echo(f"    disk size:     {human_size(r['actual-size'])}")
         fmt_entry = lookup(r["format"])
         for key, label in fmt_entry.info_rows if fmt_entry is not None else ():
-            if key in r:
+            if r.get(key) is not None:
                 click.echo(f"    {label + ':':<14} {_value(r[key])}")
         if r.get("backing-filename"):
             fmt = r.get("backing-filename-format") or "(not recorded)"
             click.echo(f"    backing file:  {r['backing-filename']} (format: {fmt})")
+        if r.get("backing-found-by"):
+            click.echo(f"    found by:      {r['backing-found-by']}")
         if r.get("features"):
             click.echo(f"    features:      {', '.join(r['features'])}")
         click.echo(f"    data map:      [{strips[i]}]")

@@ -70,6 +70,16 @@ class OpenContext(Protocol):
         """
         ...
 
+    def read_sidecar(self, referrer: str, name: str, max_bytes: int) -> bytes | None:
+        """The bytes of a small file ``referrer`` may consult (a VirtualBox ``.vbox`` registry).
+
+        ``name`` resolves against the referrer's folder. None, without an
+        error, when the file is missing, outside ``--backing-dir``, not a
+        regular file (never opened then: a FIFO would hang) or larger than
+        ``max_bytes``: a sidecar is a hint, never required.
+        """
+        ...
+
 
 class Layer(Protocol):
     """One image file of a chain, answering only for itself."""
