@@ -7,12 +7,13 @@ Adding a format is one folder beside ``raw.py`` and ``qcow2/`` and one line in
 from __future__ import annotations
 
 from ..errors import UnsupportedImage
-from . import qcow2, raw
+from . import qcow2, raw, vhd
 from .api import Format
 
 FORMATS: tuple[Format, ...] = (
     raw.FORMAT,
     qcow2.FORMAT,
+    vhd.FORMAT,
 )
 
 # Image formats flatfs does not read. Probing one of these as raw would show
@@ -21,7 +22,6 @@ FOREIGN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
     (0, b"KDMV", "vmdk"),
     (0, b"# Disk DescriptorFile", "vmdk (descriptor)"),
     (0, b"vhdxfile", "vhdx"),
-    (0, b"conectix", "vpc/vhd"),
     (64, b"\x7f\x10\xda\xbe", "vdi"),
     (0, b"QED\x00", "qed"),
     (0, b"LUKS\xba\xbe", "luks"),
