@@ -11,6 +11,22 @@ from ..chain import OpenOptions, open_chain
 from ..extents import Kind
 from .common import chain_options, human_size
 
+# Row keys printed by name above, or (qcow2's other facts) only in --output=json
+_NOT_EXTRA = frozenset(
+    "depth filename format virtual-size actual-size cluster-size compat backing-filename "
+    "backing-filename-format full-backing-filename features compression-type refcount-bits "
+    "snapshots data-file".split()
+)
+
+
+def _echo_extra(key: str, value: object) -> None:
+    """One more fact of a row, in the same layout: a list gets one line per item."""
+    label = f"{key.replace('-', ' ')}:"
+    items = value if isinstance(value, list) else [value]
+    for k, item in enumerate(items):
+        text = {True: "yes", False: "no"}.get(item, item) if isinstance(item, bool) else item
+        click.echo(f"    {label if k == 0 else '':<14} {text}")
+
 
 @click.command()
 @click.argument("image", type=click.Path())
@@ -41,6 +57,9 @@ def info(image: str, output: str, options: OpenOptions) -> None:
             click.echo(f"    backing file:  {r['backing-filename']} (format: {fmt})")
         if r.get("features"):
             click.echo(f"    features:      {', '.join(r['features'])}")
+        for key, value in r.items():  # what other formats report (a VHD's disk type, its locators)
+            if key not in _NOT_EXTRA:
+                _echo_extra(key, value)
 
 
 @click.command("map")

@@ -240,15 +240,16 @@ class VhdLayer(LayerBase):
         f = self.footer
         out: dict[str, Any] = {"disk-type": f.type_name}
         if self.dyn is not None:
-            out["cluster-size"] = self.dyn.block_size
+            out["cluster-size"] = self.dyn.block_size  # qemu-img's name for it
+            out["block-size"] = self.dyn.block_size
         out["creator"] = f.creator
         out["unique-id"] = f.uuid
         if f.saved_state:
             out["saved-state"] = True
         if self.dyn is not None and self.differencing:
-            out["parent-unique-id"] = self.dyn.parent_uuid
+            out["parent-id"] = self.dyn.parent_uuid
             out["parent-name"] = self.dyn.parent_name
-            out["parent-locators"] = [f"{loc.code}: {text}" for loc, text in self.locators]
+            out["locators"] = [f"{loc.code}: {text}" for loc, text in self.locators]
         return out
 
     def close(self) -> None:
