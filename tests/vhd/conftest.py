@@ -26,4 +26,5 @@ def base_bytes() -> bytes:
 def child(parent: Path, writes: list[tuple[int, bytes]], **kw) -> Vhd:
     kw.setdefault("parent_name", parent.name)
     kw.setdefault("locators", [(b"W2ru", ".\\" + parent.name), (b"W2ku", "D:\\VMs\\" + parent.name)])
-    return Vhd(SIZE, disk_type=DIFFERENCING, writes=writes, parent_id=unique_id_of(parent), **kw)
+    kw.setdefault("parent_id", unique_id_of(parent))
+    return Vhd(SIZE, disk_type=DIFFERENCING, writes=writes, **kw)
