@@ -17,8 +17,8 @@ from ..formats import FORMATS
 
 
 def format_names() -> list[str]:
-    """What -f/-F accept: every format in the table."""
-    return [f.name for f in FORMATS]
+    """What -f/-F accept: every format in the table, and its aliases (``vhd`` for ``vpc``)."""
+    return [name for f in FORMATS for name in (f.name, *f.aliases)]
 
 
 def target_format_names() -> list[str]:

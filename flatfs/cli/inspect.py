@@ -13,10 +13,13 @@ from ..formats import lookup
 from .common import chain_options, human_size
 
 
-def _value(v: object) -> str:
-    if isinstance(v, (list, tuple)):
-        return ", ".join(str(x) for x in v)
-    return str(v)
+# Row keys printed by name above, or (qcow2's other facts) only in --output=json
+def _echo_row(label: str, value: object) -> None:
+    """One fact of a row: a list gets one line per item, a flag yes or no."""
+    items = value if isinstance(value, list) else [value]
+    for k, item in enumerate(items):
+        text = {True: "yes", False: "no"}.get(item, item) if isinstance(item, bool) else item
+        click.echo(f"    {label + ':' if k == 0 else '':<14} {text}")
 
 
 @click.command()
@@ -44,7 +47,7 @@ def info(image: str, output: str, options: OpenOptions) -> None:
         fmt_entry = lookup(r["format"])
         for key, label in fmt_entry.info_rows if fmt_entry is not None else ():
             if r.get(key) is not None:
-                click.echo(f"    {label + ':':<14} {_value(r[key])}")
+                _echo_row(label, r[key])
         if r.get("backing-filename"):
             fmt = r.get("backing-filename-format") or "(not recorded)"
             click.echo(f"    backing file:  {r['backing-filename']} (format: {fmt})")

@@ -7,13 +7,14 @@ Adding a format is one folder beside ``raw.py`` and ``qcow2/`` and one line in
 from __future__ import annotations
 
 from ..errors import UnsupportedImage
-from . import qcow2, raw, vdi
+from . import qcow2, raw, vdi, vhd
 from .api import Format
 
 FORMATS: tuple[Format, ...] = (
     raw.FORMAT,
     qcow2.FORMAT,
     vdi.FORMAT,
+    vhd.FORMAT,
 )
 
 # Image formats flatfs does not read. Probing one of these as raw would show
@@ -22,7 +23,6 @@ FOREIGN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
     (0, b"KDMV", "vmdk"),
     (0, b"# Disk DescriptorFile", "vmdk (descriptor)"),
     (0, b"vhdxfile", "vhdx"),
-    (0, b"conectix", "vpc/vhd"),
     (0, b"QED\x00", "qed"),
     (0, b"LUKS\xba\xbe", "luks"),
     (0, b"WithoutFreeSpace", "parallels"),
