@@ -101,15 +101,10 @@ def test_the_core_imports_neither_fuse_nor_click() -> None:
     assert not bad, "\n".join(bad)
 
 
-# Being split into a package that reaches qcow2 through FORMATS; remove once done.
-PENDING = {"convert.py"}
-
-
 def test_a_consumer_never_imports_a_format_module() -> None:
     bad = [
         f"{f.relative_to(PKG)} imports {mod}"
         for f in _files(*CONSUMERS)
-        if str(f.relative_to(PKG)) not in PENDING
         for mod in _imports(f)
         if mod.startswith("flatfs.formats.") and mod != "flatfs.formats.api"
     ]

@@ -70,8 +70,8 @@ OFLAG_ZERO = 1 << 0
 SUBCLUSTERS = 32  # per cluster, with extended L2 entries
 COMPRESSED_SECTOR = 512
 
-_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
-_V3 = struct.Struct(">QQQII")
+HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # the 72 bytes every version has
+HEADER_V3 = struct.Struct(">QQQII")  # version 3: offsets 72..103, through header_length
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
         rt_clusters,
         nb_snap,
         snap_off,
-    ) = _V2.unpack_from(head)
+    ) = HEADER_V2.unpack_from(head)
     if magic != MAGIC:
         raise CorruptImage(path, "not a qcow2 image (bad magic)", 0)
     if version not in (2, 3):
@@ -216,7 +216,9 @@ def parse_header(path: str, head: bytes, file_size: int) -> Header:
     if version == 3:
         if len(head) < V3_HEADER_LENGTH:
             raise CorruptImage(path, "file too short for a version 3 header")
-        incompat, compat, autoclear, refcount_order, header_length = _V3.unpack_from(head, 72)
+        incompat, compat, autoclear, refcount_order, header_length = HEADER_V3.unpack_from(
+            head, V2_HEADER_LENGTH
+        )
         if header_length < V3_HEADER_LENGTH or header_length % 8:
             raise CorruptImage(path, f"invalid header_length {header_length}", 100)
         if header_length > cs:

@@ -21,7 +21,7 @@ sized by the virtual disk size except the L1 table, which is written in
 4 KiB pages from the sparse list of allocated L2 tables.
 
 A crash or an error leaves a file whose cluster 0 is still zeros: plainly
-not a qcow2 image, never one that lies. (convert.py also writes into a
+not a qcow2 image, never one that lies. (flatfs convert also writes into a
 temporary file and renames it into place.)
 
 Facts from QEMU's docs/interop/qcow2.txt that this module relies on:
@@ -55,39 +55,38 @@ from typing import Protocol
 
 from ...errors import ConvertError, ImageIOError
 from ...hostio import pwritev_all
+from .spec import (
+    COMPRESSION_NAMES,
+    EXT_BACKING_FORMAT,
+    EXT_END,
+    HEADER_V2,
+    HEADER_V3,
+    INCOMPAT_COMPRESSION,
+    INCOMPAT_EXTL2,
+    MAGIC,
+    MAX_BACKING_NAME,
+    MAX_CLUSTER_BITS,
+    MAX_FORMAT_NAME,
+    MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES,
+    MIN_CLUSTER_BITS,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    SUBCLUSTERS,
+    V2_HEADER_LENGTH,
+    V3_HEADER_LENGTH,
+)
 
-MAGIC = b"QFI\xfb"
-
-MIN_CLUSTER_BITS = 9  # 512 B: the sector size
-MAX_CLUSTER_BITS = 21  # 2 MiB: QEMU's limit
 DEFAULT_CLUSTER_SIZE = 1 << 16
 MIN_EXTL2_CLUSTER_BITS = 14  # QEMU refuses extended L2 below 16 KiB clusters
-SUBCLUSTERS = 32  # per cluster with extended L2
-
 REFCOUNT_ORDER = 4  # 16-bit refcounts; the only width version 2 knows
 MAX_REFCOUNT = (1 << (1 << REFCOUNT_ORDER)) - 1
-MAX_L1_BYTES = 32 << 20  # QEMU's QCOW_MAX_L1_SIZE
-MAX_REFTABLE_BYTES = 8 << 20  # QEMU's QCOW_MAX_REFTABLE_SIZE
-MAX_BACKING_NAME = 1023  # QEMU refuses longer backing file names
-MAX_FORMAT_NAME = 15  # QEMU keeps the backing format in a 16-byte buffer
 MAX_HOST_OFFSET = 1 << 56  # offsets live in bits 9..55
-
-OFLAG_COPIED = 1 << 63
-OFLAG_COMPRESSED = 1 << 62
-OFLAG_ZERO = 1
-
-INCOMPAT_COMPRESSION_TYPE = 1 << 3
-INCOMPAT_EXTL2 = 1 << 4
-
-COMPRESSION_TYPES = {"zlib": 0, "zstd": 1}
-
-EXT_END = 0x00000000
-EXT_BACKING_FORMAT = 0xE2792ACA
-
-HEADER_V2_LEN = 72
-HEADER_V3_LEN = 112
-_HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # 72 bytes
-_HEADER_V3_TAIL = struct.Struct(">QQQIIB7x")  # 40 bytes: offsets 72..111
+COMPRESSION_TYPES = {name: code for code, name in COMPRESSION_NAMES.items()}
+# The version 3 header written: through header_length, then the
+# compression-type byte, padded to a multiple of 8.
+WRITTEN_V3_LENGTH = V3_HEADER_LENGTH + 8
 
 ALL_ALLOC = (1 << SUBCLUSTERS) - 1  # extended L2: every subcluster allocated
 ALL_ZERO = ALL_ALLOC << SUBCLUSTERS  # extended L2: every subcluster reads as zeros
@@ -98,7 +97,7 @@ _PENDING_L2_BYTES = 4 << 20  # completed L2 tables kept before they are written
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
-def _be(a: array) -> array:
+def _be(a: array[int]) -> array[int]:
     """``a`` in big-endian byte order (in place)."""
     if not _BIG_ENDIAN:
         a.byteswap()
@@ -118,7 +117,19 @@ class Qcow2Writer:
     Clusters must be fed in ascending guest order; each guest cluster at most
     once. Call :meth:`finish` exactly once at the end; nothing before it makes
     the file a valid image.
+
+    The class also answers the facts a caller plans with, without importing
+    this module (convert reaches it as the qcow2 format's ``target``).
     """
+
+    DEFAULT_CLUSTER_SIZE = DEFAULT_CLUSTER_SIZE
+    SUBCLUSTERS = SUBCLUSTERS  # per cluster, with extended L2 entries
+    ALL_ALLOCATED = ALL_ALLOC  # the extended L2 bitmap with every subcluster allocated
+
+    @staticmethod
+    def check_cluster_size(cluster_size: int) -> int:
+        """The cluster bits of ``cluster_size``; ConvertError unless QEMU accepts it."""
+        return cluster_bits_of(cluster_size)
 
     def __init__(
         self,
@@ -180,8 +191,8 @@ class Qcow2Writer:
         self.next = cluster_size
         # Current L2 table (guest-order streaming) and completed ones awaiting a write.
         self._l2_index = -1
-        self._l2: array | None = None
-        self._pending_l2: list[tuple[int, array]] = []
+        self._l2: array[int] | None = None
+        self._pending_l2: list[tuple[int, array[int]]] = []
         self._l1_index = array("Q")  # sparse L1: indexes ...
         self._l1_value = array("Q")  # ... and entries
         # Refcounts: 1 for every cluster below ``next`` unless listed in _rc_extra
@@ -349,7 +360,6 @@ class Qcow2Writer:
         rt.extend(array("Q", [0]) * (rt_clusters * cs // 8 - len(rt)))
         self._pwrite(memoryview(_be(rt)).cast("B"), rt_off)
 
-        self.io.drain()
         try:
             os.ftruncate(self.fd, self.next)
             os.fdatasync(self.fd)
@@ -481,10 +491,10 @@ class Qcow2Writer:
         incompat = 0
         ctype = COMPRESSION_TYPES[self.compression_type]
         if ctype:
-            incompat |= INCOMPAT_COMPRESSION_TYPE
+            incompat |= INCOMPAT_COMPRESSION
         if self.extended_l2:
             incompat |= INCOMPAT_EXTL2
-        hlen = HEADER_V3_LEN if v3 else HEADER_V2_LEN
+        hlen = WRITTEN_V3_LENGTH if v3 else V2_HEADER_LENGTH
         exts = b""
         name = b""
         if self.backing_file is not None:
@@ -505,7 +515,7 @@ class Qcow2Writer:
                 f"{self.path}: header and backing file name do not fit in one "
                 f"{self.cs}-byte cluster; use a bigger cluster size"
             )
-        head = _HEADER_V2.pack(
+        head = HEADER_V2.pack(
             MAGIC,
             self.version,
             name_off,
@@ -521,15 +531,15 @@ class Qcow2Writer:
             0,
         )
         if v3:
-            head += _HEADER_V3_TAIL.pack(incompat, 0, 0, REFCOUNT_ORDER, HEADER_V3_LEN, ctype)
+            head += HEADER_V3.pack(incompat, 0, 0, REFCOUNT_ORDER, WRITTEN_V3_LENGTH)
+            head += bytes([ctype]) + bytes(WRITTEN_V3_LENGTH - V3_HEADER_LENGTH - 1)
         return head + exts + name
 
 
 class WriteIO(Protocol):
-    """Where the writer's bytes go. The writer never touches a buffer it handed over."""
+    """Where the writer's bytes go (synchronously: the buffers are reused once it returns)."""
 
     def write(self, bufs: list[memoryview], offset: int) -> None: ...
-    def drain(self) -> None: ...  # every write done (or its error raised)
 
 
 class SyncIO:
@@ -541,6 +551,3 @@ class SyncIO:
 
     def write(self, bufs: list[memoryview], offset: int) -> None:
         pwritev_all(self.fd, bufs, offset, self.path)
-
-    def drain(self) -> None:
-        pass
