@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import have_fuse, have_qemu, require
+from ..helpers.needs import have_fuse, have_qemu, require
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "bench" / "run.py"

@@ -8,8 +8,8 @@ import pytest
 
 from flatfs import OpenOptions, open_chain
 
-from ..conftest import flatfs
-from .helpers import K, M, pattern, scattered_raw, write_sparse_raw
+from ..helpers.cli import flatfs
+from ..helpers.images import K, M, pattern, scattered_raw, write_sparse_raw
 
 
 def test_quiet_by_default(tmp_path):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from flatfs import OpenOptions, open_chain
 from flatfs.convert import ConvertOptions, convert_chain
 
-from ..conftest import have_qemu
+from ..helpers.needs import have_qemu
 
 K = 1024
 EXAMPLES = int(os.environ.get("FLATFS_FUZZ_EXAMPLES", "40"))

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Qemu, build_recipe, flatfs
-from .helpers import K, M, assert_valid_copy, disk_usage, pattern, write_sparse_raw
+from ..helpers.chains import build_recipe
+from ..helpers.cli import flatfs
+from ..helpers.images import K, M, disk_usage, pattern, write_sparse_raw
+from ..helpers.needs import have_qemu, require
+from ..helpers.qemu import Qemu, assert_valid_copy
 
 pytestmark = pytest.mark.qemu
 
@@ -147,8 +150,6 @@ CONVERT_OPTS = {
 
 @pytest.fixture(scope="module")
 def recipes(tmp_path_factory) -> dict[str, Path]:
-    from ..conftest import have_qemu, require
-
     require(have_qemu(), "qemu-img/qemu-io are not installed")
     q = Qemu()
     out = {}

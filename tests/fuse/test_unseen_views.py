@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Qemu, build_recipe, flatfs, have_fuse, have_qemu, require
-from .conftest import Mounter, data_extents, qemu_map, seek_walk
+from ..helpers.chains import build_recipe
+from ..helpers.cli import flatfs
+from ..helpers.mounts import Mounter, seek_walk
+from ..helpers.needs import have_fuse, have_qemu, require
+from ..helpers.qemu import Qemu, data_extents, qemu_map
 
 pytestmark = [pytest.mark.qemu, pytest.mark.fuse]
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Qemu, run_threads
-from .conftest import Chain, data_extents, qemu_map, seek_walk
+from ..helpers.chains import Chain
+from ..helpers.mounts import seek_walk
+from ..helpers.qemu import Qemu, data_extents, qemu_map
+from ..helpers.threads import run_threads
 
 pytestmark = pytest.mark.fuse
 

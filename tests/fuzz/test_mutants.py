@@ -22,7 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ..conftest import Qemu, have_qemu, require
+from ..helpers.needs import have_qemu, require
+from ..helpers.qemu import Qemu
 
 MEMORY_CAP = 1 << 30
 TIMEOUT = 30

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from flatfs import open_chain
 
-from ..conftest import Qemu, flatfs, have_qemu, project_map, require
-from .oracle import assert_matches_qemu
+from ..helpers.cli import flatfs
+from ..helpers.needs import have_qemu, require
+from ..helpers.qemu import Qemu, assert_matches_qemu, project_map
 
 K = 1024
 M = 1 << 20
