@@ -223,6 +223,9 @@ def test_reading_the_view_leaves_the_image_block_status_alone(tmp_path: Path, mo
         os.close(fd)
     top = q.create(tmp_path / "top.qcow2", 64 << 20, backing=base, backing_fmt="raw")
     before = data_extents(qemu_map(q, top))
+    # The zeroed ranges start as holes (else there is nothing for a read to change):
+    # the image's data is the four 4 MiB writes and nothing else.
+    assert before == [(i * 16 << 20, 4 << 20) for i in range(4)], before
     view = mounter.mount(top)
     with open(view, "rb") as f:  # a buffered, sequential read of it all
         while f.read(1 << 20):
