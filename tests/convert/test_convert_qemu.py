@@ -1,4 +1,4 @@
-"""flatfs convert against the oracle: qemu-img check, qemu-img compare, disk usage."""
+"""flatfs convert checked against QEMU: qemu-img check, qemu-img compare, disk usage."""
 
 from __future__ import annotations
 

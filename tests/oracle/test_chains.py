@@ -113,7 +113,7 @@ def test_relative_backing_names_resolve_against_the_image_folder(qemu, tmp_path,
 
 
 @pytest.mark.qemu
-def test_64tib_overlay_map_is_fast_and_small(qemu, tmp_path):
+def test_64tib_overlay_map_uses_little_memory(qemu, tmp_path):
     base = qemu.create(tmp_path / "base.qcow2", "64M")
     qemu.io(base, "write -P 1 0 1M", "write -P 2 40M 2M")
     top = qemu.create(tmp_path / "top.qcow2", "64T", backing=base)

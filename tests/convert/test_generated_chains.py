@@ -1,9 +1,9 @@
-"""Regressions found by generating chains the other tests did not cover (red-team runs).
+"""Regressions found by converting randomly generated chains, of kinds the other tests did not cover.
 
 Each case is a small chain made with qemu-img/qemu-io, converted with the
-options that once failed, and checked like the judges do: qemu-img check,
-qemu-img compare against the source, and disk usage against qemu-img convert
-with the equivalent options.
+options that once failed, and checked three ways: qemu-img check, qemu-img
+compare against the source, and disk usage against qemu-img convert with the
+equivalent options.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_raw_target_keeps_short_zero_runs_between_data(tmp_path):
     assert disk_usage(a) > disk_usage(b)  # the 16 KiB run is written only with -S 64k
 
 
-# -- chain kinds the red-team generator made, with the option sets it ran --------------
+# -- chain kinds the random chain generator made, with the option sets it ran ---------
 #
 # Each recipe: (layers, qemu-io commands per layer). A layer is (name, format, size,
 # qemu-img create -o options); each overlay is created on the layer before it.
