@@ -33,8 +33,8 @@ def page_for(command: str) -> str:
 def plain(roff: str) -> str:
     """The page's text with roff's escapes that can sit inside an option name removed."""
     text = roff.replace("\\-", "-")
-    text = re.sub(r"\\f(\[[^\]]*\]|\(..|.)", "", text)   # font changes: \fB \fR \f(CW \f[B]
-    return re.sub(r"\\[&%:]", "", text)                  # \& \% \: (zero-width)
+    text = re.sub(r"\\f(\[[^\]]*\]|\(..|.)", "", text)  # font changes: \fB \fR \f(CW \f[B]
+    return re.sub(r"\\[&%:]", "", text)  # \& \% \: (zero-width)
 
 
 def sections(roff: str) -> dict[str, str]:
@@ -85,7 +85,7 @@ def test_each_command_has_its_page(command: str) -> None:
 @pytest.mark.parametrize("page", PAGES)
 def test_each_page_has_the_required_sections(page: str) -> None:
     roff = read(page)
-    assert roff.startswith(".\\\"") or roff.startswith(".TH")
+    assert roff.startswith('.\\"') or roff.startswith(".TH")
     assert re.search(r"^\.TH\s", roff, re.M), f"{page}: no .TH"
     missing = [s for s in SECTIONS if s not in sections(roff)]
     assert not missing, f"{page}: missing sections {missing}"
