@@ -1,4 +1,4 @@
-"""flatfs convert against the oracle: qemu-img check, qemu-img compare, disk usage."""
+"""flatfs convert checked against QEMU: qemu-img check, qemu-img compare, disk usage."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import flatfs
-from .helpers import M, assert_valid_copy, disk_usage, info, qemu_chain, scattered_raw
+from ..helpers.chains import qemu_chain
+from ..helpers.cli import flatfs
+from ..helpers.images import M, disk_usage, scattered_raw
+from ..helpers.needs import have_qemu, require
+from ..helpers.qemu import Qemu, assert_valid_copy, qemu_info
 
 # (flatfs convert options, the equivalent qemu-img convert options)
 MATRIX = {
@@ -34,8 +37,6 @@ MATRIX = {
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
-    from ..conftest import Qemu, have_qemu, require
-
     require(have_qemu(), "qemu-img/qemu-io are not installed")
     d = tmp_path_factory.mktemp("sources")
     return {"raw": scattered_raw(d / "scattered.raw"), "chain": qemu_chain(Qemu(), d)}
@@ -57,7 +58,7 @@ def test_matrix(qemu, sources, tmp_path, name, source_kind):
     qemu.img("convert", *theirs, src, ref)
     assert disk_usage(out) <= disk_usage(ref) * 1.1, (disk_usage(out), disk_usage(ref))
     if fmt == "qcow2":
-        meta = info(qemu, out)
+        meta = qemu_info(qemu, out)
         want_cs = {"cluster-512": 512, "cluster-2M": 2 * M}.get(name)
         if want_cs:
             assert meta["cluster-size"] == want_cs
@@ -112,7 +113,7 @@ def test_backing_delta(qemu, tmp_path, delta_setup, extra):
     out = tmp_path / "delta.qcow2"
     flatfs("convert", *extra, "-B", "base.qcow2", "-F", "qcow2", changed, out)
     assert_valid_copy(qemu, changed, out, backing=True, source_fmt="raw")
-    meta = info(qemu, out)
+    meta = qemu_info(qemu, out)
     assert meta["backing-filename"] == "base.qcow2"
     assert meta["backing-filename-format"] == "qcow2"
     ref = tmp_path / "ref.qcow2"
@@ -143,13 +144,13 @@ def test_backing_name_stored_as_given(qemu, tmp_path, delta_setup):
     sub.mkdir()
     out = sub / "delta.qcow2"
     flatfs("convert", "-B", "../base.qcow2", changed, out)  # -F probed: qcow2
-    meta = info(qemu, out)
+    meta = qemu_info(qemu, out)
     assert meta["backing-filename"] == "../base.qcow2"
     assert meta["backing-filename-format"] == "qcow2"
     assert_valid_copy(qemu, changed, out, backing=True, source_fmt="raw")
     out2 = tmp_path / "abs.qcow2"
     flatfs("convert", "-B", str(base), changed, out2)
-    assert info(qemu, out2)["backing-filename"] == str(base)
+    assert qemu_info(qemu, out2)["backing-filename"] == str(base)
     assert_valid_copy(qemu, changed, out2, backing=True, source_fmt="raw")
 
 
@@ -164,7 +165,7 @@ def test_backing_raw_and_chain_source(qemu, tmp_path):
         f.write(b"\x99" * 8192)
     out = tmp_path / "delta.qcow2"
     flatfs("convert", "-B", "flat.raw", "-F", "raw", top, out)
-    assert info(qemu, out)["backing-filename-format"] == "raw"
+    assert qemu_info(qemu, out)["backing-filename-format"] == "raw"
     assert_valid_copy(qemu, top, out, backing=True)
     assert disk_usage(out) < 1 * M
 

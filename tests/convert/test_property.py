@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flatfs import OpenOptions, open_chain
 from flatfs.convert import ConvertOptions, convert_chain
 
-from ..conftest import have_qemu
+from ..helpers.qemu import Qemu, qemu_info
 
 K = 1024
 EXAMPLES = int(os.environ.get("FLATFS_FUZZ_EXAMPLES", "40"))
@@ -68,22 +68,25 @@ def make_raw(path: Path, size: int, writes) -> bytes:
     return path.read_bytes()
 
 
-def check_qemu(out: Path, src: Path, backing: bool) -> None:
-    if not have_qemu():
-        return
-    res = subprocess.run(["qemu-img", "check", str(out)], capture_output=True, text=True)
+def check_qemu(qemu: Qemu, out: Path, src: Path, backing: bool) -> None:
+    """qemu-img check passes, qemu-img compare says the output reads as the source,
+    and the output names a backing file exactly when it was made with one."""
+    res = qemu.img("check", out, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
-    res = subprocess.run(
-        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), str(out)],
-        capture_output=True,
-        text=True,
-    )
+    assert ("backing-filename" in qemu_info(qemu, out, "qcow2")) == backing
+    res = qemu.img("compare", "-f", "raw", "-F", "qcow2", src, out, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# `qemu` is a function-scoped fixture shared by every example: it holds no state.
+@pytest.mark.qemu
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(image=raw_images(), opts=writer_options(), base=st.one_of(st.none(), raw_images()))
-def test_random_conversions_roundtrip(image, opts, base):
+def test_random_conversions_roundtrip(qemu, image, opts, base):
     size, writes = image
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -103,4 +106,4 @@ def test_random_conversions_roundtrip(image, opts, base):
             assert got.size == len(want)
             assert got.pread(0, got.size) == want
             assert len(got.layers) == (1 if base is None else 2)
-        check_qemu(out, src, base is not None)
+        check_qemu(qemu, out, src, base is not None)

@@ -8,7 +8,8 @@ from flatfs import OpenOptions, open_chain
 from flatfs.convert import ConvertOptions, convert_chain
 from flatfs.extents import Kind
 
-from .helpers import M, qemu_chain, scattered_raw, write_sparse_raw
+from ..helpers.chains import qemu_chain
+from ..helpers.images import M, scattered_raw, write_sparse_raw
 
 
 class CountingLayer:

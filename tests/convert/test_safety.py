@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import flatfs, require
-from .helpers import K, M, pattern, qemu_chain, scattered_raw, write_sparse_raw
+from ..helpers.chains import qemu_chain
+from ..helpers.cli import flatfs
+from ..helpers.images import K, M, pattern, scattered_raw, write_sparse_raw
+from ..helpers.needs import require
 
 TMP_MARK = ".flatfs-tmp-"
 

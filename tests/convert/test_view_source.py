@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import flatfs, have_fuse, require
-from .helpers import assert_valid_copy, disk_usage, qemu_chain
+from ..helpers.chains import qemu_chain
+from ..helpers.cli import flatfs
+from ..helpers.images import disk_usage
+from ..helpers.needs import have_fuse, require
+from ..helpers.qemu import assert_valid_copy
 
 
 def _mounted(mp: Path) -> bool:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import IN_CI, Qemu, require
-from .conftest import qemu_map
+from ..helpers.needs import IN_CI, require
+from ..helpers.qemu import Qemu, qemu_map
 
 pytestmark = pytest.mark.fuse
 

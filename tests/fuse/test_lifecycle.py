@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import flatfs
-from .conftest import ONE_LINE, Chain, daemon_pid, is_mounted, send_and_wait, unmount, wait_gone
+from ..helpers.chains import Chain
+from ..helpers.cli import ONE_LINE, flatfs
+from ..helpers.mounts import daemon_pid, is_mounted, seek_walk, send_and_wait, unmount, wait_gone
+from ..helpers.qemu import Qemu
 
 pytestmark = pytest.mark.fuse
 
@@ -120,8 +122,6 @@ def test_image_cannot_be_opened(mounter, tmp_path: Path) -> None:
 
 
 def test_missing_backing_file(mounter, tmp_path: Path, chains: dict[str, Chain]) -> None:
-    from ..conftest import Qemu
-
     q = Qemu()
     q.create(tmp_path / "b.qcow2", "1M")
     q.create(tmp_path / "t.qcow2", "1M", backing="b.qcow2")
@@ -183,8 +183,6 @@ def test_dead_mount_is_reported_and_cleaned(chains: dict[str, Chain], mounter) -
 
 def test_libfuse3_is_forced(chains: dict[str, Chain], mounter) -> None:
     """FUSE_LIBRARY_NAME=fuse would make mfusepy pick libfuse 2 first; flatfs overrides it."""
-    from .conftest import seek_walk
-
     c = chains["three"]
     mp = mounter.mountpoint()
     mounter.points.append(mp)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import require
+from ..helpers.needs import require
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "flatfs@.service"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import os
 import random
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Qemu, run_threads
-from .conftest import Chain, data_extents, qemu_map, seek_walk
+from ..helpers.chains import Chain
+from ..helpers.mounts import seek_walk
+from ..helpers.qemu import Qemu, data_extents, qemu_map
+from ..helpers.threads import run_threads
 
 pytestmark = pytest.mark.fuse
 
@@ -56,17 +59,31 @@ def test_seek_edges(chains: dict[str, Chain], views: dict[str, Path]) -> None:
         mid = c.data[0][0] + c.data[0][1] // 2
         assert os.lseek(fd, mid, os.SEEK_DATA) == mid  # inside data: stays
         assert os.lseek(fd, mid, os.SEEK_HOLE) == c.data[0][0] + c.data[0][1]
-        end = last_start + last_len
-        if end < c.size:
-            with pytest.raises(OSError) as ei:  # no data after the last run
-                os.lseek(fd, end, os.SEEK_DATA)
-            assert ei.value.errno == 6
-            assert os.lseek(fd, end, os.SEEK_HOLE) == end
+        # "three" ends in data: the hole after its last run is the end of the file
+        assert last_start + last_len == c.size
+        assert os.lseek(fd, last_start, os.SEEK_HOLE) == c.size
         with pytest.raises(OSError) as ei:  # at/after EOF
             os.lseek(fd, c.size, os.SEEK_HOLE)
         assert ei.value.errno == 6
         assert os.lseek(fd, 123, os.SEEK_SET) == 123  # ordinary seeks still work
         assert os.lseek(fd, 0, os.SEEK_END) == c.size
+    finally:
+        os.close(fd)
+
+
+def test_seek_past_the_last_data(chains: dict[str, Chain], views: dict[str, Path]) -> None:
+    """The "dense" chain ends in a hole: SEEK_DATA after its last data run is ENXIO, SEEK_HOLE stays put."""
+    c, view = chains["dense"], views["dense"]
+    end = c.data[-1][0] + c.data[-1][1]
+    assert end < c.size, "the test chain should end in a hole"
+    fd = os.open(view, os.O_RDONLY)
+    try:
+        for off in (end, end + 1, c.size - 1):
+            with pytest.raises(OSError) as ei:  # no data after the last run
+                os.lseek(fd, off, os.SEEK_DATA)
+            assert ei.value.errno == errno.ENXIO
+            assert os.lseek(fd, off, os.SEEK_HOLE) == off
+        assert os.lseek(fd, c.data[-1][0], os.SEEK_HOLE) == end
     finally:
         os.close(fd)
 
@@ -221,6 +238,9 @@ def test_reading_the_view_leaves_the_image_block_status_alone(tmp_path: Path, mo
         os.close(fd)
     top = q.create(tmp_path / "top.qcow2", 64 << 20, backing=base, backing_fmt="raw")
     before = data_extents(qemu_map(q, top))
+    # The zeroed ranges start as holes (else there is nothing for a read to change):
+    # the image's data is the four 4 MiB writes and nothing else.
+    assert before == [(i * 16 << 20, 4 << 20) for i in range(4)], before
     view = mounter.mount(top)
     with open(view, "rb") as f:  # a buffered, sequential read of it all
         while f.read(1 << 20):

@@ -29,9 +29,10 @@ from click.testing import CliRunner
 
 from flatfs.cli import main as flatfs_main
 
-from ..conftest import Qemu, peek, poke
-from ..fuse.conftest import ONE_LINE, Mounter, is_mounted, mounter  # noqa: F401  (mounter: a fixture)
-from .test_malformed import assert_words, error_line
+from ..helpers.cli import ONE_LINE, assert_words, error_line
+from ..helpers.images import peek, poke
+from ..helpers.mounts import Mounter, is_mounted
+from ..helpers.qemu import Qemu
 
 pytestmark = pytest.mark.qemu
 
@@ -452,7 +453,7 @@ SAME: dict[str, Build] = {
 
 # -- checks ------------------------------------------------------------------------
 # `info` and `map` run in-process (they only read); `convert` runs as a real
-# command line, as test_malformed.error_line does.
+# command line (tests/helpers/cli.py: error_line).
 
 
 def run(*args: str | os.PathLike[str]) -> tuple[int, str, str]:

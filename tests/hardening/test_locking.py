@@ -12,8 +12,8 @@ import pytest
 
 from flatfs import open_chain
 
-from ..conftest import flatfs, require
-from ..oracle.test_errors import one_line_error
+from ..helpers.cli import flatfs, one_line_error
+from ..helpers.needs import require
 
 pytestmark = pytest.mark.qemu
 

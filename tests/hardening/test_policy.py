@@ -10,8 +10,8 @@ import pytest
 from flatfs import ChainError, OpenOptions, open_chain
 from flatfs.chain import MAX_CHAIN_DEPTH
 
-from ..conftest import flatfs
-from ..oracle.test_errors import forget_backing_format, one_line_error
+from ..helpers.cli import flatfs, one_line_error
+from ..helpers.qcow2_edits import forget_backing_format
 
 pytestmark = pytest.mark.qemu
 

@@ -9,20 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import flatfs, poke
+from ..helpers.cli import flatfs, one_line_error
+from ..helpers.images import poke
+from ..helpers.qcow2_edits import forget_backing_format
 
 pytestmark = pytest.mark.qemu
-
-
-def one_line_error(args, *needles: str) -> str:
-    r = flatfs(*args, check=False)
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @pytest.fixture
@@ -129,13 +120,6 @@ def test_aes_encrypted_image(image):
 def test_unknown_incompatible_bit(image):
     poke(image, 72, ">Q", 1 << 9)
     one_line_error(["map", image], "img.qcow2", "unsupported incompatible feature", "bit 9")
-
-
-def forget_backing_format(path: Path) -> None:
-    """Turn the backing-format header extension into an unknown one, as in old images."""
-    data = path.read_bytes()
-    at = data.index(struct.pack(">I", 0xE2792ACA), 72)
-    poke(path, at, ">I", 0x0BADF00D)
 
 
 def test_unrecorded_raw_backing_is_not_probed(qemu, tmp_path):

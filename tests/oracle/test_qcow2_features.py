@@ -9,8 +9,7 @@ import pytest
 
 from flatfs import open_chain
 
-from ..conftest import Qemu
-from .oracle import assert_matches_qemu
+from ..helpers.qemu import Qemu, assert_matches_qemu
 
 M = 1 << 20
 

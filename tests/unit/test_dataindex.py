@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from flatfs.chain.dataindex import DataIndex, scan
 from flatfs.extents import Extent, Kind
 
-from .test_extents_and_chain import AZ, D, FakeLayer, Z, chain, normalise, runs_st
+from ..helpers.fakes import AZ, D, FakeLayer, Z, chain, normalise, runs_st
 
 SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
 

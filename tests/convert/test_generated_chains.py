@@ -1,9 +1,9 @@
-"""Regressions found by generating chains the other tests did not cover (red-team runs).
+"""Regressions found by converting randomly generated chains, of kinds the other tests did not cover.
 
 Each case is a small chain made with qemu-img/qemu-io, converted with the
-options that once failed, and checked like the judges do: qemu-img check,
-qemu-img compare against the source, and disk usage against qemu-img convert
-with the equivalent options.
+options that once failed, and checked three ways: qemu-img check, qemu-img
+compare against the source, and disk usage against qemu-img convert with the
+equivalent options.
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Qemu, build_recipe, flatfs
-from .helpers import K, M, assert_valid_copy, disk_usage, pattern, write_sparse_raw
+from ..helpers.chains import build_recipe
+from ..helpers.cli import flatfs
+from ..helpers.images import K, M, disk_usage, pattern, write_sparse_raw
+from ..helpers.needs import have_qemu, require
+from ..helpers.qemu import Qemu, assert_valid_copy
 
 pytestmark = pytest.mark.qemu
 
@@ -74,7 +77,7 @@ def test_raw_target_keeps_short_zero_runs_between_data(tmp_path):
     assert disk_usage(a) > disk_usage(b)  # the 16 KiB run is written only with -S 64k
 
 
-# -- chain kinds the red-team generator made, with the option sets it ran --------------
+# -- chain kinds the random chain generator made, with the option sets it ran ---------
 #
 # Each recipe: (layers, qemu-io commands per layer). A layer is (name, format, size,
 # qemu-img create -o options); each overlay is created on the layer before it.
@@ -147,8 +150,6 @@ CONVERT_OPTS = {
 
 @pytest.fixture(scope="module")
 def recipes(tmp_path_factory) -> dict[str, Path]:
-    from ..conftest import have_qemu, require
-
     require(have_qemu(), "qemu-img/qemu-io are not installed")
     q = Qemu()
     out = {}

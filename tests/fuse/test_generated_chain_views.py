@@ -1,6 +1,6 @@
-"""Views of chain kinds the red-team generator made: the judges' checks on each.
+"""Views of chain kinds a random chain generator made, each checked against QEMU.
 
-content = qemu-img convert -O raw; qemu-img compare -f raw VIEW IMAGE; the
+The view's bytes = qemu-img convert -O raw; qemu-img compare -f raw VIEW IMAGE; the
 SEEK_DATA/SEEK_HOLE walk and ``qemu-img map -f raw VIEW`` equal the data
 extents of ``qemu-img map IMAGE``; st_blocks is the data; ``flatfs convert``
 and ``qemu-img convert`` of the view compare equal to the image.
@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Qemu, build_recipe, flatfs, have_fuse, have_qemu, require
-from .conftest import Mounter, data_extents, qemu_map, seek_walk
+from ..helpers.chains import build_recipe
+from ..helpers.cli import flatfs
+from ..helpers.mounts import Mounter, seek_walk
+from ..helpers.needs import have_fuse, have_qemu, require
+from ..helpers.qemu import Qemu, data_extents, qemu_map
 
 pytestmark = [pytest.mark.qemu, pytest.mark.fuse]
 
@@ -85,12 +88,12 @@ def _build(q: Qemu, d: Path, name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def unseen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, Path, Path]]]:
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, Path, Path]]]:
     """name -> (top image, qemu-img's raw of it, the mounted view); all unmounted at the end."""
     require(have_qemu(), "qemu-img/qemu-io are not installed")
     require(have_fuse(), "/dev/fuse or fusermount3 is missing")
     q = Qemu()
-    m = Mounter(tmp_path_factory.mktemp("unseen-mnt"))
+    m = Mounter(tmp_path_factory.mktemp("generated-mnt"))
     try:
         out = {}
         for name in RECIPES:
@@ -105,9 +108,9 @@ def unseen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
-def test_view_matches_qemu(name: str, unseen) -> None:
+def test_view_matches_qemu(name: str, generated) -> None:
     q = Qemu()
-    top, ref, view = unseen[name]
+    top, ref, view = generated[name]
     assert view.read_bytes() == ref.read_bytes()
     q.img("compare", "-f", "raw", view, top)
     data = data_extents(qemu_map(q, top))
@@ -117,9 +120,9 @@ def test_view_matches_qemu(name: str, unseen) -> None:
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
-def test_view_as_source(name: str, unseen, tmp_path: Path) -> None:
+def test_view_as_source(name: str, generated, tmp_path: Path) -> None:
     q = Qemu()
-    top, _, view = unseen[name]
+    top, _, view = generated[name]
     out = tmp_path / "flat.qcow2"
     flatfs("convert", "-c", "--compression-type", "zstd", view, out)
     q.img("check", out)
