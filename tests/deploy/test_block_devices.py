@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import IN_CI, Qemu, have_fuse, require
+from ..helpers.needs import IN_CI, have_fuse, require
+from ..helpers.qemu import Qemu
 
 
 def _flatfs(*args: str) -> subprocess.CompletedProcess[str]:

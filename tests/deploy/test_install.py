@@ -15,7 +15,7 @@ import pytest
 
 import flatfs
 
-from ..conftest import require
+from ..helpers.needs import require
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = ("flatfs.1", "flatfs-mount.1", "flatfs-convert.1")

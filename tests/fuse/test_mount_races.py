@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import have_fuse, require
+from ..helpers.needs import have_fuse, require
 
 RACES = 8
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..conftest import Qemu
+from ..helpers.qemu import Qemu
 
 INCOMPATIBLE_AT = 72
 EXTL2 = 1 << 4

@@ -13,7 +13,7 @@ from flatfs.chain import OpenOptions, open_chain
 from flatfs.extents import ABSENT, DATA, ZERO
 from flatfs.picture import cells
 
-from ..conftest import Qemu
+from ..helpers.qemu import Qemu
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -18,7 +18,7 @@ from flatfs import OpenOptions, open_chain
 from flatfs.errors import ChainError, ParentMismatch
 from flatfs.extents import Kind
 
-from ..conftest import flatfs
+from ..helpers.cli import flatfs
 from ..helpers.vdi_writer import BLOCK, ZERO, Vdi, pattern, write_registry
 
 M = BLOCK

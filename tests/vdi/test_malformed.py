@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import flatfs, have_qemu, poke
+from ..helpers.cli import flatfs
+from ..helpers.images import poke
+from ..helpers.needs import have_qemu
 from ..helpers.vdi_writer import BLOCK, Vdi, pattern
 
 M = BLOCK

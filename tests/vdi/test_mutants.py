@@ -22,7 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ..conftest import Qemu, have_qemu, require
+from ..helpers.needs import have_qemu, require
+from ..helpers.qemu import Qemu
 from ..helpers.vdi_writer import BLOCK, ZERO, Vdi, pattern, write_registry
 
 MEMORY_CAP = 1 << 30

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import flatfs, project_map
+from ..helpers.cli import flatfs
+from ..helpers.qemu import project_map
 from ..helpers.vdi_writer import BLOCK, Vdi, pattern
 from ..oracle.oracle import assert_matches_qemu
 

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Qemu, flatfs, peek, poke
+from ..helpers.cli import flatfs
+from ..helpers.images import peek, poke
+from ..helpers.qemu import Qemu
+from ..helpers.vhd_images import child, qemu_base
 from ..helpers.vhd_writer import checksum
-from .conftest import child, qemu_base
 
 pytestmark = pytest.mark.qemu
 

@@ -16,9 +16,10 @@ from flatfs import OpenOptions, open_chain
 from flatfs.errors import ChainError, ParentMismatch
 from flatfs.extents import Kind
 
-from ..conftest import Qemu, flatfs
+from ..helpers.cli import flatfs
+from ..helpers.qemu import Qemu
+from ..helpers.vhd_images import SIZE, M, base_bytes, child, qemu_base
 from ..helpers.vhd_writer import DIFFERENCING, Vhd, compose, unique_id_of
-from .conftest import SIZE, M, base_bytes, child, qemu_base
 
 pytestmark = pytest.mark.qemu
 

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..conftest import Qemu, have_fuse, require
-from ..fuse.conftest import Mounter, seek_walk
+from ..helpers.mounts import Mounter, seek_walk
+from ..helpers.qemu import Qemu
+from ..helpers.vhd_images import SIZE, M, base_bytes, child, qemu_base
 from ..helpers.vhd_writer import compose
-from .conftest import SIZE, M, base_bytes, child, qemu_base
 
 pytestmark = [pytest.mark.qemu, pytest.mark.fuse]
-
-
-@pytest.fixture
-def mounter(tmp_path: Path) -> Iterator[Mounter]:
-    require(have_fuse(), "/dev/fuse or fusermount3 is missing")
-    m = Mounter(tmp_path / "mnt")
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def test_mount_a_differencing_chain(qemu: Qemu, tmp_path: Path, mounter: Mounter):

@@ -15,8 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ..conftest import Qemu, have_qemu, require
-from .conftest import FuzzWorker, child, qemu_base, qemu_sha
+from ..helpers.needs import have_qemu, require
+from ..helpers.qemu import Qemu
+from ..helpers.vhd_images import FuzzWorker, child, qemu_base, qemu_sha
 
 EXAMPLES = int(os.environ.get("FLATFS_FUZZ_EXAMPLES", "60"))
 

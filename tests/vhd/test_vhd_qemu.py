@@ -9,7 +9,8 @@ import pytest
 
 from flatfs import OpenOptions, open_chain
 
-from ..conftest import Qemu, flatfs
+from ..helpers.cli import flatfs
+from ..helpers.qemu import Qemu
 from ..oracle.oracle import assert_matches_qemu
 
 pytestmark = pytest.mark.qemu

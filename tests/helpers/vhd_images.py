@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..conftest import Qemu
-from ..helpers.vhd_writer import DIFFERENCING, Vhd, unique_id_of
+from .qemu import Qemu
+from .vhd_writer import DIFFERENCING, Vhd, unique_id_of
 
 M = 1 << 20
 SIZE = 8 * M
