@@ -9,7 +9,7 @@ import pytest
 
 from flatfs import open_chain
 
-from ..fuse.conftest import mounter, seek_walk  # noqa: F401  (mounter is a fixture)
+from ..helpers.mounts import seek_walk
 from ..helpers.vdi_writer import BLOCK, ZERO, Vdi, pattern, write_registry
 
 M = BLOCK
@@ -32,7 +32,7 @@ def build(vm: Path) -> tuple[Path, bytes]:
 
 
 @pytest.mark.fuse
-def test_mounted_snapshot_chain(mounter, tmp_path):  # noqa: F811
+def test_mounted_snapshot_chain(mounter, tmp_path):
     top, want = build(tmp_path / "VM")
     with open_chain(top) as chain:
         data = [(e.start, e.length) for e in chain.extents() if e.kind.is_data]

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from ..helpers.cli import flatfs
-from ..helpers.qemu import project_map
+from ..helpers.qemu import assert_matches_qemu, project_map
 from ..helpers.vdi_writer import BLOCK, Vdi, pattern
-from ..oracle.oracle import assert_matches_qemu
 
 M = BLOCK
 WRITES = (

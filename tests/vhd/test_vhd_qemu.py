@@ -10,8 +10,7 @@ import pytest
 from flatfs import OpenOptions, open_chain
 
 from ..helpers.cli import flatfs
-from ..helpers.qemu import Qemu
-from ..oracle.oracle import assert_matches_qemu
+from ..helpers.qemu import Qemu, assert_matches_qemu
 
 pytestmark = pytest.mark.qemu
 
