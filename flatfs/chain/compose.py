@@ -1,6 +1,6 @@
 """The flattened guest view of an open chain: one composer, one read path, one seek contract.
 
-``Chain._compose`` is the one composer: it asks the top layer for its runs,
+``Chain._pieces`` is the one composer: it asks the top layer for its runs,
 sends every ABSENT run to the layer below, and reports a range past a short
 backing file's end as ABSENT at the depth of the layer whose backing is
 short, exactly as QEMU's block-status does. ``extents``, ``readinto`` (and
@@ -12,11 +12,13 @@ view, convert, map, the oracle tests) sees the same answers.
 from __future__ import annotations
 
 import errno
+import operator
 import os
+from array import array
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from ..extents import ABSENT, KINDS, Extent, Runs, coalesce
+from ..extents import ABSENT, ALLOC_ZERO, DATA, KINDS, ZERO, Extent, Runs
 from ..formats.api import HostFile, Layer
 from . import dataindex
 
@@ -26,8 +28,33 @@ if TYPE_CHECKING:
 SEEK_DATA = os.SEEK_DATA
 SEEK_HOLE = os.SEEK_HOLE
 
-# A composed run: (start, end, kind code, depth)
-Run = tuple[int, int, int, int]
+
+class Piece(NamedTuple):
+    """Composed runs that all come from one depth, in bulk: parallel arrays, ascending and
+    contiguous, neighbours of different kinds."""
+
+    starts: array[int]
+    ends: array[int]
+    kinds: bytes | bytearray
+    depth: int
+
+
+_DATA_KINDS = (DATA, ALLOC_ZERO)
+_HOLE_KINDS = (ZERO, ABSENT)
+
+
+def _first(kinds: bytes | bytearray, wanted: tuple[int, int]) -> int:
+    """Index of the first run whose kind is one of ``wanted``, or -1."""
+    hits = [i for i in (kinds.find(wanted[0]), kinds.find(wanted[1])) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def _merged(runs: Runs) -> Runs:
+    """``runs`` with neighbours of equal kind merged (a layer that built its arrays directly)."""
+    out = Runs()
+    for s, e, k in runs:
+        out.add(s, e, k)
+    return out
 
 
 class Chain:
@@ -47,7 +74,8 @@ class Chain:
         return self._opener.found_by.get(self.layers[depth].path)
 
     # -- the one composer --------------------------------------------------
-    def _compose(self, depth: int, start: int, end: int) -> Iterator[Run]:
+    def _pieces(self, depth: int, start: int, end: int) -> Iterator[Piece]:
+        """The composition of [start, end) from layer ``depth`` down, a layer's answer at a time."""
         layer = self.layers[depth]
         lim = min(end, layer.size)
         below = depth + 1 < len(self.layers)
@@ -60,23 +88,63 @@ class Chain:
                     f"{layer.path}: {layer.format} layer answered runs({pos:#x}, {lim:#x}) with "
                     f"{n} runs that do not start there and end inside it"
                 )
-            for s, e, k in runs:
-                if k == ABSENT and below:
-                    yield from self._compose(depth + 1, s, e)
+            kinds = runs.kinds
+            if n > 1 and any(map(operator.eq, kinds[1:], kinds[:-1])):
+                runs = _merged(runs)
+                kinds = runs.kinds
+                n = len(runs)
+            i = 0
+            a = kinds.find(ABSENT) if below else -1
+            while a >= 0:
+                if a > i:
+                    yield Piece(runs.starts[i:a], runs.ends[i:a], kinds[i:a], depth)
+                yield from self._pieces(depth + 1, runs.starts[a], runs.ends[a])
+                i = a + 1
+                a = kinds.find(ABSENT, i)
+            if i < n:
+                if i:
+                    yield Piece(runs.starts[i:], runs.ends[i:], kinds[i:], depth)
                 else:
-                    yield s, e, k, depth
+                    yield Piece(runs.starts, runs.ends, kinds, depth)
             pos = runs.ends[n - 1]
         if lim < end:
             # Past a short backing file: reads as zeros, decided by nobody
             # below the layer whose backing is short.
-            yield max(start, lim), end, ABSENT, depth - 1
+            yield Piece(array("Q", [max(start, lim)]), array("Q", [end]), bytes([ABSENT]), depth - 1)
+
+    def pieces(self, start: int = 0, end: int | None = None) -> Iterator[Piece]:
+        """The flattened map over [start, end) in bulk: coalesced, a piece of one depth at a time.
+
+        What ``map``, the data index and every other consumer of whole maps use:
+        no Python object per extent.
+        """
+        end = self.size if end is None else min(end, self.size)
+        if start >= end:
+            return
+        last: Piece | None = None
+        for p in self._pieces(0, start, end):
+            if (
+                last is not None
+                and last.depth == p.depth
+                and last.kinds[-1] == p.kinds[0]
+                and last.ends[-1] == p.starts[0]
+            ):
+                starts = array("Q", p.starts)
+                starts[0] = last.starts[-1]
+                p = Piece(starts, p.ends, p.kinds, p.depth)
+                last = Piece(last.starts[:-1], last.ends[:-1], last.kinds[:-1], last.depth)
+            if last is not None and len(last.kinds):
+                yield last
+            last = p
+        if last is not None:
+            yield last
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         """Flattened extents over [start, end), coalesced, each with its depth."""
-        end = self.size if end is None else min(end, self.size)
-        if start >= end:
-            return iter(())
-        return coalesce(Extent(s, e - s, KINDS[k], d) for s, e, k, d in self._compose(0, start, end))
+        for p in self.pieces(start, end):
+            d = p.depth
+            for s, e, k in zip(p.starts, p.ends, p.kinds):
+                yield Extent(s, e - s, KINDS[k], d)
 
     # -- the one read path -------------------------------------------------
     def readinto(self, offset: int, buf: memoryview | bytearray) -> int:
@@ -120,14 +188,13 @@ class Chain:
             raise OSError(errno.EINVAL, "negative offset")
         if offset >= self.size:
             raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        wanted = _DATA_KINDS if whence == SEEK_DATA else _HOLE_KINDS
+        for p in self._pieces(0, offset, self.size):
+            i = _first(p.kinds, wanted)
+            if i >= 0:
+                return max(offset, p.starts[i])
         if whence == SEEK_DATA:
-            for s, e, k, _ in self._compose(0, offset, self.size):
-                if KINDS[k].is_data and e > s:
-                    return max(offset, s)
             raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
-        for s, e, k, _ in self._compose(0, offset, self.size):  # SEEK_HOLE
-            if not KINDS[k].is_data and e > s:
-                return max(offset, s)
         return self.size
 
     def build_index(self, max_runs: int | None = None) -> None:
@@ -136,7 +203,7 @@ class Chain:
         Past ``max_runs`` data runs (default ``dataindex.MAX_RUNS``) no index is
         kept and :meth:`seek` keeps walking the composition.
         """
-        self._index, self._data_bytes = dataindex.scan(self.size, self.extents(), max_runs)
+        self._index, self._data_bytes = dataindex.scan_pieces(self.size, self.pieces(), max_runs)
 
     @property
     def indexed(self) -> bool:
@@ -145,7 +212,7 @@ class Chain:
     def data_bytes(self) -> int:
         """Bytes of allocated data in the flattened view (for st_blocks)."""
         if self._data_bytes is None:
-            self._data_bytes = sum(e.length for e in self.extents() if e.kind.is_data)
+            self._data_bytes = dataindex.scan_pieces(self.size, self.pieces(), 0)[1]
         return self._data_bytes
 
     # -- each layer alone (for pictures and info) ------------------------------

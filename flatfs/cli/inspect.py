@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import operator
 import sys
+from typing import TextIO
 
 import click
 
-from ..chain import OpenOptions, open_chain
-from ..extents import Kind
+from ..chain import Chain, OpenOptions, open_chain
+from ..extents import KINDS, Kind
 from ..formats import lookup
 from .common import chain_options, human_size
 
@@ -71,36 +73,54 @@ def map_(image: str, output: str, options: OpenOptions) -> None:
             sys.stdout.write(picture.svg(chain))
             return
         if output == "json":
-            out = sys.stdout
-            out.write("[")
-            first = True
-            for e in chain.extents():
-                rec = {
-                    "start": e.start,
-                    "length": e.length,
-                    "depth": e.depth,
-                    "present": e.kind.present,
-                    "zero": e.kind is not Kind.DATA,
-                    "data": e.kind.is_data,
-                }
-                out.write(("" if first else ",\n") + json.dumps(rec))
-                first = False
-            if first:
-                # An empty disk: qemu-img prints one zero-length entry, so a
-                # comparison of the two maps must not need a special case.
-                out.write(
-                    json.dumps(
-                        {"start": 0, "length": 0, "depth": 0, "present": False, "zero": False, "data": False}
-                    )
-                )
-            out.write("]\n")
-            return
-        click.echo(f"{'Offset':>20}  {'Length':>20}  {'Depth':>5}  Kind")
-        for e in chain.extents():
-            what = {
-                Kind.DATA: "data",
-                Kind.ALLOC_ZERO: "data (reads as zeros)",
-                Kind.ZERO: "zero",
-                Kind.ABSENT: "unallocated (zeros)",
-            }[e.kind]
-            click.echo(f"{e.start:#20x}  {e.length:#20x}  {e.depth:>5}  {what}")
+            _write_json(chain, sys.stdout)
+        else:
+            _write_human(chain, sys.stdout)
+
+
+def _flag(v: bool) -> str:
+    return "true" if v else "false"
+
+
+# Per kind code: the end of a JSON record, and the human map's words
+_JSON_TAIL = tuple(
+    f'"present": {_flag(k.present)}, "zero": {_flag(k is not Kind.DATA)}, "data": {_flag(k.is_data)}}}'
+    for k in KINDS
+)
+_HUMAN_KIND = tuple(
+    {
+        Kind.DATA: "data",
+        Kind.ALLOC_ZERO: "data (reads as zeros)",
+        Kind.ZERO: "zero",
+        Kind.ABSENT: "unallocated (zeros)",
+    }[k]
+    for k in KINDS
+)
+
+
+def _write_json(chain: Chain, out: TextIO) -> None:
+    """qemu-img map's records, one piece of the chain's map at a time: no Python object or
+    json call per record."""
+    out.write("[")
+    sep = ""
+    for p in chain.pieces():
+        record = '{"start": %d, "length": %d, "depth": ' + str(p.depth) + ", %s"
+        lengths = map(operator.sub, p.ends, p.starts)
+        out.write(
+            sep
+            + ",\n".join(map(record.__mod__, zip(p.starts, lengths, map(_JSON_TAIL.__getitem__, p.kinds))))
+        )
+        sep = ",\n"
+    if not sep:
+        # An empty disk: qemu-img prints one zero-length entry, so a
+        # comparison of the two maps must not need a special case.
+        out.write('{"start": 0, "length": 0, "depth": 0, "present": false, "zero": false, "data": false}')
+    out.write("]\n")
+
+
+def _write_human(chain: Chain, out: TextIO) -> None:
+    out.write(f"{'Offset':>20}  {'Length':>20}  {'Depth':>5}  Kind\n")
+    for p in chain.pieces():
+        line = "%#20x  %#20x  " + f"{p.depth:>5}" + "  %s\n"
+        lengths = map(operator.sub, p.ends, p.starts)
+        out.write("".join(map(line.__mod__, zip(p.starts, lengths, map(_HUMAN_KIND.__getitem__, p.kinds)))))

@@ -1,6 +1,6 @@
 """The qcow2 target writer, reached through the format table, never imported.
 
-``flatfs.formats.lookup("qcow2").target`` is the class that writes a qcow2
+``flatfs.formats.lookup("qcow2").target()`` is the class that writes a qcow2
 image front to back; these protocols name the part of it convert uses, so
 convert is typed without importing a format module.
 """
@@ -81,4 +81,4 @@ def qcow2_writer() -> ClusterWriterClass:
     fmt = formats.lookup("qcow2")
     if fmt is None or fmt.target is None:
         raise ConvertError("qcow2 targets are not available")
-    return cast(ClusterWriterClass, fmt.target)
+    return cast(ClusterWriterClass, fmt.target())

@@ -166,8 +166,8 @@ class Format:
     """One entry of ``FORMATS``: how to recognise and open a format, and what else it offers.
 
     Capabilities are optional and looked up by name by the consumers that
-    need them, never imported: ``target`` makes a convert target writer
-    (``target(fd, size, path=..., **options)``); ``identify`` reads the
+    need them, never imported: ``target()`` loads and returns the convert
+    target writer class (``cls(fd, size, path=..., **options)``); ``identify`` reads the
     identities a ``ParentRef.by_id`` can search for from a file's head alone;
     ``suffixes`` are the file name endings such a search considers;
     ``info_rows`` name the keys of ``Layer.info()`` that the human ``info``
@@ -178,7 +178,7 @@ class Format:
     probe: Callable[[bytes], bool]  # does this head (PROBE_SIZE bytes) look like ours?
     open: Opener
     aliases: tuple[str, ...] = ()
-    target: Callable[..., Any] | None = None
+    target: Callable[[], Any] | None = None
     identify: Callable[[bytes], dict[str, str]] | None = None
     suffixes: tuple[str, ...] = field(default=())
     info_rows: tuple[tuple[str, str], ...] = ()  # (info() key, label) lines of the human `info`

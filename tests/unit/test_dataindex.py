@@ -8,7 +8,7 @@ import os
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flatfs.chain.dataindex import DataIndex, scan
+from flatfs.chain.dataindex import DataIndex, scan, scan_pieces
 from flatfs.extents import Extent, Kind
 
 from ..helpers.fakes import AZ, D, FakeLayer, Z, chain, normalise, runs_st
@@ -25,9 +25,13 @@ def answer(fn, offset: int, whence: int) -> int | str:
 
 
 def index_of(c) -> DataIndex:
+    """The index one extent at a time; the chain's bulk scan must build the same one."""
     idx, data = scan(c.size, c.extents())
     assert idx is not None
     assert data == c.data_bytes()
+    bulk, bulk_data = scan_pieces(c.size, c.pieces())
+    assert bulk is not None and bulk_data == data
+    assert (list(bulk.starts), list(bulk.ends)) == (list(idx.starts), list(idx.ends))
     return idx
 
 
@@ -59,6 +63,14 @@ def test_data_up_to_the_end_and_no_data_at_all():
     assert len(idx) == 0
     assert answer(idx.seek, 0, SEEK_DATA) == "ENXIO"
     assert idx.seek(0, SEEK_HOLE) == 0
+
+
+def test_bulk_scan_drops_the_index_past_max_runs_too():
+    c = chain(FakeLayer(100, [(i * 10, i * 10 + 5, D) for i in range(10)], 1))
+    idx, data = scan_pieces(c.size, c.pieces(), max_runs=10)
+    assert idx is not None and len(idx) == 10 and data == 50
+    idx, data = scan_pieces(c.size, c.pieces(), max_runs=9)
+    assert idx is None and data == 50
 
 
 def test_too_many_runs_drops_the_index_but_still_counts_data():

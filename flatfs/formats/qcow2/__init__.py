@@ -1,16 +1,34 @@
-"""qcow2 (QEMU copy-on-write v2 and v3): header and tables (spec, clusters), the layer, the writer."""
+"""qcow2 (QEMU copy-on-write v2 and v3): header and tables (spec, clusters), the layer, the writer.
+
+Only this table entry loads at start-up; the layer and the writer are
+imported when an image is opened or written.
+"""
 
 from __future__ import annotations
 
-from ..api import Format
-from .layer import Qcow2Layer
-from .spec import looks_like_qcow2
-from .writer import Qcow2Writer
+from typing import Any
+
+from ..api import Format, Layer, OpenContext
+
+MAGIC = b"QFI\xfb"
+
+
+def _open(path: str, fd: int, ctx: OpenContext) -> Layer:
+    from .layer import Qcow2Layer
+
+    return Qcow2Layer(path, fd, ctx)
+
+
+def _writer() -> Any:
+    from .writer import Qcow2Writer
+
+    return Qcow2Writer
+
 
 FORMAT = Format(
     "qcow2",
-    probe=looks_like_qcow2,
-    open=Qcow2Layer,
-    target=Qcow2Writer,
+    probe=lambda head: head[:4] == MAGIC,
+    open=_open,
+    target=_writer,
     info_rows=(("cluster-size", "cluster size"), ("compat", "compat")),
 )

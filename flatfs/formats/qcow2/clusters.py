@@ -9,12 +9,17 @@ offsets are contiguous) are merged into runs. A decoded table is a
 
 from __future__ import annotations
 
+import operator
 import re
 import sys
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
+from itertools import compress
 
+from ...extents import ABSENT as K_ABSENT
+from ...extents import DATA as K_DATA
+from ...extents import ZERO as K_ZERO
 from .spec import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS
 
 # Run codes. ABSENT/ZERO/DATA map to extents.Kind; COMPRESSED is data that
@@ -71,6 +76,67 @@ class _Builder:
 
     def table(self) -> Table:
         return Table(self.starts, self.lengths, self.codes, self.hosts, self.reasons)
+
+
+# In a table's kind view: an entry QEMU refuses (reads and maps stop before it)
+K_BAD = 4
+_KIND_OF_CODE = {ABSENT: K_ABSENT, ZERO: K_ZERO, DATA: K_DATA, COMPRESSED: K_DATA, BAD: K_BAD}
+_FAST_KIND = bytes([K_ABSENT, K_DATA]) + bytes(254)  # 0: empty entry, 1: plain data cluster
+
+
+@dataclass(slots=True)
+class Kinds:
+    """One L2 table as runs of extent kinds (guest offsets): what mapping needs.
+
+    Neighbouring runs always differ in kind (K_BAD runs are never merged).
+    """
+
+    starts: array[int]
+    ends: array[int]
+    kinds: bytes
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+
+def kinds_of(t: Table, base: int) -> Kinds:
+    """The kind view of a classified table starting at guest offset ``base``: its runs merged
+    by kind, whatever their hosts."""
+    starts: array[int] = array("Q")
+    ends: array[int] = array("Q")
+    kinds = bytearray()
+    for rel, n, c in zip(t.starts, t.lengths, t.codes):
+        s = base + rel
+        k = _KIND_OF_CODE[c]
+        if kinds and kinds[-1] == k and k != K_BAD and ends[-1] == s:
+            ends[-1] = s + n
+            continue
+        starts.append(s)
+        ends.append(s + n)
+        kinds.append(k)
+    return Kinds(starts, ends, bytes(kinds))
+
+
+def fast_kinds(entries: array[int], cluster_bits: int, base: int) -> Kinds | None:
+    """The kind view of a standard L2 table holding only empty entries and plain, aligned data
+    clusters (what qemu-img writes): built in C-level passes, no Python work per entry.
+
+    None when any entry is something else (compressed, zero, misaligned, reserved bits): then
+    :func:`classify` decides, entry by entry.
+    """
+    cs = 1 << cluster_bits
+    other = (0xFFFFFFFFFFFFFFFF & ~(OFLAG_COPIED | OFFSET_MASK)) | (cs - 1)
+    if any(map(other.__and__, entries)) or entries.count(OFLAG_COPIED):
+        return None
+    end = base + len(entries) * cs
+    data = bytes(map(bool, entries))
+    changes = bytes(map(operator.ne, data[1:], data[:-1]))
+    cuts = array("Q", compress(range(base + cs, end, cs), changes))
+    starts = array("Q", [base])
+    starts.extend(cuts)
+    cuts.append(end)
+    kinds = data[:1] + bytes(compress(data[1:], changes))
+    return Kinds(starts, cuts, kinds.translate(_FAST_KIND))
 
 
 def decode(raw: bytes) -> array[int]:

@@ -11,7 +11,7 @@ import os
 import struct
 import threading
 import zlib
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -41,11 +41,27 @@ BITMAP_IN_USE = 1
 BITMAP_TABLE_RESERVED = 0xFF000000000001FE
 _BITMAP_ENTRY = struct.Struct(">QIIBBHI")
 
-# Bound on decoded runs kept in the L2 cache (all tables together). A run is
-# ~100 bytes, so this caps the cache near 25 MiB even for pathological
-# subcluster patterns; ordinary tables decode to a handful of runs.
-CACHE_MAX_RUNS = 256 * 1024
+# Bound on what the L2 cache keeps (all tables together), in bytes: a read run
+# costs about 100, a kind run 17, a kept raw table its size. Pathological
+# subcluster patterns stay near 25 MiB; ordinary tables cost a few KiB.
+CACHE_MAX_BYTES = 25 << 20
 CACHE_MIN_TABLES = 4
+RUN_COST = 100
+KIND_COST = 17
+
+
+class _L2:
+    """One cached L2 table: its kind view (mapping) and, once a read needs it, its read runs."""
+
+    __slots__ = ("kinds", "read", "raw", "l2_offset", "cost")
+
+    def __init__(self, kinds: C.Kinds, read: C.Table | None, raw: bytes | None, l2_offset: int) -> None:
+        self.kinds = kinds
+        self.read = read
+        self.raw = raw  # kept while ``read`` is not built yet
+        self.l2_offset = l2_offset
+        self.cost = len(kinds) * KIND_COST + (len(raw) if raw else 0) + (len(read) * RUN_COST if read else 0)
+
 
 _KIND = {C.ABSENT: ABSENT, C.ZERO: ZERO, C.DATA: DATA, C.COMPRESSED: DATA}
 
@@ -95,8 +111,8 @@ class Qcow2Layer(LayerBase):
             pread_exact(fd, path, memoryview(self._l1_raw), hdr.l1_table_offset)
         self._l1 = C.decode(bytes(self._l1_raw))
         self._l1_used = C.allocated_l1(bytes(self._l1_raw))
-        self._cache: OrderedDict[int, C.Table] = OrderedDict()
-        self._cache_runs = 0
+        self._cache: OrderedDict[int, _L2] = OrderedDict()
+        self._cache_bytes = 0
         self._lock = threading.Lock()
         self._decompress = _decompressor(hdr.compression_type, self.cluster_size)
         self._prealloc: bool | None = None
@@ -207,7 +223,8 @@ class Qcow2Layer(LayerBase):
             )
 
     # -- mapping -------------------------------------------------------------
-    def _table(self, l1_index: int) -> C.Table | None:
+    def _table(self, l1_index: int) -> _L2 | None:
+        """The cached L2 table under L1 entry ``l1_index`` (read and decoded on a miss), or None."""
         with self._lock:
             t = self._cache.get(l1_index)
             if t is not None:
@@ -222,10 +239,28 @@ class Qcow2Layer(LayerBase):
             raise CorruptImage(self.path, f"L2 table offset 0x{l2_off:x} is not cluster aligned", at)
         if l2_off + self.cluster_size > self.file_size:
             raise CorruptImage(self.path, f"L2 table at 0x{l2_off:x} lies past the end of the file", at)
-        raw = bytearray(self.cluster_size)
-        pread_exact(self.fd, self.path, memoryview(raw), l2_off)
+        buf = bytearray(self.cluster_size)
+        pread_exact(self.fd, self.path, memoryview(buf), l2_off)
+        raw = bytes(buf)
+        h = self.header
+        fast = None
+        if not h.extended_l2 and not h.has_data_file:
+            fast = C.fast_kinds(C.decode(raw), self.cluster_bits, l1_index * self.l1_span)
+        if fast is not None:
+            t = _L2(fast, None, raw, l2_off)
+        else:
+            read = self._classify(raw, l1_index, l2_off)
+            t = _L2(C.kinds_of(read, l1_index * self.l1_span), read, None, l2_off)
+        with self._lock:
+            if l1_index not in self._cache:
+                self._cache[l1_index] = t
+                self._cache_bytes += t.cost
+                self._trim()
+        return t
+
+    def _classify(self, raw: bytes, l1_index: int, l2_off: int) -> C.Table:
         t = C.classify(
-            bytes(raw),
+            raw,
             self.cluster_bits,
             extended=self.header.extended_l2,
             data_file=self.header.has_data_file,
@@ -233,14 +268,33 @@ class Qcow2Layer(LayerBase):
             version=self.header.version,
         )
         t.l2_offset = l2_off
-        with self._lock:
-            if l1_index not in self._cache:
-                self._cache[l1_index] = t
-                self._cache_runs += len(t)
-                while len(self._cache) > CACHE_MIN_TABLES and self._cache_runs > CACHE_MAX_RUNS:
-                    _, old = self._cache.popitem(last=False)
-                    self._cache_runs -= len(old)
         return t
+
+    def _read_table(self, l1_index: int) -> C.Table | None:
+        """The read runs (hosts) of the L2 table under ``l1_index``, built on first use."""
+        t = self._table(l1_index)
+        if t is None:
+            return None
+        read = t.read
+        if read is None:
+            raw = t.raw
+            assert raw is not None
+            read = self._classify(raw, l1_index, t.l2_offset)
+            with self._lock:
+                if t.read is None:
+                    t.read, t.raw = read, None
+                    cost = len(t.kinds) * KIND_COST + len(read) * RUN_COST
+                    if self._cache.get(l1_index) is t:
+                        self._cache_bytes += cost - t.cost
+                    t.cost = cost
+                    self._trim()
+        return read
+
+    def _trim(self) -> None:
+        """Drop least recently used tables past the byte bound (the caller holds the lock)."""
+        while len(self._cache) > CACHE_MIN_TABLES and self._cache_bytes > CACHE_MAX_BYTES:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.cost
 
     def _runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, C.Table | None, int]]:
         """Yield (start, end, code, host, table, run index) over [start, end).
@@ -253,7 +307,7 @@ class Qcow2Layer(LayerBase):
         while pos < end:
             l1i = pos // span
             base = l1i * span
-            t = self._table(l1i) if l1i < len(self._l1) else None
+            t = self._read_table(l1i) if l1i < len(self._l1) else None
             if t is None:
                 # jump straight to the next allocated L1 entry
                 k = bisect_left(used, l1i + 1)
@@ -322,13 +376,51 @@ class Qcow2Layer(LayerBase):
         return count >= threshold
 
     def runs(self, start: int, end: int) -> Runs:
-        """At most one L2 table's worth (a run of unallocated L1 entries counts as one).
+        """At most one L2 table's worth (a run of unallocated L1 entries counts as one), sliced
+        out of the table's kind view in bulk.
 
         A corrupt L2 entry ends the answer before it, so a caller that stops
         early (a SEEK_DATA) never trips on damage past its answer; asked
         again from there, it raises.
         """
         end = min(end, self.size)
+        if self.metadata_preallocated():
+            return self._runs_asking_the_host(start, end)
+        span = self.l1_span
+        l1i = start // span
+        base = l1i * span
+        t = self._table(l1i) if l1i < len(self._l1) else None
+        if t is None:
+            # straight to the next allocated L1 entry
+            used = self._l1_used
+            k = bisect_left(used, l1i + 1)
+            nxt = used[k] * span if k < len(used) else end
+            out = Runs()
+            out.add(start, min(max(nxt, base + span), end), ABSENT)
+            return out
+        kv = t.kinds
+        tend = min(base + span, end)
+        i = bisect_right(kv.starts, start) - 1
+        j = bisect_left(kv.starts, tend)
+        kinds = kv.kinds[i:j]
+        bad = kinds.find(C.K_BAD)
+        if bad == 0:
+            read = self._read_table(l1i)
+            assert read is not None
+            raise self._bad(read, read.find(start - base))
+        if bad > 0:
+            j = i + bad
+            kinds = kinds[:bad]
+        starts = kv.starts[i:j]
+        ends = kv.ends[i:j]
+        starts[0] = start
+        if ends[-1] > tend:
+            ends[-1] = tend
+        return Runs(starts, ends, bytearray(kinds))
+
+    def _runs_asking_the_host(self, start: int, end: int) -> Runs:
+        """A metadata-preallocated image: QEMU asks the host file too, and allocated
+        clusters over a hole read as zeros."""
         out = Runs()
         boundary = (start // self.l1_span + 1) * self.l1_span
         for s, e, code, host, t, r in self._runs(start, end):
@@ -338,11 +430,9 @@ class Qcow2Layer(LayerBase):
                 if len(out):
                     break
                 raise self._bad(t, r)  # type: ignore[arg-type]
-            if code != C.DATA or not self.metadata_preallocated():
+            if code != C.DATA:
                 out.add(s, e, _KIND[code])
                 continue
-            # In a metadata-preallocated image QEMU asks the host file too:
-            # allocated clusters over a hole read as zeros.
             for hs, he, is_data in data_runs(
                 self.data_fd, self.data_path, host, host + (e - s), self.data_size
             ):
@@ -423,7 +513,7 @@ class Qcow2Layer(LayerBase):
     def close(self) -> None:
         with self._lock:
             self._cache.clear()
-            self._cache_runs = 0
+            self._cache_bytes = 0
 
 
 def _claimed_cluster_size(head: bytes) -> int:

@@ -162,10 +162,6 @@ class Header:
         return out
 
 
-def looks_like_qcow2(head: bytes) -> bool:
-    return head[:4] == MAGIC
-
-
 def _name(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 

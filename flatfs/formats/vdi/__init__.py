@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
-from ..api import Format
-from .layer import VdiLayer
-from .spec import identify, looks_like_vdi
+from ..api import Format, Layer, OpenContext
+
+SIGNATURE = (64, b"\x7f\x10\xda\xbe")  # offset and bytes of the VDI signature
+
+
+def _open(path: str, fd: int, ctx: OpenContext) -> Layer:
+    from .layer import VdiLayer
+
+    return VdiLayer(path, fd, ctx)
+
+
+def _identify(head: bytes) -> dict[str, str]:
+    from .spec import identify
+
+    return identify(head)
+
+
+def _probe(head: bytes) -> bool:
+    at, magic = SIGNATURE
+    return head[at : at + len(magic)] == magic
+
 
 FORMAT = Format(
     "vdi",
-    probe=looks_like_vdi,
-    open=VdiLayer,
-    identify=identify,
+    probe=_probe,
+    open=_open,
+    identify=_identify,
     suffixes=(".vdi",),
     info_rows=(
         ("vdi-type", "type"),

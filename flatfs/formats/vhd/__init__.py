@@ -7,14 +7,21 @@ alias because that is what users and the file names call it.
 
 from __future__ import annotations
 
-from ..api import Format
-from .layer import VhdLayer
-from .spec import looks_like_vhd
+from ..api import Format, Layer, OpenContext
+
+COOKIE = b"conectix"  # a footer copy at offset 0: a dynamic or differencing disk, as QEMU probes
+
+
+def _open(path: str, fd: int, ctx: OpenContext) -> Layer:
+    from .layer import VhdLayer
+
+    return VhdLayer(path, fd, ctx)
+
 
 FORMAT = Format(
     "vpc",
-    probe=looks_like_vhd,
-    open=VhdLayer,
+    probe=lambda head: head[:8] == COOKIE,
+    open=_open,
     aliases=("vhd",),
     suffixes=(".vhd",),
     info_rows=(
