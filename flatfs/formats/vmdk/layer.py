@@ -337,6 +337,12 @@ class _SparseExtent(_Extent):
             self._cache.clear()
 
 
+def _looks_like_text(head: bytes) -> bool:
+    """A descriptor file: text up to its first NUL (QEMU pads a rewritten one with NULs)."""
+    text = head.split(b"\0", 1)[0]
+    return bool(text) and not any(b < 9 or 13 < b < 32 for b in text)
+
+
 def _refuse_not_vmdk(path: str, head: bytes) -> UnsupportedImage:
     names = {b"QFI\xfb": "qcow2", b"conectix": "vpc/vhd", b"vhdxfile": "vhdx", b"QED\x00": "qed"}
     for magic, name in names.items():
@@ -362,7 +368,7 @@ class VmdkLayer(LayerBase):
                 self._open_sparse()
             elif head[:4] == COWD_MAGIC:
                 raise UnsupportedImage(path, "vmfsSparse (ESXi COWD) disks are not supported")
-            elif b"\0" in head or not head:
+            elif not _looks_like_text(head):
                 raise _refuse_not_vmdk(path, head)
             else:
                 self._open_descriptor(ctx)
