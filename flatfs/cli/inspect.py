@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -15,6 +16,8 @@ from .common import chain_options, human_size
 
 def _value(v: object) -> str:
     if isinstance(v, (list, tuple)):
+        if v and all(isinstance(x, dict) for x in v):  # records (VMDK extents): one line each
+            return "".join("\n        - " + ", ".join(f"{k}: {_value(y)}" for k, y in x.items()) for x in v)
         return ", ".join(str(x) for x in v)
     return str(v)
 
@@ -28,6 +31,9 @@ def info(image: str, output: str, options: OpenOptions) -> None:
     from .. import picture
     from .info import chain_info
 
+    # info shows a parent whose identity (a VMDK's CID...) differs from what its
+    # child records, and flags it; map, mount and convert refuse such a chain
+    options = dataclasses.replace(options, ignore_parent_id=True)
     with open_chain(image, options) as chain:
         rows = chain_info(chain)
         strips = [picture.strip(chain, d) for d in range(len(chain.layers))] if output == "human" else []
@@ -48,6 +54,14 @@ def info(image: str, output: str, options: OpenOptions) -> None:
         if r.get("backing-filename"):
             fmt = r.get("backing-filename-format") or "(not recorded)"
             click.echo(f"    backing file:  {r['backing-filename']} (format: {fmt})")
+        pid = r.get("parent-id")
+        if pid is not None:
+            verdict = (
+                "matches" if pid["match"] else "MISMATCH: map, mount and convert refuse (--ignore-parent-id)"
+            )
+            click.echo(
+                f"    parent id:     {pid['kind']} {pid['recorded']}, parent has {pid['found']}: {verdict}"
+            )
         if r.get("features"):
             click.echo(f"    features:      {', '.join(r['features'])}")
         click.echo(f"    data map:      [{strips[i]}]")

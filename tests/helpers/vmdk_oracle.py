@@ -119,3 +119,51 @@ def write_stream_vmdk(path: Path, size: int, grains: dict[int, bytes], *, grain_
     out += _header(capacity, grain_sectors, gd_at, dsec, overhead)
     out += _MARKER.pack(0, 0, 0).ljust(SECTOR, b"\0")
     path.write_bytes(bytes(out))
+
+
+# -- hand-breaking VMDKs ---------------------------------------------------------------------
+
+
+def error_line(*args: str | Path) -> str:
+    """Run flatfs; it must fail with exactly one line ``flatfs: ...`` and no traceback."""
+    r = flatfs(*args, check=False)
+    assert r.returncode == 1, (args, r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flatfs: "), r.stderr
+    return lines[0]
+
+
+def header_field(path: Path, name: str) -> tuple[int, str]:
+    """(offset, struct format) of a KDMV header field."""
+    fields = {
+        "version": (4, "<I"),
+        "flags": (8, "<I"),
+        "capacity": (12, "<Q"),
+        "grain": (20, "<Q"),
+        "desc_offset": (28, "<Q"),
+        "desc_size": (36, "<Q"),
+        "gtes": (44, "<I"),
+        "gd": (56, "<Q"),
+        "overhead": (64, "<Q"),
+        "nl": (73, "<4s"),
+        "compress": (77, "<H"),
+    }
+    return fields[name]
+
+
+def gd_entry_at(path: Path, i: int = 0) -> int:
+    """File offset of grain directory entry ``i``."""
+    with open(path, "rb") as f:
+        f.seek(56)
+        gd = struct.unpack("<Q", f.read(8))[0]
+    return gd * SECTOR + 4 * i
+
+
+def gt_entry_at(path: Path, grain: int) -> int:
+    """File offset of the grain table entry of grain ``grain`` (default geometry: 512 per table)."""
+    with open(path, "rb") as f:
+        f.seek(gd_entry_at(path, grain // 512))
+        gt = struct.unpack("<I", f.read(4))[0]
+    assert gt, f"no grain table for grain {grain}"
+    return gt * SECTOR + 4 * (grain % 512)

@@ -45,7 +45,7 @@ def test_stream_optimized_from_qemu(qemu, tmp_path):
     qemu.img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", raw, img)
     checks_out(qemu, img, tmp_path)
     with open_chain(img) as chain:
-        assert chain.layers[0].info()["format-specific"]["data"]["create-type"] == "streamOptimized"
+        assert chain.layers[0].info()["create-type"] == "streamOptimized"
 
 
 def test_stream_optimized_with_the_grain_directory_at_the_end(qemu, tmp_path):

@@ -5,11 +5,24 @@ from __future__ import annotations
 from ..api import Format
 from .descriptor import looks_like_descriptor
 from .layer import VmdkLayer
-from .sparse import looks_like_sparse
+from .sparse import COWD_MAGIC, looks_like_sparse
 
 
 def _probe(head: bytes) -> bool:
-    return looks_like_sparse(head) or looks_like_descriptor(head)
+    # COWD (ESXi vmfsSparse) is ours to refuse by name
+    return looks_like_sparse(head) or looks_like_descriptor(head) or head[:4] == COWD_MAGIC
 
 
-FORMAT = Format("vmdk", probe=_probe, open=VmdkLayer, suffixes=(".vmdk",))
+FORMAT = Format(
+    "vmdk",
+    probe=_probe,
+    open=VmdkLayer,
+    suffixes=(".vmdk",),
+    info_rows=(
+        ("cluster-size", "grain size"),
+        ("create-type", "create type"),
+        ("cid", "CID"),
+        ("parent-cid", "parent CID"),
+        ("extents", "extents"),
+    ),
+)

@@ -90,7 +90,7 @@ def parse_descriptor(path: str, raw: bytes, at: int = 0) -> Descriptor:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         lineno = raw[: exc.start].count(b"\n") + 1
-        raise CorruptImage(path, f"descriptor lineno {lineno}: not UTF-8 text", at + exc.start) from None
+        raise CorruptImage(path, f"descriptor line {lineno}: not UTF-8 text", at + exc.start) from None
     keys: dict[str, tuple[str, int]] = {}
     extents: list[ExtentLine] = []
     pos = 0

@@ -343,9 +343,15 @@ def _looks_like_text(head: bytes) -> bool:
     return bool(text) and not any(b < 9 or 13 < b < 32 for b in text)
 
 
+_FOREIGN = {b"QFI\xfb": "qcow2", b"conectix": "vpc/vhd", b"vhdxfile": "vhdx", b"QED\x00": "qed"}
+
+
+def _foreign(head: bytes) -> bool:
+    return any(head.startswith(m) for m in _FOREIGN)
+
+
 def _refuse_not_vmdk(path: str, head: bytes) -> UnsupportedImage:
-    names = {b"QFI\xfb": "qcow2", b"conectix": "vpc/vhd", b"vhdxfile": "vhdx", b"QED\x00": "qed"}
-    for magic, name in names.items():
+    for magic, name in _FOREIGN.items():
         if head.startswith(magic):
             return UnsupportedImage(path, f"is a {name} image, not a VMDK (a VMDK's parent must be a VMDK)")
     return UnsupportedImage(path, "is not a VMDK image (no KDMV header, no text descriptor)")
@@ -368,7 +374,7 @@ class VmdkLayer(LayerBase):
                 self._open_sparse()
             elif head[:4] == COWD_MAGIC:
                 raise UnsupportedImage(path, "vmfsSparse (ESXi COWD) disks are not supported")
-            elif not _looks_like_text(head):
+            elif _foreign(head) or not _looks_like_text(head):
                 raise _refuse_not_vmdk(path, head)
             else:
                 self._open_descriptor(ctx)
@@ -490,12 +496,11 @@ class VmdkLayer(LayerBase):
         grains = [e.grain for e in self.parts if isinstance(e, _SparseExtent)]
         if grains:
             out["cluster-size"] = grains[0]
-        data: dict[str, Any] = {"create-type": self.create_type}
+        out["create-type"] = self.create_type
         if self.cid is not None:
-            data["cid"] = f"{self.cid:08x}"
-        data["parent-cid"] = f"{self.parent_cid:08x}"
-        data["extents"] = [e.describe() for e in self.parts]
-        out["format-specific"] = {"type": "vmdk", "data": data}
+            out["cid"] = f"{self.cid:08x}"
+        out["parent-cid"] = f"{self.parent_cid:08x}"
+        out["extents"] = [e.describe() for e in self.parts]
         return out
 
     def close(self) -> None:
