@@ -100,6 +100,10 @@ class _Extent:
     def readinto(self, rel: int, buf: memoryview) -> None:
         raise NotImplementedError
 
+    def coarse(self, out: Runs) -> None:
+        """Where data may lie, from table-level facts only (a flat file: anywhere)."""
+        out.add(self.start, self.start + self.length, DATA)
+
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"virtual-size": self.length}
         if self.line is not None:
@@ -121,6 +125,9 @@ class _ZeroExtent(_Extent):
 
     def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
         out.add(base + rel, base + end, ZERO)
+
+    def coarse(self, out: Runs) -> None:
+        out.add(self.start, self.start + self.length, ABSENT)
 
     def readinto(self, rel: int, buf: memoryview) -> None:
         buf[:] = bytes(len(buf))
@@ -226,6 +233,17 @@ class _SparseExtent(_Extent):
             else:
                 t.add(s, end, data, e * SECTOR)
         return t
+
+    def coarse(self, out: Runs) -> None:
+        """DATA over what each allocated grain table covers (the grain directory alone)."""
+        pos = self.start
+        for i in self.used:
+            s = self.start + i * self.span
+            e = min(s + self.span, self.start + self.length)
+            out.add(pos, s, ABSENT)
+            out.add(s, e, DATA)
+            pos = e
+        out.add(pos, self.start + self.length, ABSENT)
 
     def _bad(self, t: _Table, r: int) -> CorruptImage:
         k = t.hosts[r]
@@ -369,15 +387,16 @@ class VmdkLayer(LayerBase):
             raise ImageIOError.from_oserror(path, exc, 0) from None
         self.parts: list[_Extent] = []
         self.descriptor: Descriptor | None = None
+        self.create_type = ""
         try:
             if head[:4] == MAGIC:
-                self._open_sparse()
+                self.descriptor = self._open_sparse()
             elif head[:4] == COWD_MAGIC:
                 raise UnsupportedImage(path, "vmfsSparse (ESXi COWD) disks are not supported")
             elif _foreign(head) or not _looks_like_text(head):
                 raise _refuse_not_vmdk(path, head)
             else:
-                self._open_descriptor(ctx)
+                self.descriptor = self._open_descriptor(ctx)
         except BaseException:
             self.close()
             raise
@@ -392,30 +411,30 @@ class VmdkLayer(LayerBase):
                 (d.parent_hint,), "vmdk", identity=("vmdk-cid", f"{d.parent_cid:08x}"), loose=True
             )
 
-    def _open_sparse(self) -> None:
+    def _open_sparse(self) -> Descriptor | None:
         ext = _SparseExtent(self.path, self.fd, None)
         self.parts.append(ext)
         hdr = ext.header_in_file
+        d = None
         if hdr.desc_size:
             raw = bytearray(hdr.desc_size * SECTOR)
             pread_padded(self.fd, self.path, memoryview(raw), hdr.desc_offset * SECTOR, self.file_size)
-            self.descriptor = parse_descriptor(self.path, bytes(raw), hdr.desc_offset * SECTOR)
-        if self.descriptor is not None and self.descriptor.create_type in REFUSED_TYPES:
-            raise UnsupportedImage(
-                self.path, f"{REFUSED_TYPES[self.descriptor.create_type]} is not supported"
-            )
+            d = parse_descriptor(self.path, bytes(raw), hdr.desc_offset * SECTOR)
+        if d is not None and d.create_type in REFUSED_TYPES:
+            raise UnsupportedImage(self.path, f"{REFUSED_TYPES[d.create_type]} is not supported")
         self.create_type = (
-            self.descriptor.create_type
-            if self.descriptor is not None
+            d.create_type
+            if d is not None
             else ("streamOptimized" if ext.header.compressed else "monolithicSparse")
         )
+        return d
 
-    def _open_descriptor(self, ctx: OpenContext) -> None:
+    def _open_descriptor(self, ctx: OpenContext) -> Descriptor:
         if self.file_size > MAX_DESCRIPTOR:
             raise CorruptImage(self.path, f"descriptor file is larger than {MAX_DESCRIPTOR} bytes")
         raw = bytearray(self.file_size)
         pread_exact(self.fd, self.path, memoryview(raw), 0)
-        d = self.descriptor = parse_descriptor(self.path, bytes(raw))
+        d = parse_descriptor(self.path, bytes(raw))
         ct = d.create_type
         if ct in REFUSED_TYPES:
             raise UnsupportedImage(self.path, f"{REFUSED_TYPES[ct]} disks are not supported")
@@ -430,6 +449,7 @@ class VmdkLayer(LayerBase):
             ext.start = pos
             pos += ext.length
             self.parts.append(ext)
+        return d
 
     def _open_extent(self, ctx: OpenContext, line: ExtentLine) -> _Extent:
         where = f"descriptor line {line.line}"
@@ -463,6 +483,12 @@ class VmdkLayer(LayerBase):
             return out
         ext = self.parts[bisect_right(self.starts, start) - 1]
         ext.runs(start - ext.start, min(end, ext.start + ext.length) - ext.start, out, ext.start)
+        return out
+
+    def coarse_runs(self) -> Runs:
+        out = Runs()
+        for e in self.parts:
+            e.coarse(out)
         return out
 
     def readinto(self, offset: int, buf: memoryview) -> None:
