@@ -50,6 +50,8 @@ REFUSED_TYPES = {
     "VMFSRDM": "VMFSRDM (raw device mapping)",
     "VMFSRAW": "VMFSRAW (raw device)",
 }
+# An embedded descriptor is read from sector 1, at most this many sectors (as QEMU does)
+EMBEDDED_SECTORS = 20
 # A flat extent answers at most this much per call (SEEK_DATA/HOLE runs)
 FLAT_WINDOW = 256 << 20
 # Decoded grain tables kept (all extents of a layer share nothing; per extent)
@@ -416,10 +418,12 @@ class VmdkLayer(LayerBase):
         self.parts.append(ext)
         hdr = ext.header_in_file
         d = None
-        if hdr.desc_size:
-            raw = bytearray(hdr.desc_size * SECTOR)
-            pread_padded(self.fd, self.path, memoryview(raw), hdr.desc_offset * SECTOR, self.file_size)
-            d = parse_descriptor(self.path, bytes(raw), hdr.desc_offset * SECTOR)
+        if hdr.desc_offset or hdr.desc_size:
+            # Where QEMU looks for it, whatever the header says: the 20 sectors from sector 1
+            n = min(hdr.desc_size or EMBEDDED_SECTORS, EMBEDDED_SECTORS) * SECTOR
+            raw = bytearray(n)
+            pread_padded(self.fd, self.path, memoryview(raw), SECTOR, self.file_size)
+            d = parse_descriptor(self.path, bytes(raw), SECTOR)
         if d is not None and d.create_type in REFUSED_TYPES:
             raise UnsupportedImage(self.path, f"{REFUSED_TYPES[d.create_type]} is not supported")
         self.create_type = (
