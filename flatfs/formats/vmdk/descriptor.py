@@ -69,7 +69,17 @@ class Descriptor:
 
 
 def looks_like_descriptor(head: bytes) -> bool:
-    return head.startswith(b"# Disk DescriptorFile")
+    """A text descriptor, recognised as QEMU recognises one: comment lines and blank
+    lines, then ``version=1``, ``2`` or ``3`` as the first other line."""
+    for line in head.split(b"\n")[:-1]:  # whole lines only
+        if line.startswith(b"#"):
+            continue
+        if line.startswith(b" "):
+            if line.strip(b" ") in (b"", b"\r"):
+                continue  # QEMU takes a blank line only if it starts with a space
+            return False
+        return line.rstrip(b"\r") in (b"version=1", b"version=2", b"version=3")
+    return False
 
 
 def _unquote(value: str) -> str:
