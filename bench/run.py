@@ -769,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
                 srcs,
                 work,
                 pairs,
-                lambda t, src: convert_once(t, src, work, False, cache),
+                lambda t, src, keep: convert_once(t, src, work, False, cache, keep),
                 lambda: compare_outputs(work),
                 log,
             )

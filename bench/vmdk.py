@@ -63,7 +63,7 @@ def run(
     sources: dict[str, Path],
     work: Path,
     pairs: int,
-    convert_once: Callable[[str, Path], dict[str, Any]],
+    convert_once: Callable[[str, Path, bool], dict[str, Any]],
     compare: Callable[[], str],
     log: Callable[[str], None],
 ) -> dict[str, Any]:
@@ -74,12 +74,14 @@ def run(
         tools = ("flatfs", "qemu") if pair % 2 == 0 else ("qemu", "flatfs")
         for case in CASES:
             for tool in tools:
-                r = convert_once(tool, sources[case])
+                r = convert_once(tool, sources[case], pair == 0)  # keep the warm-up's outputs
                 if pair:
                     samples[case][tool].append(r)
                 log(f"    {case:11} {tool:6} wall {r['wall']:7.3f} s  cpu {r['cpu']:7.3f} s")
             if not pair:
                 checks[f"convert {case}: flatfs output vs qemu-img output"] = compare()
+                for tool in tools:
+                    (work / f"out-{tool}.qcow2").unlink(missing_ok=True)
     return {"samples": samples, "checks": checks, "figures": figures(samples)}
 
 
