@@ -48,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import images  # noqa: E402
+import vmdk  # noqa: E402
 from report import Figure, spread_markdown, table_markdown, table_text  # noqa: E402
 from timing import Cache, busy_seconds, fsync_path, proc_cpu, run_child, summary  # noqa: E402
 from views import FlatfsView, QsdView, View, flatfs_cmd, read_sequential, seek_once, seek_walk  # noqa: E402
@@ -762,6 +763,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "convert"):
             log("convert (flatfs convert vs qemu-img convert -O qcow2)")
             conv, checks = run_converts(imgs, work, cache, pairs)
+            log("vmdk (flatfs convert vs qemu-img convert -O qcow2, VMware sources)")
+            srcs = vmdk.build(work, imgs.base, imgs.comp, layout.overlay_small, layout.overlay_writes())
+            res["vmdk"] = vmdk.run(
+                srcs,
+                work,
+                pairs,
+                lambda t, src, keep: convert_once(t, src, work, False, cache, keep),
+                lambda: compare_outputs(work),
+                log,
+            )
         if args.only in (None, "views"):
             log("views (flatfs mount vs qemu-storage-daemon --export type=fuse)")
             view, vchecks = run_views(imgs, work, cache, pairs, layout, seek_budget, args.map_timeout)
@@ -793,6 +804,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table_text(figs))
     for k, v in checks.items():
         print(f"check: {k}: {v}")
+    if res.get("vmdk"):
+        print("\n".join(vmdk.lines(res["vmdk"])))
     if res.get("seek_budget_note"):
         print("note: " + res["seek_budget_note"])
     if res.get("noise"):

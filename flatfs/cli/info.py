@@ -32,6 +32,12 @@ def chain_info(chain: Chain) -> list[dict[str, Any]]:
                 row["full-backing-filename"] = chain.layers[depth + 1].path
                 if lay.parent.by_id is not None:
                     row["backing-found-by"] = chain.found_by(depth)
+                if lay.parent.identity is not None:
+                    # `info` opens with --ignore-parent-id: it shows a mismatch
+                    # that map, mount and convert refuse
+                    kind, want = lay.parent.identity
+                    got = chain.layers[depth + 1].identity(kind)
+                    row["parent-id"] = {"kind": kind, "recorded": want, "found": got, "match": got == want}
         row.update(lay.info())
         rows.append(row)
     return rows

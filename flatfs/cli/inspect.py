@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import operator
 import sys
@@ -15,13 +16,17 @@ from ..formats import lookup
 from .common import chain_options, human_size
 
 
-# Row keys printed by name above, or (qcow2's other facts) only in --output=json
 def _echo_row(label: str, value: object) -> None:
-    """One fact of a row: a list gets one line per item, a flag yes or no."""
+    """One fact of a row: a list gets one line per item (a record as "k: v, ..."), a flag yes or no."""
     items = value if isinstance(value, list) else [value]
-    for k, item in enumerate(items):
-        text = {True: "yes", False: "no"}.get(item, item) if isinstance(item, bool) else item
-        click.echo(f"    {label + ':' if k == 0 else '':<14} {text}")
+    for n, item in enumerate(items):
+        if isinstance(item, bool):
+            text: object = "yes" if item else "no"
+        elif isinstance(item, dict):
+            text = ", ".join(f"{k}: {v}" for k, v in item.items())
+        else:
+            text = item
+        click.echo(f"    {label + ':' if n == 0 else '':<14} {text}")
 
 
 @click.command()
@@ -33,6 +38,9 @@ def info(image: str, output: str, options: OpenOptions) -> None:
     from .. import picture
     from .info import chain_info
 
+    # info shows a parent whose identity (a VMDK's CID...) differs from what its
+    # child records, and flags it; map, mount and convert refuse such a chain
+    options = dataclasses.replace(options, ignore_parent_id=True)
     with open_chain(image, options) as chain:
         rows = chain_info(chain)
         strips = [picture.strip(chain, d) for d in range(len(chain.layers))] if output == "human" else []
@@ -55,6 +63,14 @@ def info(image: str, output: str, options: OpenOptions) -> None:
             click.echo(f"    backing file:  {r['backing-filename']} (format: {fmt})")
         if r.get("backing-found-by"):
             click.echo(f"    found by:      {r['backing-found-by']}")
+        pid = r.get("parent-id")
+        if pid is not None:
+            verdict = (
+                "matches" if pid["match"] else "MISMATCH: map, mount and convert refuse (--ignore-parent-id)"
+            )
+            click.echo(
+                f"    parent id:     {pid['kind']} {pid['recorded']}, parent has {pid['found']}: {verdict}"
+            )
         if r.get("features"):
             click.echo(f"    features:      {', '.join(r['features'])}")
         click.echo(f"    data map:      [{strips[i]}]")

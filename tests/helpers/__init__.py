@@ -1,0 +1,1 @@
+"""Helper modules shared by tests (not tests themselves)."""

@@ -40,9 +40,9 @@ def test_directory(tmp_path):
 
 
 def test_foreign_image_format(qemu, tmp_path):
-    vmdk = tmp_path / "disk.vmdk"
-    qemu.img("create", "-f", "vmdk", vmdk, "1M")
-    one_line_error(["map", vmdk], "disk.vmdk", "vmdk", "not supported")
+    qed = tmp_path / "disk.qed"
+    qemu.img("create", "-f", "qed", qed, "1M")
+    one_line_error(["map", qed], "disk.qed", "qed", "not supported")
 
 
 def test_forced_qcow2_on_text_file(tmp_path):

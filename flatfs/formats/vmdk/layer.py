@@ -1,0 +1,538 @@
+"""The VMDK layer: a descriptor's extents, concatenated, each mapped on its own.
+
+An extent is a range of a host file (FLAT, VMFS), zeros (ZERO) or a hosted
+sparse file (SPARSE: ``KDMV``, plain or streamOptimized). A monolithicSparse
+or streamOptimized disk is one sparse file whose embedded descriptor gives
+the CIDs and the parent; a descriptor file names its extent files, which are
+opened through the chain's policy (``OpenContext.open_related``).
+
+A sparse extent maps a guest range through its grain directory to one grain
+table at a time; decoded tables live in a bounded LRU, so memory stays
+bounded whatever the capacity.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from bisect import bisect_left, bisect_right
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...errors import CorruptImage, ImageIOError, UnsupportedImage
+from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
+from ...hostio import data_runs, host_size, pread_exact, pread_padded
+from ..api import HostFile, LayerBase, OpenContext, ParentRef
+from .descriptor import MAX_DESCRIPTOR, NO_PARENT, Descriptor, ExtentLine, parse_descriptor
+from .sparse import (
+    COWD_MAGIC,
+    GD_AT_END,
+    GRAIN_MARKER,
+    MAGIC,
+    SECTOR,
+    SparseHeader,
+    check_gd,
+    decode_u32,
+    parse_footer,
+    parse_header,
+)
+
+# createTypes of a descriptor file that QEMU (and flatfs) reads
+DESCRIPTOR_TYPES = ("monolithicFlat", "vmfs", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
+# ESXi formats flatfs cannot read (and no test image can be built here)
+REFUSED_TYPES = {
+    "vmfsSparse": "vmfsSparse (ESXi COWD sparse)",
+    "seSparse": "seSparse (ESXi space-efficient sparse)",
+    "VMFSSPARSE": "VMFSSPARSE (ESXi COWD sparse)",
+    "SESPARSE": "SESPARSE (ESXi space-efficient sparse)",
+    "VMFSRDM": "VMFSRDM (raw device mapping)",
+    "VMFSRAW": "VMFSRAW (raw device)",
+}
+# An embedded descriptor is read from sector 1, at most this many sectors (as QEMU does)
+EMBEDDED_SECTORS = 20
+# A flat extent answers at most this much per call (SEEK_DATA/HOLE runs)
+FLAT_WINDOW = 256 << 20
+# Decoded grain tables kept (all extents of a layer share nothing; per extent)
+CACHE_TABLES = 512
+
+# run codes of a decoded grain table
+_ABSENT, _ZERO, _DATA, _COMPRESSED, _BAD = range(5)
+_KIND = {_ABSENT: ABSENT, _ZERO: ZERO, _DATA: DATA, _COMPRESSED: DATA}
+
+
+@dataclass(slots=True)
+class _Table:
+    """One grain table's runs; offsets are guest bytes relative to the table's start."""
+
+    starts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    codes: list[int] = field(default_factory=list)
+    hosts: list[int] = field(default_factory=list)  # DATA/COMPRESSED: host byte offset; BAD: entry index
+    gt_offset: int = 0
+
+    def add(self, start: int, end: int, code: int, host: int = 0) -> None:
+        if self.codes:
+            k = len(self.codes) - 1
+            if self.codes[k] == code and self.ends[k] == start:
+                if code in (_ABSENT, _ZERO) or (
+                    code == _DATA and self.hosts[k] + (start - self.starts[k]) == host
+                ):
+                    self.ends[k] = end
+                    return
+        self.starts.append(start)
+        self.ends.append(end)
+        self.codes.append(code)
+        self.hosts.append(host)
+
+
+class _Extent:
+    """One extent of a disk: ``length`` guest bytes at ``start``."""
+
+    start = 0
+    length = 0
+    path = ""
+    fd = -1
+    line: ExtentLine | None = None
+
+    def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
+        raise NotImplementedError
+
+    def readinto(self, rel: int, buf: memoryview) -> None:
+        raise NotImplementedError
+
+    def coarse(self, out: Runs) -> None:
+        """Where data may lie, from table-level facts only (a flat file: anywhere)."""
+        out.add(self.start, self.start + self.length, DATA)
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"virtual-size": self.length}
+        if self.line is not None:
+            d["access"] = self.line.access
+            d["type"] = self.line.type
+            if self.line.filename is not None:
+                d["filename"] = self.path
+            if self.line.type == "FLAT":
+                d["offset"] = self.line.offset * SECTOR
+        return d
+
+    def close(self) -> None:
+        pass
+
+
+class _ZeroExtent(_Extent):
+    def __init__(self, length: int, line: ExtentLine) -> None:
+        self.length, self.line = length, line
+
+    def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
+        out.add(base + rel, base + end, ZERO)
+
+    def coarse(self, out: Runs) -> None:
+        out.add(self.start, self.start + self.length, ABSENT)
+
+    def readinto(self, rel: int, buf: memoryview) -> None:
+        buf[:] = bytes(len(buf))
+
+
+class _FlatExtent(_Extent):
+    """A range of a host file: its holes read as zeros, past its end too."""
+
+    def __init__(self, path: str, fd: int, offset: int, length: int, line: ExtentLine) -> None:
+        self.path, self.fd, self.offset, self.length, self.line = path, fd, offset, length, line
+        self.file_size = host_size(fd, path)
+
+    def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
+        end = min(end, rel + FLAT_WINDOW)
+        h = self.offset + rel
+        for s, e, is_data in data_runs(self.fd, self.path, h, self.offset + end, self.file_size):
+            out.add(base + rel + (s - h), base + rel + (e - h), DATA if is_data else ALLOC_ZERO)
+
+    def readinto(self, rel: int, buf: memoryview) -> None:
+        pread_padded(self.fd, self.path, buf, self.offset + rel, self.file_size)
+
+
+class _SparseExtent(_Extent):
+    """A hosted sparse extent (KDMV): grain directory -> grain tables -> grains."""
+
+    def __init__(self, path: str, fd: int, line: ExtentLine | None) -> None:
+        self.path, self.fd, self.line = path, fd, line
+        self.file_size = host_size(fd, path)
+        head = bytearray(SECTOR)
+        pread_padded(fd, path, memoryview(head), 0, self.file_size)
+        if head[:4] == COWD_MAGIC:
+            raise UnsupportedImage(path, "vmfsSparse (ESXi COWD) extents are not supported")
+        hdr = parse_header(path, bytes(head), self.file_size)
+        self.header_in_file = hdr
+        if hdr.gd_offset == GD_AT_END:
+            # streamOptimized written as a stream: the footer holds the real header
+            at = self.file_size // SECTOR * SECTOR - 3 * SECTOR
+            if at < SECTOR:
+                raise CorruptImage(path, "file is too small for a streamOptimized footer", 0)
+            raw = bytearray(3 * SECTOR)
+            pread_exact(fd, path, memoryview(raw), at)
+            hdr = parse_footer(path, bytes(raw), self.file_size, at)
+            check_gd(path, hdr, self.file_size, at + SECTOR + 56)
+        self.header: SparseHeader = hdr
+        self.length = hdr.capacity * SECTOR
+        self.grain = hdr.grain_size
+        self.span = hdr.gt_span
+        self.gt_bytes = hdr.gtes_per_gt * 4
+        n = hdr.gd_entries
+        raw_gd = bytearray(n * 4)
+        if n:
+            pread_exact(fd, path, memoryview(raw_gd), hdr.gd_offset * SECTOR)
+        self.gd = decode_u32(bytes(raw_gd))
+        self.used = [i for i, v in enumerate(self.gd) if v] if any(raw_gd) else []
+        self._cache: OrderedDict[int, _Table] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- mapping -------------------------------------------------------------
+    def _table(self, i: int) -> _Table | None:
+        with self._lock:
+            t = self._cache.get(i)
+            if t is not None:
+                self._cache.move_to_end(i)
+                return t
+        sector = self.gd[i]
+        if not sector:
+            return None
+        at = self.header.gd_offset * SECTOR + 4 * i
+        gt = sector * SECTOR
+        if gt + self.gt_bytes > self.file_size:
+            raise CorruptImage(self.path, f"grain table at 0x{gt:x} lies past the end of the file", at)
+        raw = bytearray(self.gt_bytes)
+        pread_exact(self.fd, self.path, memoryview(raw), gt)
+        t = self._classify(bytes(raw), min(self.span, self.length - i * self.span))
+        t.gt_offset = gt
+        with self._lock:
+            self._cache[i] = t
+            while len(self._cache) > CACHE_TABLES:
+                self._cache.popitem(last=False)
+        return t
+
+    def _classify(self, raw: bytes, span: int) -> _Table:
+        t = _Table()
+        g = self.grain
+        if not any(raw):
+            t.add(0, span, _ABSENT)
+            return t
+        entries = decode_u32(raw)
+        zero_grain = self.header.zero_grain
+        data = _COMPRESSED if self.header.compressed else _DATA
+        size = self.file_size
+        for k, e in enumerate(entries):
+            s = k * g
+            if s >= span:
+                break
+            end = min(s + g, span)
+            if e == 0:
+                t.add(s, end, _ABSENT)
+            elif e == 1 and zero_grain:
+                t.add(s, end, _ZERO)
+            elif e * SECTOR >= size:
+                t.add(s, end, _BAD, k)
+            else:
+                t.add(s, end, data, e * SECTOR)
+        return t
+
+    def coarse(self, out: Runs) -> None:
+        """DATA over what each allocated grain table covers (the grain directory alone)."""
+        pos = self.start
+        for i in self.used:
+            s = self.start + i * self.span
+            e = min(s + self.span, self.start + self.length)
+            out.add(pos, s, ABSENT)
+            out.add(s, e, DATA)
+            pos = e
+        out.add(pos, self.start + self.length, ABSENT)
+
+    def _bad(self, t: _Table, r: int) -> CorruptImage:
+        k = t.hosts[r]
+        return CorruptImage(
+            self.path, "grain table entry points past the end of the file", t.gt_offset + 4 * k
+        )
+
+    def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
+        i = rel // self.span
+        tbase = i * self.span
+        t = self._table(i)
+        if t is None:
+            # jump to the next allocated grain table
+            k = bisect_left(self.used, i + 1)
+            nxt = self.used[k] * self.span if k < len(self.used) else end
+            out.add(base + rel, base + min(end, max(nxt, tbase + self.span)), ABSENT)
+            return
+        stop = min(end, tbase + self.span)
+        r = bisect_right(t.starts, rel - tbase) - 1
+        pos = rel
+        while pos < stop:
+            code = t.codes[r]
+            e = min(tbase + t.ends[r], stop)
+            if code == _BAD:
+                if len(out):
+                    return
+                raise self._bad(t, r)
+            out.add(base + pos, base + e, _KIND[code])
+            pos = e
+            r += 1
+
+    def readinto(self, rel: int, buf: memoryview) -> None:
+        end = rel + len(buf)
+        pos = rel
+        while pos < end:
+            i = pos // self.span
+            tbase = i * self.span
+            t = self._table(i)
+            stop = min(end, tbase + self.span)
+            if t is None:
+                buf[pos - rel : stop - rel] = bytes(stop - pos)
+                pos = stop
+                continue
+            r = bisect_right(t.starts, pos - tbase) - 1
+            while pos < stop:
+                code = t.codes[r]
+                rs = tbase + t.starts[r]
+                e = min(tbase + t.ends[r], stop)
+                dst = buf[pos - rel : e - rel]
+                if code == _DATA:
+                    pread_padded(self.fd, self.path, dst, t.hosts[r] + (pos - rs), self.file_size)
+                elif code == _COMPRESSED:
+                    grain = self._grain(t.hosts[r], rs)
+                    a = pos - rs
+                    if a + len(dst) > len(grain):
+                        raise CorruptImage(
+                            self.path,
+                            f"compressed grain for guest offset 0x{rs:x} holds only {len(grain)} bytes",
+                            t.hosts[r],
+                        )
+                    dst[:] = grain[a : a + len(dst)]
+                elif code == _BAD:
+                    raise self._bad(t, r)
+                else:
+                    dst[:] = bytes(len(dst))
+                pos = e
+                r += 1
+
+    def _grain(self, host: int, guest: int) -> bytes:
+        """Decompress one grain (state per call: many threads read at once)."""
+        g = self.grain
+        if self.header.markers:
+            head = bytearray(GRAIN_MARKER.size)
+            pread_padded(self.fd, self.path, memoryview(head), host, self.file_size)
+            _lba, csize = GRAIN_MARKER.unpack(head)
+            if not 0 < csize <= 2 * g:
+                raise CorruptImage(
+                    self.path, f"grain marker for guest offset 0x{guest:x} has a bad size ({csize})", host
+                )
+            at = host + GRAIN_MARKER.size
+        else:
+            csize, at = g, host
+        data = bytearray(csize)
+        pread_padded(self.fd, self.path, memoryview(data), at, self.file_size)
+        d = zlib.decompressobj()
+        try:
+            out = d.decompress(bytes(data), g)
+            if not d.eof and (d.decompress(d.unconsumed_tail, 1) or not d.eof):
+                raise zlib.error("the stream does not end within one grain")
+        except zlib.error as exc:
+            raise CorruptImage(
+                self.path, f"compressed grain for guest offset 0x{guest:x} does not decompress: {exc}", host
+            ) from None
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.setdefault("type", "SPARSE")
+        d["filename"] = self.path
+        d["cluster-size"] = self.grain
+        d["version"] = self.header.version
+        d["flags"] = self.header.flag_names()
+        if self.header.compressed:
+            d["compressed"] = True
+        return d
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """A descriptor file: text up to its first NUL (QEMU pads a rewritten one with NULs)."""
+    text = head.split(b"\0", 1)[0]
+    return bool(text) and not any(b < 9 or 13 < b < 32 for b in text)
+
+
+_FOREIGN = {b"QFI\xfb": "qcow2", b"conectix": "vpc/vhd", b"vhdxfile": "vhdx", b"QED\x00": "qed"}
+
+
+def _foreign(head: bytes) -> bool:
+    return any(head.startswith(m) for m in _FOREIGN)
+
+
+def _refuse_not_vmdk(path: str, head: bytes) -> UnsupportedImage:
+    for magic, name in _FOREIGN.items():
+        if head.startswith(magic):
+            return UnsupportedImage(path, f"is a {name} image, not a VMDK (a VMDK's parent must be a VMDK)")
+    return UnsupportedImage(path, "is not a VMDK image (no KDMV header, no text descriptor)")
+
+
+class VmdkLayer(LayerBase):
+    format = "vmdk"
+
+    def __init__(self, path: str, fd: int, ctx: OpenContext) -> None:
+        self.path, self.fd = path, fd
+        self.file_size = host_size(fd, path)
+        try:
+            head = os.pread(fd, SECTOR, 0)
+        except OSError as exc:
+            raise ImageIOError.from_oserror(path, exc, 0) from None
+        self.parts: list[_Extent] = []
+        self.descriptor: Descriptor | None = None
+        self.create_type = ""
+        try:
+            if head[:4] == MAGIC:
+                self.descriptor = self._open_sparse()
+            elif head[:4] == COWD_MAGIC:
+                raise UnsupportedImage(path, "vmfsSparse (ESXi COWD) disks are not supported")
+            elif _foreign(head) or not _looks_like_text(head):
+                raise _refuse_not_vmdk(path, head)
+            else:
+                self.descriptor = self._open_descriptor(ctx)
+        except BaseException:
+            self.close()
+            raise
+        self.starts = [e.start for e in self.parts]
+        self.size = sum(e.length for e in self.parts)
+        d = self.descriptor
+        self.cid = d.cid if d is not None else None
+        self.parent_cid = d.parent_cid if d is not None else NO_PARENT
+        self.parent = None
+        if d is not None and d.parent_hint:
+            self.parent = ParentRef(
+                (d.parent_hint,), "vmdk", identity=("vmdk-cid", f"{d.parent_cid:08x}"), loose=True
+            )
+
+    def _open_sparse(self) -> Descriptor | None:
+        ext = _SparseExtent(self.path, self.fd, None)
+        self.parts.append(ext)
+        hdr = ext.header_in_file
+        d = None
+        if hdr.desc_offset or hdr.desc_size:
+            # Where QEMU looks for it, whatever the header says: the 20 sectors from sector 1
+            n = min(hdr.desc_size or EMBEDDED_SECTORS, EMBEDDED_SECTORS) * SECTOR
+            raw = bytearray(n)
+            pread_padded(self.fd, self.path, memoryview(raw), SECTOR, self.file_size)
+            d = parse_descriptor(self.path, bytes(raw), SECTOR)
+        if d is not None and d.create_type in REFUSED_TYPES:
+            raise UnsupportedImage(self.path, f"{REFUSED_TYPES[d.create_type]} is not supported")
+        self.create_type = (
+            d.create_type
+            if d is not None
+            else ("streamOptimized" if ext.header.compressed else "monolithicSparse")
+        )
+        return d
+
+    def _open_descriptor(self, ctx: OpenContext) -> Descriptor:
+        if self.file_size > MAX_DESCRIPTOR:
+            raise CorruptImage(self.path, f"descriptor file is larger than {MAX_DESCRIPTOR} bytes")
+        raw = bytearray(self.file_size)
+        pread_exact(self.fd, self.path, memoryview(raw), 0)
+        d = parse_descriptor(self.path, bytes(raw))
+        ct = d.create_type
+        if ct in REFUSED_TYPES:
+            raise UnsupportedImage(self.path, f"{REFUSED_TYPES[ct]} disks are not supported")
+        if ct not in DESCRIPTOR_TYPES:
+            raise UnsupportedImage(self.path, f"descriptor of createType {ct!r} is not supported")
+        self.create_type = ct
+        if not d.extents:
+            raise CorruptImage(self.path, "descriptor has no extents")
+        pos = 0
+        for line in d.extents:
+            ext = self._open_extent(ctx, line)
+            ext.start = pos
+            pos += ext.length
+            self.parts.append(ext)
+        return d
+
+    def _open_extent(self, ctx: OpenContext, line: ExtentLine) -> _Extent:
+        where = f"descriptor line {line.line}"
+        if line.access == "NOACCESS":
+            raise UnsupportedImage(self.path, f"{where}: NOACCESS extents are not supported")
+        if line.type in REFUSED_TYPES:
+            raise UnsupportedImage(
+                self.path, f"{where}: {REFUSED_TYPES[line.type]} extents are not supported"
+            )
+        length = line.sectors * SECTOR
+        if line.type == "ZERO":
+            return _ZeroExtent(length, line)
+        assert line.filename is not None
+        epath, efd = ctx.open_related(self.path, line.filename, "extent file")
+        if line.type in ("FLAT", "VMFS"):
+            return _FlatExtent(epath, efd, line.offset * SECTOR, length, line)
+        ext = _SparseExtent(epath, efd, line)
+        if ext.length != length:
+            raise CorruptImage(
+                self.path,
+                f"{where}: extent of {line.sectors} sectors, but {epath} holds {ext.length // SECTOR}",
+            )
+        return ext
+
+    # -- mapping -------------------------------------------------------------
+    def runs(self, start: int, end: int) -> Runs:
+        """One extent's window: a grain table (or a run of empty ones), or a flat file's 256 MiB."""
+        end = min(end, self.size)
+        out = Runs()
+        if start >= end:
+            return out
+        ext = self.parts[bisect_right(self.starts, start) - 1]
+        ext.runs(start - ext.start, min(end, ext.start + ext.length) - ext.start, out, ext.start)
+        return out
+
+    def coarse_runs(self) -> Runs:
+        out = Runs()
+        for e in self.parts:
+            e.coarse(out)
+        return out
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        end = offset + len(buf)
+        i = bisect_right(self.starts, offset) - 1
+        pos = offset
+        while pos < end:
+            ext = self.parts[i]
+            e = min(end, ext.start + ext.length)
+            ext.readinto(pos - ext.start, buf[pos - offset : e - offset])
+            pos = e
+            i += 1
+
+    # -- facts ---------------------------------------------------------------
+    def host_files(self) -> tuple[HostFile, ...]:
+        out = [HostFile(self.path, self.fd)]
+        seen = {self.fd}
+        for e in self.parts:
+            if e.fd >= 0 and e.fd not in seen:
+                seen.add(e.fd)
+                out.append(HostFile(e.path, e.fd, "extent"))
+        return tuple(out)
+
+    def identity(self, kind: str) -> str | None:
+        if kind == "vmdk-cid" and self.cid is not None:
+            return f"{self.cid:08x}"
+        return None
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        grains = [e.grain for e in self.parts if isinstance(e, _SparseExtent)]
+        if grains:
+            out["cluster-size"] = grains[0]
+        out["create-type"] = self.create_type
+        if self.cid is not None:
+            out["cid"] = f"{self.cid:08x}"
+        out["parent-cid"] = f"{self.parent_cid:08x}"
+        out["extents"] = [e.describe() for e in self.parts]
+        return out
+
+    def close(self) -> None:
+        for e in self.parts:
+            e.close()
