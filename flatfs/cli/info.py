@@ -37,7 +37,12 @@ def chain_info(chain: Chain) -> list[dict[str, Any]]:
                     # that map, mount and convert refuse
                     kind, want = lay.parent.identity
                     got = chain.layers[depth + 1].identity(kind)
-                    row["parent-id"] = {"kind": kind, "recorded": want, "found": got, "match": got == want}
+                    row["parent-identity"] = {
+                        "kind": kind,
+                        "recorded": want,
+                        "found": got,
+                        "match": got == want,
+                    }
         row.update(lay.info())
         rows.append(row)
     return rows

@@ -63,7 +63,7 @@ def info(image: str, output: str, options: OpenOptions) -> None:
             click.echo(f"    backing file:  {r['backing-filename']} (format: {fmt})")
         if r.get("backing-found-by"):
             click.echo(f"    found by:      {r['backing-found-by']}")
-        pid = r.get("parent-id")
+        pid = r.get("parent-identity")
         if pid is not None:
             verdict = (
                 "matches" if pid["match"] else "MISMATCH: map, mount and convert refuse (--ignore-parent-id)"

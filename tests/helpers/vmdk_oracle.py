@@ -8,8 +8,8 @@ from pathlib import Path
 
 from flatfs import OpenOptions, open_chain
 
-from ..conftest import Qemu, flatfs, project_map
-from ..oracle.oracle import flatfs_map
+from .cli import flatfs
+from .qemu import Qemu, flatfs_map, project_map
 
 SUBFORMATS = (
     "monolithicSparse",

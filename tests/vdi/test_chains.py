@@ -247,8 +247,11 @@ def test_uuid_parent_modify_mismatch_is_refused_unless_ignored(tmp_path):
     imgs[0].write(paths[0])
     with pytest.raises(ParentMismatch, match=str(imgs[0].modify)):
         open_chain(paths[1])
-    res = flatfs("info", paths[1], check=False)
+    res = flatfs("map", paths[1], check=False)
     assert res.returncode == 1 and "--ignore-parent-id" in res.stderr and "\n" not in res.stderr.strip()
+    # info reads it, showing both values and flagging the mismatch
+    res = flatfs("info", paths[1])
+    assert f"parent has {imgs[0].modify}: MISMATCH" in res.stdout, res.stdout
     with open_chain(paths[1], OpenOptions(ignore_parent_id=True)) as chain:
         assert read_all(chain) == want
 

@@ -217,7 +217,7 @@ def test_a_changed_parent_cid(qemu: Qemu, tmp_path: Path) -> None:
     import json
 
     rows = json.loads(flatfs("info", "--output=json", top).stdout)
-    pid = rows[0]["parent-id"]
+    pid = rows[0]["parent-identity"]
     new_cid = rows[1]["cid"]
     assert pid["kind"] == "vmdk-cid" and pid["match"] is False
     assert pid["recorded"] == rows[0]["parent-cid"] != new_cid == pid["found"]
