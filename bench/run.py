@@ -47,6 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import fragmented  # noqa: E402
 import images  # noqa: E402
 import vmdk  # noqa: E402
 from report import Figure, spread_markdown, table_markdown, table_text  # noqa: E402
@@ -650,11 +651,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--only",
-        choices=("convert", "views"),
+        choices=("convert", "views", "fragmented"),
         default=None,
         help="run one phase only (the other's figures show as —)",
     )
     ap.add_argument("--warm", action="store_true", help="do not drop caches (warm cache for both)")
+    ap.add_argument(
+        "--frag-pairs",
+        type=int,
+        default=None,
+        help="pairs for the fragmented-disk scenario (default 11; 1 with --quick)",
+    )
     ap.add_argument(
         "--seek-budget",
         type=float,
@@ -773,6 +780,11 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: compare_outputs(work),
                 log,
             )
+        if args.only in (None, "fragmented"):
+            log("fragmented disk (flatfs map/mount vs qemu-img map; warm cache)")
+            top = fragmented.build(work, args.quick, log)
+            frag_pairs = args.frag_pairs if args.frag_pairs is not None else (1 if args.quick else 11)
+            res["fragmented"] = fragmented.run(top, work, frag_pairs, flatfs_cmd(), log)
         if args.only in (None, "views"):
             log("views (flatfs mount vs qemu-storage-daemon --export type=fuse)")
             view, vchecks = run_views(imgs, work, cache, pairs, layout, seek_budget, args.map_timeout)
@@ -806,6 +818,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check: {k}: {v}")
     if res.get("vmdk"):
         print("\n".join(vmdk.lines(res["vmdk"])))
+    if res.get("fragmented"):
+        print("\n".join(fragmented.lines(res["fragmented"])))
     if res.get("seek_budget_note"):
         print("note: " + res["seek_budget_note"])
     if res.get("noise"):
