@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import signal
 import socket
@@ -39,7 +38,9 @@ def setup_logging(debug: bool, to_syslog: bool, library_loggers: tuple[str, ...]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     if to_syslog and os.path.exists("/dev/log"):
         try:
-            h: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
+            from logging.handlers import SysLogHandler  # only a daemon logs to syslog
+
+            h: logging.Handler = SysLogHandler(address="/dev/log")
             h.setFormatter(logging.Formatter(f"flatfs[{os.getpid()}]: %(message)s"))
         except OSError:
             h = logging.NullHandler()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..api import Format, Layer, OpenContext
-from .descriptor import looks_like_descriptor
-from .sparse import COWD_MAGIC, looks_like_sparse
+
+MAGICS = (b"KDMV", b"COWD")  # a hosted sparse extent; ESXi vmfsSparse (ours to refuse by name)
 
 
 def _open(path: str, fd: int, ctx: OpenContext) -> Layer:
@@ -14,8 +14,13 @@ def _open(path: str, fd: int, ctx: OpenContext) -> Layer:
 
 
 def _probe(head: bytes) -> bool:
-    # COWD (ESXi vmfsSparse) is ours to refuse by name
-    return looks_like_sparse(head) or looks_like_descriptor(head) or head[:4] == COWD_MAGIC
+    if head[:4] in MAGICS:
+        return True
+    if head[:1] not in (b"#", b" ", b"v"):  # a text descriptor starts with a comment or version=
+        return False
+    from .descriptor import looks_like_descriptor
+
+    return looks_like_descriptor(head)
 
 
 FORMAT = Format(
