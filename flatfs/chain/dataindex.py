@@ -140,12 +140,13 @@ def scan_pieces(
             continue
         ds = array("Q", compress(p.starts, mask))
         de = array("Q", compress(p.ends, mask))
-        data += sum(map(operator.sub, de, ds))
+        data += sum(de) - sum(ds)
         if not keep:
             continue
-        apart = bytes(map(operator.ne, de[:-1], ds[1:]))  # 1 where a run does not touch the next
-        ds = array("Q", compress(ds, b"\x01" + apart))
-        de = array("Q", compress(de, apart + b"\x01"))
+        if b"\x01\x01" in mask:  # data runs of two kinds side by side: merge them
+            apart = bytes(map(operator.ne, de[:-1], ds[1:]))  # 1 where a run does not touch the next
+            ds = array("Q", compress(ds, b"\x01" + apart))
+            de = array("Q", compress(de, apart + b"\x01"))
         if ends and ends[-1] == ds[0]:
             ends[-1] = de[0]
             ds, de = ds[1:], de[1:]

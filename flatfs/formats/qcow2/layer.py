@@ -245,7 +245,7 @@ class Qcow2Layer(LayerBase):
         h = self.header
         fast = None
         if not h.extended_l2 and not h.has_data_file:
-            fast = C.fast_kinds(C.decode(raw), self.cluster_bits, l1_index * self.l1_span)
+            fast = C.fast_kinds(C.decode(raw), self.cluster_bits, l1_index * self.l1_span, raw)
         if fast is not None:
             t = _L2(fast, None, raw, l2_off)
         else:
