@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flatfs.errors import CorruptImage, UnsupportedImage
 from flatfs.formats.qcow2 import clusters as C
@@ -246,3 +248,32 @@ def test_count_nonzero_refcounts(order):
         block = b"".join(v.to_bytes(bits // 8, "big") for v in values)
     want = sum(1 for v in values[:50] if v & ((1 << bits) - 1))
     assert C.count_nonzero_refcounts(block, order, 50) == want
+
+
+# -- the kind view of an L2 table: the C-level fast path against the entry-by-entry one ---------
+
+_ENTRY = st.one_of(
+    st.just(0),
+    st.builds(lambda c, copied: (c << 16) | (copied << 63), st.integers(1, 1 << 20), st.booleans()),
+    st.sampled_from([1 << 63, (1 << 62) | 0x10000, 0x10001, 0x18000, (1 << 56) | 0x10000, 0x10000 | 2]),
+)
+
+
+@given(st.lists(_ENTRY, min_size=1, max_size=64), st.integers(0, 3))
+def test_fast_kind_view_matches_classify(entries: list[int], l1_index: int) -> None:
+    cluster_bits = 16
+    raw = struct.pack(f">{len(entries)}Q", *entries)
+    base = l1_index * len(entries) << cluster_bits
+    slow = C.kinds_of(C.classify(raw, cluster_bits, extended=False, data_file=False, version=3), base)
+    fast = C.fast_kinds(C.decode(raw), cluster_bits, base, raw)
+    plain = all(
+        e == 0 or (e & ~((1 << 63) | C.OFFSET_MASK) == 0 and e & C.OFFSET_MASK and not e & 0xFFFF)
+        for e in entries
+    )
+    assert (fast is not None) == plain
+    if fast is not None:
+        assert (list(fast.starts), list(fast.ends), fast.kinds) == (
+            list(slow.starts),
+            list(slow.ends),
+            slow.kinds,
+        )
