@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from .helpers.fuzz import FuzzWorker
 from .helpers.mounts import Mounter, mounts_under
 from .helpers.needs import have_fuse, have_qemu, require
 from .helpers.qemu import Qemu
@@ -57,3 +58,11 @@ def mounter(tmp_path: Path) -> Iterator[Mounter]:
         yield m
     finally:
         m.close()
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[FuzzWorker]:
+    """A memory-capped process that reads mutated images (tests/helpers/fuzz.py)."""
+    w = FuzzWorker()
+    yield w
+    w.close()

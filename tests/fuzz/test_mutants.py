@@ -9,13 +9,10 @@ It never raises anything else, never hangs, and stays under a memory cap
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import select
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,10 +22,7 @@ from hypothesis import strategies as st
 from ..helpers.needs import have_qemu, require
 from ..helpers.qemu import Qemu
 
-MEMORY_CAP = 1 << 30
-TIMEOUT = 30
 EXAMPLES = int(os.environ.get("FLATFS_FUZZ_EXAMPLES", "150"))
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _seed_images(d: Path) -> dict[str, Path]:
@@ -80,40 +74,6 @@ def seeds(tmp_path_factory):
     require(have_qemu(), "qemu-img/qemu-io are not installed")
     d = tmp_path_factory.mktemp("seeds")
     return _seed_images(d)
-
-
-class Worker:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fuzz.worker", str(MEMORY_CAP)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-
-    def ask(self, path: Path) -> dict:
-        assert self.proc.poll() is None, "fuzz worker died"
-        self.proc.stdin.write(f"{path}\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], TIMEOUT)
-        if not ready:
-            self.proc.kill()
-            pytest.fail(f"flatfs hung on {path}")
-        line = self.proc.stdout.readline()
-        assert line, f"fuzz worker died on {path} (memory cap {MEMORY_CAP}?)"
-        return json.loads(line)
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def worker():
-    w = Worker()
-    yield w
-    w.close()
 
 
 INTERESTING = [

@@ -4,10 +4,7 @@ tests/helpers/vhd_writer.py over a qemu-made base."""
 from __future__ import annotations
 
 import hashlib
-import json
-import select
 import subprocess
-import sys
 from pathlib import Path
 
 from .qemu import Qemu
@@ -33,36 +30,6 @@ def child(parent: Path, writes: list[tuple[int, bytes]], **kw) -> Vhd:
     kw.setdefault("locators", [(b"W2ru", ".\\" + parent.name), (b"W2ku", "D:\\VMs\\" + parent.name)])
     kw.setdefault("parent_id", unique_id_of(parent))
     return Vhd(SIZE, disk_type=DIFFERENCING, writes=writes, **kw)
-
-
-class FuzzWorker:
-    """A tests.fuzz.worker process (memory cap) asked about one image at a time."""
-
-    def __init__(self, cap: int = 1 << 30) -> None:
-        root = Path(__file__).resolve().parents[2]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fuzz.worker", str(cap)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=root,
-        )
-
-    def ask(self, path: Path, timeout: float = 30) -> dict:
-        assert self.proc.poll() is None and self.proc.stdin and self.proc.stdout, "fuzz worker died"
-        self.proc.stdin.write(f"{path}\n")
-        self.proc.stdin.flush()
-        if not select.select([self.proc.stdout], [], [], timeout)[0]:
-            self.proc.kill()
-            raise AssertionError(f"flatfs hung on {path}")
-        line = self.proc.stdout.readline()
-        assert line, f"fuzz worker died on {path}"
-        return json.loads(line)
-
-    def close(self) -> None:
-        assert self.proc.stdin
-        self.proc.stdin.close()
-        self.proc.wait(10)
 
 
 def qemu_sha(img: Path, size: int) -> str | None:

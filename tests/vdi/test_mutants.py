@@ -9,13 +9,10 @@ never a hang.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import select
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,10 +23,7 @@ from ..helpers.needs import have_qemu, require
 from ..helpers.qemu import Qemu
 from ..helpers.vdi_writer import BLOCK, ZERO, Vdi, pattern, write_registry
 
-MEMORY_CAP = 1 << 30
-TIMEOUT = 30
 EXAMPLES = int(os.environ.get("FLATFS_FUZZ_EXAMPLES", "150")) // 2
-ROOT = Path(__file__).resolve().parents[2]
 INTERESTING = [0, 1, 3, 4, 0x1FF, 0x200, 0x180, 0x190, 0x100000, 0x7FFFFFFF, 0xFFFFFFFE, 0xFFFFFFFF]
 
 
@@ -57,43 +51,6 @@ def seeds(tmp_path_factory):
     return _seeds(tmp_path_factory.mktemp("vdiseeds"))
 
 
-class Worker:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fuzz.worker", str(MEMORY_CAP)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-
-    def ask(self, path: Path) -> dict:
-        assert self.proc.poll() is None, "fuzz worker died"
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{path}\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], TIMEOUT)
-        if not ready:
-            self.proc.kill()
-            pytest.fail(f"flatfs hung on {path}")
-        line = self.proc.stdout.readline()
-        assert line, f"fuzz worker died on {path} (memory cap {MEMORY_CAP}?)"
-        return json.loads(line)
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def worker():
-    w = Worker()
-    yield w
-    w.close()
-
-
-# regions: the header fields (64..472) and the first entries of the block map (0x200..)
 mutation = st.tuples(
     st.sampled_from([(64, 472), (0x200, 0x220)]),
     st.integers(0, 10**6),

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from ..helpers.needs import have_qemu, require
 from ..helpers.qemu import Qemu
-from ..helpers.vhd_images import FuzzWorker, child, qemu_base, qemu_sha
+from ..helpers.vhd_images import child, qemu_base, qemu_sha
 
 EXAMPLES = int(os.environ.get("FLATFS_FUZZ_EXAMPLES", "60"))
 
@@ -29,13 +29,6 @@ def seeds(tmp_path_factory):
     base = qemu_base(Qemu(), d)
     child(base, [(0, b"\x55" * 512), (3 * 4096, b"\x56" * 8192)]).write(d / "top.vhd")
     return {"base": base, "top": d / "top.vhd"}
-
-
-@pytest.fixture(scope="module")
-def worker():
-    w = FuzzWorker()
-    yield w
-    w.close()
 
 
 def regions(data: bytes) -> dict[str, tuple[int, int]]:

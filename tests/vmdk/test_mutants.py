@@ -6,13 +6,10 @@ worker of tests/fuzz runs each mutant under a memory cap)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import select
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,10 +20,7 @@ from ..helpers.needs import have_qemu, require
 from ..helpers.qemu import Qemu
 from ..helpers.vmdk_oracle import create, write_stream_vmdk
 
-MEMORY_CAP = 1 << 30
-TIMEOUT = 30
 EXAMPLES = int(os.environ.get("FLATFS_FUZZ_EXAMPLES", "100"))
-ROOT = Path(__file__).resolve().parents[2]
 M = 1 << 20
 
 
@@ -134,46 +128,10 @@ def mutate(src: Path, dst: Path, muts) -> None:
     dst.write_bytes(data)
 
 
-class Worker:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fuzz.worker", str(MEMORY_CAP)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-
-    def ask(self, path: Path) -> dict:
-        assert self.proc.poll() is None, "fuzz worker died"
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{path}\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], TIMEOUT)
-        if not ready:
-            self.proc.kill()
-            pytest.fail(f"flatfs hung on {path}")
-        line = self.proc.stdout.readline()
-        assert line, f"fuzz worker died on {path} (memory cap {MEMORY_CAP}?)"
-        return json.loads(line)
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory):
     require(have_qemu(), "qemu-img/qemu-io are not installed")
     return _seeds(tmp_path_factory.mktemp("vmdk-seeds"))
-
-
-@pytest.fixture(scope="module")
-def worker():
-    w = Worker()
-    yield w
-    w.close()
 
 
 def qemu_raw_sha(img: Path, out: Path, size: int) -> str | None:

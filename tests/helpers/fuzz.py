@@ -1,0 +1,49 @@
+"""The client of tests/fuzz/worker.py: flatfs reads mutated images in a child process with a
+memory cap, one at a time, so a hang, a crash or a memory blow-up is caught and named."""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MEMORY_CAP = 1 << 30  # RLIMIT_AS of the worker
+TIMEOUT = 30  # seconds for one image
+
+
+class FuzzWorker:
+    def __init__(self, cap: int = MEMORY_CAP) -> None:
+        self.cap = cap
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fuzz.worker", str(cap)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+
+    def ask(self, path: Path, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """What the worker made of ``path`` (see tests/fuzz/worker.py for the keys)."""
+        assert self.proc.poll() is None, "fuzz worker died"
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{path}\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.proc.kill()
+            pytest.fail(f"flatfs hung on {path}")
+        line = self.proc.stdout.readline()
+        assert line, f"fuzz worker died on {path} (memory cap {self.cap}?)"
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
