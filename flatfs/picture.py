@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from html import escape
 
 from .chain import Chain
-from .extents import ABSENT, ALLOC_ZERO, CODES, DATA, ZERO
+from .extents import ABSENT, ALLOC_ZERO, DATA, ZERO
+from .units import human_size
 
 STRIP_CELLS = 64
 SVG_CELLS = 960  # one cell per pixel of the bands
@@ -24,14 +25,6 @@ STRIP_CHARS = ".-#"  # nothing here, zeros decided here, data
 _DEPTH_COLOURS = ("#1f4e9c", "#d9782d", "#3a9a4a", "#9c3a8f", "#8c6d1f", "#2a9c9c", "#c23b3b", "#555555")
 _ZERO_COLOUR = "#c8c8c8"
 _EMPTY_COLOUR = "#ffffff"
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def cells(runs: Iterable[tuple[int, int, int, int]], size: int, n: int) -> list[tuple[int, int]]:
@@ -102,23 +95,29 @@ def svg(chain: Chain, width: int = SVG_CELLS) -> str:
         f'viewBox="0 0 {total_w} {height}" font-family="sans-serif" font-size="12">',
         f"<title>flatfs map of {escape(chain.path)}</title>",
         f'<text x="{x0}" y="20" font-size="14" font-weight="bold">{escape(chain.path)}: '
-        f"{_human(size)} virtual, {n_layers} layer{'s' if n_layers != 1 else ''}</text>",
+        f"{human_size(size)} virtual, {n_layers} layer{'s' if n_layers != 1 else ''}</text>",
     ]
     for k in range(5):
         x = x0 + k * width // 4
         anchor = "start" if k == 0 else "end" if k == 4 else "middle"
-        out.append(f'<text x="{x}" y="40" text-anchor="{anchor}" fill="#555">{_human(size * k / 4)}</text>')
+        out.append(
+            f'<text x="{x}" y="40" text-anchor="{anchor}" fill="#555">{human_size(size * k / 4)}</text>'
+        )
     y = 52
-    flat = cells(((e.start, e.end, CODES[e.kind], e.depth) for e in chain.extents()), size, width)
+    flat = cells(
+        ((s, e, k, p.depth) for p in chain.pieces() for s, e, k in zip(p.starts, p.ends, p.kinds)),
+        size,
+        width,
+    )
     data = chain.data_bytes()
-    out.append(f'<text x="{x0}" y="{y + 12}">flattened: {_human(data)} of data</text>')
+    out.append(f'<text x="{x0}" y="{y + 12}">flattened: {human_size(data)} of data</text>')
     _band(out, y + 18, x0, flat, True, band_h)
     for d, layer in enumerate(chain.layers):
         y += row_h
         colour = _DEPTH_COLOURS[d % len(_DEPTH_COLOURS)]
         out.append(
             f'<text x="{x0}" y="{y + 12}"><tspan fill="{colour}">\u25a0</tspan> '
-            f"[{d}] {escape(layer.path)} ({escape(layer.format)}, {_human(layer.size)})</text>"
+            f"[{d}] {escape(layer.path)} ({escape(layer.format)}, {human_size(layer.size)})</text>"
         )
         own = cells(((s, e, k, d) for s, e, k in chain.layer_runs(d)), size, width)
         _band(out, y + 18, x0, own, True, band_h)

@@ -124,14 +124,6 @@ def chain_options(format_flag: tuple[str, ...] = ("-f", "--format")) -> Callable
     return deco
 
 
-def human_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError
-
-
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 

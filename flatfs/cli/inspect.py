@@ -13,7 +13,8 @@ import click
 from ..chain import Chain, OpenOptions, open_chain
 from ..extents import KINDS, Kind
 from ..formats import lookup
-from .common import chain_options, human_size
+from ..units import human_size
+from .common import chain_options
 
 
 def _echo_row(label: str, value: object) -> None:

@@ -6,14 +6,12 @@ import sys
 import time
 from typing import TextIO
 
+from ..units import human_size
+
 
 def human(n: float) -> str:
     """``n`` bytes in binary units, as the bar shows them."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
+    return human_size(n, ".1f")
 
 
 class Progress:
