@@ -58,17 +58,22 @@ def _dead(mountpoint: str) -> MountError:
     )
 
 
+def _unusable(mountpoint: str, exc: OSError) -> MountError:
+    """Why ``mountpoint`` cannot be used, from what touching it raised."""
+    if isinstance(exc, FileNotFoundError):
+        return MountError(f"{mountpoint}: mountpoint does not exist")
+    if exc.errno in _DEAD:
+        return _dead(mountpoint)
+    return MountError(f"{mountpoint}: cannot use as mountpoint: {exc.strerror}")
+
+
 def check_mountpoint(mountpoint: str) -> tuple[str, bool]:
     """Return (real path, is_dir); refuse a missing, stale, busy or odd mountpoint."""
     path = os.path.realpath(mountpoint)
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise MountError(f"{mountpoint}: mountpoint does not exist") from None
     except OSError as exc:
-        if exc.errno in _DEAD:
-            raise _dead(mountpoint) from None
-        raise MountError(f"{mountpoint}: cannot use as mountpoint: {exc.strerror}") from None
+        raise _unusable(mountpoint, exc) from None
     if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
         raise MountError(f"{mountpoint}: mountpoint must be a directory or a regular file")
     busy = find_mount(path)
@@ -97,12 +102,8 @@ def claim_mountpoint(mountpoint: str) -> int:
     path = os.path.realpath(mountpoint)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise MountError(f"{mountpoint}: mountpoint does not exist") from None
     except OSError as exc:
-        if exc.errno in _DEAD:
-            raise _dead(mountpoint) from None
-        raise MountError(f"{mountpoint}: cannot use as mountpoint: {exc.strerror}") from None
+        raise _unusable(mountpoint, exc) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

@@ -43,6 +43,14 @@ def _clear(mp: Path) -> None:
     assert not _mounts_at(mp), f"could not unmount {mp}"
 
 
+def _wait_for(view: Path, proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    """Until a foreground mount's view appears (the server must stay alive meanwhile)."""
+    deadline = time.monotonic() + 30
+    while not view.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the mount did not appear"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def images(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     require(have_fuse(), "/dev/fuse or fusermount3 is missing")
@@ -98,10 +106,7 @@ def test_a_dead_mount_is_named_as_dead(tmp_path: Path, images: tuple[Path, Path]
     mp.mkdir()
     try:
         proc = subprocess.Popen(_flatfs("mount", "-f", str(a), str(mp)), stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not (mp / "a.raw").exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "the mount did not appear"
-            time.sleep(0.05)
+        _wait_for(mp / "a.raw", proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         res = subprocess.run(_flatfs("mount", str(a), str(mp)), capture_output=True, text=True)
@@ -128,10 +133,7 @@ def test_debug_has_no_libfuse_thread_warning_and_u_warns_once(
         proc = subprocess.Popen(
             _flatfs("mount", "--debug", "-U", str(a), str(mp)), stderr=subprocess.PIPE, text=True
         )
-        deadline = time.monotonic() + 30
-        while not (mp / "a.raw").exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "the mount did not appear"
-            time.sleep(0.05)
+        _wait_for(mp / "a.raw", proc)
         assert (mp / "a.raw").read_bytes() == a.read_bytes()
         subprocess.run(_flatfs("umount", str(mp)), check=True, capture_output=True)
         _, err = proc.communicate(timeout=30)
