@@ -7,12 +7,13 @@ Adding a format is one folder beside ``raw.py`` and ``qcow2/`` and one line in
 from __future__ import annotations
 
 from ..errors import UnsupportedImage
-from . import qcow2, raw
+from . import qcow2, raw, vhdx
 from .api import Format
 
 FORMATS: tuple[Format, ...] = (
     raw.FORMAT,
     qcow2.FORMAT,
+    vhdx.FORMAT,
 )
 
 # Image formats flatfs does not read. Probing one of these as raw would show
@@ -20,7 +21,6 @@ FORMATS: tuple[Format, ...] = (
 FOREIGN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
     (0, b"KDMV", "vmdk"),
     (0, b"# Disk DescriptorFile", "vmdk (descriptor)"),
-    (0, b"vhdxfile", "vhdx"),
     (0, b"conectix", "vpc/vhd"),
     (64, b"\x7f\x10\xda\xbe", "vdi"),
     (0, b"QED\x00", "qed"),
