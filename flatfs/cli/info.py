@@ -6,6 +6,8 @@ import os
 from typing import Any
 
 from ..chain import Chain
+from ..chain import Opener, OpenOptions
+from ..formats.api import ParentRef
 
 
 def _disk_usage(fd: int) -> int:
@@ -13,6 +15,17 @@ def _disk_usage(fd: int) -> int:
         return os.fstat(fd).st_blocks * 512
     except OSError:
         return 0
+
+
+def _resolved_from(child: str, ref: ParentRef, parent: str) -> str:
+    """Which of the names a layer records for its parent found it (several, or Windows paths)."""
+    want = os.path.realpath(parent)
+    names = Opener(OpenOptions())
+    for name in ref.candidates:
+        mapped = names.candidates(child, ParentRef((name,), loose=ref.loose), "backing file")
+        if mapped and os.path.realpath(mapped[0]) == want:
+            return name
+    return f"{os.path.basename(parent)} (the bare file name, in the image's folder)"
 
 
 def chain_info(chain: Chain) -> list[dict[str, Any]]:
@@ -30,6 +43,10 @@ def chain_info(chain: Chain) -> list[dict[str, Any]]:
             row["backing-filename-format"] = lay.parent.format
             if depth + 1 < len(chain.layers):
                 row["full-backing-filename"] = chain.layers[depth + 1].path
+                if len(lay.parent.candidates) > 1 or lay.parent.loose:
+                    row["backing-resolved-from"] = _resolved_from(
+                        lay.path, lay.parent, row["full-backing-filename"]
+                    )
         row.update(lay.info())
         rows.append(row)
     return rows

@@ -41,6 +41,29 @@ def info(image: str, output: str, options: OpenOptions) -> None:
             click.echo(f"    backing file:  {r['backing-filename']} (format: {fmt})")
         if r.get("features"):
             click.echo(f"    features:      {', '.join(r['features'])}")
+        for key, value in r.items():
+            if key not in _SHOWN:
+                _echo_extra(key, value)
+
+
+# Keys printed above, or left to --output json; any other key a layer reports is printed generically
+_SHOWN = frozenset(
+    "depth filename format virtual-size actual-size cluster-size compat backing-filename "
+    "backing-filename-format full-backing-filename features compression-type refcount-bits "
+    "snapshots data-file".split()
+)
+
+
+def _echo_extra(key: str, value: object) -> None:
+    label = key.replace("-", " ") + ":"
+    if isinstance(value, dict):
+        click.echo(f"    {label}")
+        for k, v in value.items():
+            click.echo(f"        {k}: {v}")
+    elif isinstance(value, (list, tuple)):
+        click.echo(f"    {label:<14} {', '.join(map(str, value))}")
+    else:
+        click.echo(f"    {label:<14} {value}")
 
 
 @click.command("map")
