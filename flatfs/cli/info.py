@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..chain import Chain
-from ..chain import Opener, OpenOptions
+from ..chain import Chain, Opener, OpenOptions
 from ..formats.api import ParentRef
 
 

@@ -328,8 +328,8 @@ class Log:
         for off, d in data:
             struct.pack_into("<4s4s8sQQ", e, at, b"desc", d[4092:4096], d[0:8], off, seq)
             at += 32
-            e[sector : sector + 4096] = b"data" + struct.pack("<I", seq >> 32) + d[8:4092] + struct.pack(
-                "<I", seq & 0xFFFFFFFF
+            e[sector : sector + 4096] = (
+                b"data" + struct.pack("<I", seq >> 32) + d[8:4092] + struct.pack("<I", seq & 0xFFFFFFFF)
             )
             sector += 4096
         return bytes(with_crc(e))

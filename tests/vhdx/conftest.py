@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import require
+from ..fuse.conftest import mounter  # noqa: F401  (the FUSE test mounts through the CLI)
 from ..helpers.vhdx_writer import MiB, Parent, VhdxImage
 
 try:
@@ -83,7 +84,9 @@ def three_layers(d: Path, *, logical: int = 512, block: int = 1 * MiB, size: int
         size,
         block_size=block,
         logical_sector=logical,
-        parent=Parent(base.data_write_guid, relative_path=r".\base.vhdx", absolute_win32_path=r"C:\VMs\base.vhdx"),
+        parent=Parent(
+            base.data_write_guid, relative_path=r".\base.vhdx", absolute_win32_path=r"C:\VMs\base.vhdx"
+        ),
     )
     m.write(mid, ss * 3, pattern(0x21, ss * 5))  # partial: sectors 3..7 of block 0
     m.write(mid, MiB + 64 * 1024, pattern(0x22, 4096))  # partial inside block 1

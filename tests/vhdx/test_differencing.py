@@ -16,7 +16,7 @@ from flatfs.errors import ChainError, CorruptImage, ParentMismatch
 from flatfs.extents import Kind
 
 from ..conftest import Qemu, flatfs
-from ..helpers.vhdx_writer import MiB, ZERO, Parent, VhdxImage
+from ..helpers.vhdx_writer import ZERO, MiB, Parent, VhdxImage
 from .conftest import Model, first_difference, libvhdi_read, pattern, read_all, three_layers
 
 
