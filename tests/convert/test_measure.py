@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Qemu, flatfs
-from .helpers import M, disk_usage
+from ..helpers.cli import flatfs
+from ..helpers.images import M, disk_usage
+from ..helpers.qemu import Qemu
 
 SOURCES = {
     "empty": [],
@@ -50,7 +51,7 @@ def _qemu_args(args: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from ..conftest import have_qemu, require
+    from ..helpers.needs import have_qemu, require
 
     require(have_qemu(), "qemu-img/qemu-io are not installed")
     q = Qemu()
