@@ -2,7 +2,7 @@
 """flatfs against QEMU, side by side: convert, compressed convert, and the mounted view.
 
     python bench/run.py [--scale N] [--quick] [--pairs N] [--out DIR] [--keep] [--reuse]
-                        [--only convert|views] [--warm] [--seek-budget S]
+                        [--only convert|vmdk|views|fragmented] [--warm] [--seek-budget S]
 
 Builds its images with qemu-img/qemu-io under OUT/work (OUT defaults to
 /var/tmp/flatfs-bench), runs flatfs and QEMU alternately (one warm-up pair,
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--only",
-        choices=("convert", "views", "fragmented"),
+        choices=("convert", "vmdk", "views", "fragmented"),
         default=None,
         help="run one phase only (the other's figures show as —)",
     )
@@ -770,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "convert"):
             log("convert (flatfs convert vs qemu-img convert -O qcow2)")
             conv, checks = run_converts(imgs, work, cache, pairs)
+        if args.only in (None, "convert", "vmdk"):
             log("vmdk (flatfs convert vs qemu-img convert -O qcow2, VMware sources)")
             srcs = vmdk.build(work, imgs.base, imgs.comp, layout.overlay_small, layout.overlay_writes())
             res["vmdk"] = vmdk.run(

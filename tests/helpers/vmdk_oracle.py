@@ -167,3 +167,20 @@ def gt_entry_at(path: Path, grain: int) -> int:
         gt = struct.unpack("<I", f.read(4))[0]
     assert gt, f"no grain table for grain {grain}"
     return gt * SECTOR + 4 * (grain % 512)
+
+
+def set_parent_hint(img: Path, hint: str) -> None:
+    """Rewrite the ``parentFileNameHint`` of a monolithicSparse delta's embedded descriptor
+    (sector 1 on), in place: the CIDs stay as they are."""
+    with open(img, "r+b") as f:
+        f.seek(SECTOR)
+        region = f.read(20 * SECTOR)
+        text = region.split(b"\0", 1)[0].decode()
+        lines = [
+            f'parentFileNameHint="{hint}"' if ln.startswith("parentFileNameHint=") else ln
+            for ln in text.split("\n")
+        ]
+        new = "\n".join(lines).encode()
+        assert new != region.split(b"\0", 1)[0] and len(new) < len(region), text
+        f.seek(SECTOR)
+        f.write(new.ljust(len(region), b"\0"))
