@@ -3,7 +3,6 @@ cuts it, the same bytes from many threads, and zlib (the fallback) reading what 
 
 from __future__ import annotations
 
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -70,11 +69,3 @@ def test_many_threads_read_the_same_bytes(tmp_path: Path) -> None:
             for i, got in enumerate(pool.map(read, range(200))):
                 off = (i * 7919 * 512) % (len(ref) - 100 * K)
                 assert got == ref[off : off + 100 * K], i
-
-
-def test_zlib_reads_what_isal_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    img, ref = _disk(tmp_path)
-    assert vmdk_layer._inflate.__name__ == "isal.isal_zlib", "isal is a dependency: it must be used"
-    monkeypatch.setattr(vmdk_layer, "_inflate", zlib)
-    with open_chain(img) as chain:
-        assert chain.pread(0, len(ref)) == ref
