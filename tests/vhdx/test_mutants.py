@@ -283,7 +283,6 @@ def test_vhdx_mutant(seeds, worker, tmp_path_factory, seed, region, muts, fix):
             muts = []
     region = mutate(img, img, region, muts, fix) if muts else region
     res = worker.ask(img)
-    print("DBG", seed, region, fix, res.get("ok"), res.get("error", "")[-70:])
     assert "bug" not in res, res["bug"]
     if not res["ok"]:
         assert res["oneline"] and res["error"].startswith(str(d)), res
@@ -292,6 +291,5 @@ def test_vhdx_mutant(seeds, worker, tmp_path_factory, seed, region, muts, fix):
     if res["size"] > 64 * MiB:
         return  # the worker hashes the first 64 MiB only
     want = libvhdi_sha(img, res["size"]) if seed == "diff" else qemu_sha(img, writable=seed == "logged")
-    print("DBG-ORACLE", seed, want is not None)
     if want is not None:
         assert res["sha"] == want, f"{seed} {region} {muts} fix={fix}: flatfs reads differ from the oracle"

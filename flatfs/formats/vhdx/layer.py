@@ -46,16 +46,25 @@ class VhdxLayer(LayerBase):
         self.header = S.current_header(path, first, second, self.file_size)
         # From here on every read sees the replayed log
         self.view = FileView(path, fd, self.file_size, self.header)
-        self.regions = self._regions()
-        r = self.regions
-        table = self.view.read(r.metadata_offset, S.METADATA_TABLE_SIZE)
-        items = S.parse_metadata_table(path, table, r.metadata_offset, r.metadata_length)
-        self.meta = md = S.parse_metadata(
-            path,
-            items,
-            lambda it: self.view.read(r.metadata_offset + it.offset, it.length),
-            r.metadata_offset,
-        )
+        try:
+            self.regions = self._regions()
+            r = self.regions
+            table = self.view.read(r.metadata_offset, S.METADATA_TABLE_SIZE)
+            items = S.parse_metadata_table(path, table, r.metadata_offset, r.metadata_length)
+            self.meta = md = S.parse_metadata(
+                path,
+                items,
+                lambda it: self.view.read(r.metadata_offset + it.offset, it.length),
+                r.metadata_offset,
+            )
+        except CorruptImage as exc:
+            if self.view.state != "empty":
+                raise
+            # The header names a log none of whose entries is valid: the file is read as it
+            # is (as QEMU does); say so, since the damage may be the log's
+            raise CorruptImage(
+                path, f"{exc.reason} (the header names a log, but it holds no valid entry)", exc.offset
+            ) from None
         if md.bat_entries * 8 > r.bat_length:
             raise CorruptImage(
                 path,
