@@ -25,6 +25,7 @@ from .log import FileView
 
 _NONZERO = re.compile(rb"[^\x00]")
 _UNIFORM = re.compile(rb"\x00+|\xff+")
+_NO_DATA = (S.PAYLOAD_NOT_PRESENT, S.PAYLOAD_UNDEFINED, S.PAYLOAD_ZERO, S.PAYLOAD_UNMAPPED)
 WINDOW_ENTRIES = 8192  # BAT entries decoded per window (64 KiB), about
 CACHE_WINDOWS = 64  # decoded BAT windows kept (at most ~64 x 256 KiB)
 IDENTITY = "vhdx-data-write-guid"
@@ -188,12 +189,22 @@ class VhdxLayer(LayerBase):
             while pos < end and block < wend:
                 _, local = self._local(block)
                 e = entries[local]
-                if e == 0:
-                    m = _NONZERO.search(raw, 8 * local)
-                    nxt = self._block_of(w, m.start() // 8) if m else wend
+                state = e & S.STATE_MASK
+                if e == 0 or (state in _NO_DATA and e >> S.OFFSET_SHIFT == 0):
+                    # A run of blocks with the same entry and no data (QEMU's dynamic disks say
+                    # ZERO for every block) is one piece: cost follows the data, not the size.
+                    # Sector bitmap entries inside the run end it, unless they match too.
+                    if e == 0:
+                        m = _NONZERO.search(raw, 8 * local)
+                        last = m.start() // 8 if m else len(entries)
+                    else:
+                        r = re.compile(b"(?:" + re.escape(raw[8 * local : 8 * local + 8]) + b")+")
+                        m2 = r.match(raw, 8 * local)
+                        last = m2.end() // 8 if m2 else local + 1
+                    nxt = self._block_of(w, last) if last < len(entries) else wend
                     nxt = max(nxt, block + 1)
                     stop = min(nxt * bs, end)
-                    out.add(pos, stop, ABSENT)
+                    out.add(pos, stop, ABSENT if state == S.PAYLOAD_NOT_PRESENT else ZERO)
                     pos, block = stop, nxt
                     continue
                 stop = min((block + 1) * bs, end)
