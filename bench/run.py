@@ -2,7 +2,7 @@
 """flatfs against QEMU, side by side: convert, compressed convert, and the mounted view.
 
     python bench/run.py [--scale N] [--quick] [--pairs N] [--out DIR] [--keep] [--reuse]
-                        [--only convert|vmdk|views|fragmented] [--warm] [--seek-budget S]
+                        [--only convert|vmdk|vhdx|views|fragmented] [--warm] [--seek-budget S]
 
 Builds its images with qemu-img/qemu-io under OUT/work (OUT defaults to
 /var/tmp/flatfs-bench), runs flatfs and QEMU alternately (one warm-up pair,
@@ -49,6 +49,7 @@ sys.path.insert(0, str(HERE))
 
 import fragmented  # noqa: E402
 import images  # noqa: E402
+import vhdx  # noqa: E402
 import vmdk  # noqa: E402
 from report import Figure, spread_markdown, table_markdown, table_text  # noqa: E402
 from timing import Cache, busy_seconds, fsync_path, proc_cpu, run_child, summary  # noqa: E402
@@ -651,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--only",
-        choices=("convert", "vmdk", "views", "fragmented"),
+        choices=("convert", "vmdk", "vhdx", "views", "fragmented"),
         default=None,
         help="run one phase only (the other's figures show as —)",
     )
@@ -781,6 +782,19 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: compare_outputs(work),
                 log,
             )
+        if args.only in (None, "vhdx"):
+            log(
+                "vhdx (flatfs convert vs qemu-img convert -O qcow2; a differencing chain at 2 TiB and 64 GiB)"
+            )
+            srcs = vhdx.build(work, imgs.base, args.quick, log)
+            res["vhdx"] = vhdx.run(
+                srcs,
+                work,
+                pairs,
+                lambda t, src, keep: convert_once(t, src, work, False, cache, keep),
+                lambda: compare_outputs(work),
+                log,
+            )
         if args.only in (None, "fragmented"):
             log("fragmented disk (flatfs map/mount vs qemu-img map; warm cache)")
             top = fragmented.build(work, args.quick, log)
@@ -819,6 +833,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check: {k}: {v}")
     if res.get("vmdk"):
         print("\n".join(vmdk.lines(res["vmdk"])))
+    if res.get("vhdx"):
+        print("\n".join(vhdx.lines(res["vhdx"])))
     if res.get("fragmented"):
         print("\n".join(fragmented.lines(res["fragmented"])))
     if res.get("seek_budget_note"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .vhdx_writer import MiB, Parent, VhdxImage
+from .vhdx_writer import BAT_OFFSET, Log, MiB, Parent, VhdxImage
 
 try:
     import pyvhdi
@@ -128,3 +128,24 @@ def first_difference(a: bytes, b: bytes) -> int | None:
     while lo < n and a[lo] == b[lo]:
         lo += 1
     return lo
+
+
+def logged(d: Path, *, old_entries: int = 1) -> tuple[Path, Model, VhdxImage]:
+    """log.vhdx: a dynamic 8 MiB disk whose log holds unapplied entries (the BAT, payload, the
+    metadata table and a zeroed range), after ``old_entries`` entries of an older sequence."""
+    m = Model(8 * MiB)
+    img = VhdxImage(8 * MiB)
+    m.write(img, 0, pattern(0x51, MiB))
+    m.write(img, 3 * MiB, pattern(0x52, 2 * MiB))
+    img.save(d / "scratch.vhdx")  # to learn where blocks land
+    b3 = img.block_offsets[3]
+    b4 = img.block_offsets[4]
+    m.write(img, 4 * MiB + 8192, bytes(8192))  # zeros the log will restore
+    log = Log(
+        sectors=[BAT_OFFSET, b3 + 4096, 2 * MiB + 64 * 1024],  # the BAT, payload, metadata table
+        zeros=[(b4 + 8192, 8192)],
+        old_entries=old_entries,
+    )
+    img.save(d / "log.vhdx", log=log)
+    (d / "scratch.vhdx").unlink()
+    return d / "log.vhdx", m, img

@@ -17,27 +17,8 @@ from flatfs.errors import CorruptImage
 
 from ..helpers.cli import flatfs
 from ..helpers.qemu import Qemu
-from ..helpers.vhdx_images import Model, first_difference, pattern, read_all
-from ..helpers.vhdx_writer import BAT_OFFSET, Log, MiB, VhdxImage
-
-
-def logged(d: Path, *, old_entries: int = 1) -> tuple[Path, Model, VhdxImage]:
-    m = Model(8 * MiB)
-    img = VhdxImage(8 * MiB)
-    m.write(img, 0, pattern(0x51, MiB))
-    m.write(img, 3 * MiB, pattern(0x52, 2 * MiB))
-    img.save(d / "scratch.vhdx")  # to learn where blocks land
-    b3 = img.block_offsets[3]
-    b4 = img.block_offsets[4]
-    m.write(img, 4 * MiB + 8192, bytes(8192))  # zeros the log will restore
-    log = Log(
-        sectors=[BAT_OFFSET, b3 + 4096, 2 * MiB + 64 * 1024],  # the BAT, payload, metadata table
-        zeros=[(b4 + 8192, 8192)],
-        old_entries=old_entries,
-    )
-    img.save(d / "log.vhdx", log=log)
-    (d / "scratch.vhdx").unlink()
-    return d / "log.vhdx", m, img
+from ..helpers.vhdx_images import first_difference, logged, read_all
+from ..helpers.vhdx_writer import MiB
 
 
 def test_replayed_in_memory(tmp_path: Path) -> None:

@@ -83,3 +83,21 @@ def test_probe_knows_vhdx(tmp_path: Path, qemu: Qemu) -> None:
     img = qemu.create(tmp_path / "d.vhdx", "8M", fmt="vhdx")
     with open_chain(img) as chain:
         assert chain.format == "vhdx"
+
+
+def test_blocks_without_data_cost_nothing_per_block(tmp_path: Path, qemu: Qemu, monkeypatch) -> None:
+    """QEMU's dynamic VHDX marks every unwritten block ZERO (not NOT_PRESENT): a 2 TiB disk with
+    1 MiB blocks has 2 million such entries. They are taken as runs of equal entries, never one
+    block at a time (found by the bench: a 2 TiB chain cost 5x a 64 GiB one)."""
+    img = qemu.create(tmp_path / "big.vhdx", "2T", fmt="vhdx", opts="subformat=dynamic,block_size=1M")
+    qemu.io(img, "write -P 0x44 1G 1M", fmt="vhdx")
+    from flatfs.formats.vhdx.layer import VhdxLayer
+
+    seen = []
+    real = VhdxLayer._classify
+    monkeypatch.setattr(VhdxLayer, "_classify", lambda self, *a: seen.append(a[3]) or real(self, *a))
+    with open_chain(img) as chain:
+        kinds = {(e.start, e.length, e.kind) for e in chain.extents()}
+    assert (1 << 30, M, Kind.DATA) in kinds
+    assert sum(e[1] for e in kinds) == 2 << 40
+    assert seen == [1024], seen  # the one block with data

@@ -25,6 +25,7 @@ from .log import FileView
 
 _NONZERO = re.compile(rb"[^\x00]")
 _UNIFORM = re.compile(rb"\x00+|\xff+")
+_NO_DATA = (S.PAYLOAD_NOT_PRESENT, S.PAYLOAD_UNDEFINED, S.PAYLOAD_ZERO, S.PAYLOAD_UNMAPPED)
 WINDOW_ENTRIES = 8192  # BAT entries decoded per window (64 KiB), about
 CACHE_WINDOWS = 64  # decoded BAT windows kept (at most ~64 x 256 KiB)
 IDENTITY = "vhdx-data-write-guid"
@@ -46,16 +47,25 @@ class VhdxLayer(LayerBase):
         self.header = S.current_header(path, first, second, self.file_size)
         # From here on every read sees the replayed log
         self.view = FileView(path, fd, self.file_size, self.header)
-        self.regions = self._regions()
-        r = self.regions
-        table = self.view.read(r.metadata_offset, S.METADATA_TABLE_SIZE)
-        items = S.parse_metadata_table(path, table, r.metadata_offset, r.metadata_length)
-        self.meta = md = S.parse_metadata(
-            path,
-            items,
-            lambda it: self.view.read(r.metadata_offset + it.offset, it.length),
-            r.metadata_offset,
-        )
+        try:
+            self.regions = self._regions()
+            r = self.regions
+            table = self.view.read(r.metadata_offset, S.METADATA_TABLE_SIZE)
+            items = S.parse_metadata_table(path, table, r.metadata_offset, r.metadata_length)
+            self.meta = md = S.parse_metadata(
+                path,
+                items,
+                lambda it: self.view.read(r.metadata_offset + it.offset, it.length),
+                r.metadata_offset,
+            )
+        except CorruptImage as exc:
+            if self.view.state != "empty":
+                raise
+            # The header names a log none of whose entries is valid: the file is read as it
+            # is (as QEMU does); say so, since the damage may be the log's
+            raise CorruptImage(
+                path, f"{exc.reason} (the header names a log, but it holds no valid entry)", exc.offset
+            ) from None
         if md.bat_entries * 8 > r.bat_length:
             raise CorruptImage(
                 path,
@@ -179,12 +189,22 @@ class VhdxLayer(LayerBase):
             while pos < end and block < wend:
                 _, local = self._local(block)
                 e = entries[local]
-                if e == 0:
-                    m = _NONZERO.search(raw, 8 * local)
-                    nxt = self._block_of(w, m.start() // 8) if m else wend
+                state = e & S.STATE_MASK
+                if e == 0 or (state in _NO_DATA and e >> S.OFFSET_SHIFT == 0):
+                    # A run of blocks with the same entry and no data (QEMU's dynamic disks say
+                    # ZERO for every block) is one piece: cost follows the data, not the size.
+                    # Sector bitmap entries inside the run end it, unless they match too.
+                    if e == 0:
+                        m = _NONZERO.search(raw, 8 * local)
+                        last = m.start() // 8 if m else len(entries)
+                    else:
+                        r = re.compile(b"(?:" + re.escape(raw[8 * local : 8 * local + 8]) + b")+")
+                        m2 = r.match(raw, 8 * local)
+                        last = m2.end() // 8 if m2 else local + 1
+                    nxt = self._block_of(w, last) if last < len(entries) else wend
                     nxt = max(nxt, block + 1)
                     stop = min(nxt * bs, end)
-                    out.add(pos, stop, ABSENT)
+                    out.add(pos, stop, ABSENT if state == S.PAYLOAD_NOT_PRESENT else ZERO)
                     pos, block = stop, nxt
                     continue
                 stop = min((block + 1) * bs, end)

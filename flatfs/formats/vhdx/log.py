@@ -294,5 +294,20 @@ class _Scanner:
                     break
                 seq.append(n)
             if seq[-1] is head:
+                self._no_newer(found, head.sequence)
                 return seq
+        self._no_newer(found, -1)
         return []
+
+    def _no_newer(self, found: list[Entry], sequence: int) -> None:
+        """A valid entry newer than the active sequence's head means an entry before it is
+        broken: not a torn write (a torn entry is the newest one), so refuse rather than
+        replay an older state over newer bytes."""
+        newer = [e for e in found if e.sequence > sequence]
+        if newer:
+            e = min(newer, key=lambda e: e.sequence)
+            raise CorruptImage(
+                self.path,
+                f"log entry {e.sequence} is valid but the log sequence leading to it is broken",
+                self.h.log_offset + e.pos,
+            )

@@ -161,7 +161,9 @@ def current_header(path: str, first: bytes, second: bytes, file_size: int) -> He
         raise CorruptImage(path, "log offset or length is not a multiple of 1 MiB", h.at + 64)
     if h.log_length and (h.log_offset < MiB or h.log_offset + h.log_length > file_size):
         raise CorruptImage(
-            path, f"log at 0x{h.log_offset:x} (+0x{h.log_length:x}) lies outside the file", h.at + 64
+            path,
+            f"log at 0x{h.log_offset:x} (+0x{h.log_length:x}) lies outside the file or over its headers",
+            h.at + 64,
         )
     return h
 
