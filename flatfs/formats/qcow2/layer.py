@@ -19,7 +19,7 @@ from typing import Any
 from ...errors import CorruptImage, ImageIOError
 from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact, pread_padded
-from ..api import HostFile, LayerBase, OpenContext, ParentRef
+from ..api import HostFile, HostRun, LayerBase, OpenContext, ParentRef
 from . import clusters as C
 from .spec import (
     COMPRESSION_NAMES,
@@ -458,6 +458,39 @@ class Qcow2Layer(LayerBase):
         if self.data_fd != self.fd:
             return (HostFile(self.path, self.fd), HostFile(self.data_path, self.data_fd, "data file"))
         return (HostFile(self.path, self.fd),)
+
+    def host_map(self, start: int, end: int) -> list[HostRun]:
+        """Plain data clusters (in the image or its external data file) map to their host
+        bytes, neighbours contiguous on the host joined; compressed clusters and bytes past the
+        data file's end (read as zeros) do not."""
+        out: list[HostRun] = []
+        fd, limit = self.data_fd, self.data_size
+        for s, e, code, host, t, r in self._runs(start, end):
+            if code == C.BAD:
+                raise self._bad(t, r)  # type: ignore[arg-type]
+            n = e - s
+            if code == C.DATA:
+                inside = max(0, min(n, limit - host))
+                if inside:
+                    last = out[-1] if out else None
+                    if (
+                        last is not None
+                        and last[2] == fd
+                        and last[0] + last[1] == s
+                        and last[3] + last[1] == host
+                    ):
+                        out[-1] = (last[0], last[1] + inside, fd, last[3])
+                    else:
+                        out.append((s, inside, fd, host))
+                s += inside
+                n -= inside
+            if n:
+                last = out[-1] if out else None
+                if last is not None and last[2] < 0 and last[0] + last[1] == s:
+                    out[-1] = (last[0], last[1] + n, -1, 0)
+                else:
+                    out.append((s, n, -1, 0))
+        return out
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         end = offset + len(buf)

@@ -249,6 +249,22 @@ class Qcow2Writer:
             self._set_entries(guest_cluster, n, host | OFLAG_COPIED, self.cs, None)
         self._flush_metadata()
 
+    def place_clusters(self, guest_cluster: int, n: int) -> int:
+        """Allocate ``n`` consecutive guest clusters as data without writing them; return the
+        host offset of the first (cluster aligned, so the caller can copy or share blocks
+        into it: copy offload). The caller fills them before :meth:`finish`; whatever it
+        does not write stays a hole and reads as zeros. Counted like :meth:`write_clusters`,
+        except for ``bytes_written``."""
+        if n <= 0:
+            raise ValueError("place at least one cluster")
+        self._check_order(guest_cluster, n)
+        host = self._alloc(n)
+        self.data_clusters += n
+        bitmaps = array("Q", [ALL_ALLOC]) * n if self.extended_l2 else None
+        self._set_entries(guest_cluster, n, host | OFLAG_COPIED, self.cs, bitmaps)
+        self._flush_metadata()
+        return host
+
     def write_compressed(self, guest_cluster: int, payload: bytes | bytearray | memoryview) -> None:
         """Store one guest cluster as compressed data (already compressed by the caller)."""
         length = len(payload)
