@@ -53,9 +53,12 @@ KIND_COST = 17
 class _L2:
     """One cached L2 table: its kind view (mapping) and, once a read needs it, its read runs."""
 
-    __slots__ = ("kinds", "read", "raw", "l2_offset", "cost")
+    __slots__ = ("kinds", "read", "raw", "l2_offset", "cost", "plain")
 
-    def __init__(self, kinds: C.Kinds, read: C.Table | None, raw: bytes | None, l2_offset: int) -> None:
+    def __init__(
+        self, kinds: C.Kinds, read: C.Table | None, raw: bytes | None, l2_offset: int, plain: bool = False
+    ) -> None:
+        self.plain = plain  # the fast kind view accepted it: read runs are built in bulk too
         self.kinds = kinds
         self.read = read
         self.raw = raw  # kept while ``read`` is not built yet
@@ -247,7 +250,7 @@ class Qcow2Layer(LayerBase):
         if not h.extended_l2 and not h.has_data_file:
             fast = C.fast_kinds(C.decode(raw), self.cluster_bits, l1_index * self.l1_span, raw)
         if fast is not None:
-            t = _L2(fast, None, raw, l2_off)
+            t = _L2(fast, None, raw, l2_off, plain=True)
         else:
             read = self._classify(raw, l1_index, l2_off)
             t = _L2(C.kinds_of(read, l1_index * self.l1_span), read, None, l2_off)
@@ -279,7 +282,11 @@ class Qcow2Layer(LayerBase):
         if read is None:
             raw = t.raw
             assert raw is not None
-            read = self._classify(raw, l1_index, t.l2_offset)
+            if t.plain:
+                read = C.fast_table(t.kinds, self.cluster_bits, l1_index * self.l1_span, raw)
+                read.l2_offset = t.l2_offset
+            else:
+                read = self._classify(raw, l1_index, t.l2_offset)
             with self._lock:
                 if t.read is None:
                     t.read, t.raw = read, None
