@@ -301,7 +301,9 @@ def test_placed_clusters_are_filled_by_the_caller(tmp_path):
         os.pwrite(fd, b"\x02" * (3 * 64 * K), host)  # the last placed cluster stays a hole
         with pytest.raises(ValueError):
             w.place_clusters(2, 1)  # guest order
-        w.write_clusters(100, b"\x03" * 64 * K)
+        filled = []
+        w.place_clusters(100, 1, fill=lambda h: filled.append(os.pwrite(fd, b"\x03" * 64 * K, h)))
+        assert filled == [64 * K]
         w.finish()
         os.close(fd)
         audit(path)
