@@ -31,7 +31,7 @@ def _sources(q: Qemu, d: Path) -> dict[str, Path]:
     plain = d / "plain.qcow2"
     q.img("convert", "-f", "raw", "-O", "qcow2", raw, plain)
     ext = d / "ext.qcow2"
-    q.create(ext, 24 * M, opts="data_file=ext.data")
+    q.create(ext, 24 * M, opts=f"data_file={d}/ext.data")  # absolute: QEMU 7.2 resolves it against its cwd
     q.io(ext, "write -P 0x61 0 1M", "write -P 0x62 5M 300k", "write -P 0 9M 64k", "write -P 0x63 20M 4M")
     chain_dir = d / "chain"
     chain_dir.mkdir()

@@ -301,8 +301,12 @@ def test_placed_clusters_are_filled_by_the_caller(tmp_path):
         os.pwrite(fd, b"\x02" * (3 * 64 * K), host)  # the last placed cluster stays a hole
         with pytest.raises(ValueError):
             w.place_clusters(2, 1)  # guest order
-        filled = []
-        w.place_clusters(100, 1, fill=lambda h: filled.append(os.pwrite(fd, b"\x03" * 64 * K, h)))
+        filled: list[int] = []
+
+        def fill(host: int, fd: int = fd, filled: list[int] = filled) -> None:
+            filled.append(os.pwrite(fd, b"\x03" * 64 * K, host))
+
+        w.place_clusters(100, 1, fill=fill)
         assert filled == [64 * K]
         w.finish()
         os.close(fd)
