@@ -9,7 +9,8 @@ DESTDIR ?=
 # What `make install` writes, relative to $(DESTDIR)$(PREFIX); `make uninstall` removes exactly these.
 INSTALL_DIRS  := lib/flatfs share/doc/flatfs
 INSTALL_FILES := bin/flatfs share/man/man1/flatfs.1 share/man/man1/flatfs-mount.1 \
-                 share/man/man1/flatfs-convert.1 lib/systemd/system/flatfs@.service
+                 share/man/man1/flatfs-convert.1 share/man/man1/flatfs-measure.1 \
+                 lib/systemd/system/flatfs@.service
 
 .PHONY: all demo test test-fast check bench fuzz-long deps-run deps-test venv clean install uninstall
 
@@ -64,7 +65,7 @@ install: deps-run
 	rm -f "$$root/lib/flatfs/install.log"; \
 	install -d "$$root/bin" "$$root/share/man/man1" "$$root/lib/systemd/system" "$$root/share/doc/flatfs"; \
 	ln -sfn "$(PREFIX)/lib/flatfs/bin/flatfs" "$$root/bin/flatfs"; \
-	install -m644 docs/man/flatfs.1 docs/man/flatfs-mount.1 docs/man/flatfs-convert.1 "$$root/share/man/man1/"; \
+	install -m644 docs/man/flatfs.1 docs/man/flatfs-mount.1 docs/man/flatfs-convert.1 docs/man/flatfs-measure.1 "$$root/share/man/man1/"; \
 	sed 's|/usr/local/bin/flatfs|$(PREFIX)/bin/flatfs|g' systemd/flatfs@.service \
 	  >"$$root/lib/systemd/system/flatfs@.service"; \
 	install -m644 systemd/example.conf "$$root/share/doc/flatfs/example.conf"; \

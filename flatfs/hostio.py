@@ -158,13 +158,41 @@ class ImageLocked(ImageError):
     errno = errno.EBUSY
 
 
-def _flock(kind: int, start: int) -> bytes:
-    return _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0).ljust(_FLOCK_SIZE, b"\0")
+def _flock(kind: int, start: int, length: int = 1) -> bytes:
+    return _FLOCK.pack(kind, os.SEEK_SET, start, length, 0).ljust(_FLOCK_SIZE, b"\0")
 
 
 def _locked_by_other(fd: int, byte: int) -> bool:
     out = fcntl.fcntl(fd, F_OFD_GETLK, _flock(fcntl.F_WRLCK, byte))
     return bool(_FLOCK.unpack(out[: _FLOCK.size])[0] != fcntl.F_UNLCK)
+
+
+_NO_LOCKING = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOLCK, errno.ENOSYS, errno.EBADF)
+
+
+def _take_locks(fd: int, path: str, held: Sequence[int], unshared: Sequence[int], hint: str) -> bool:
+    """Hold the ``held`` permissions, refuse to share ``unshared``; ImageLocked on a conflict."""
+    try:
+        for bit in held:
+            fcntl.fcntl(fd, F_OFD_SETLK, _flock(fcntl.F_RDLCK, PERM_BASE + bit))
+        for bit in unshared:
+            fcntl.fcntl(fd, F_OFD_SETLK, _flock(fcntl.F_RDLCK, SHARED_BASE + bit))
+        conflicts = [
+            f"it holds the {PERM_NAMES[b]} lock" for b in unshared if _locked_by_other(fd, PERM_BASE + b)
+        ]
+        conflicts += [
+            f"it does not share {PERM_NAMES[b]}" for b in held if _locked_by_other(fd, SHARED_BASE + b)
+        ]
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            conflicts = ["it holds the write lock"]
+        elif exc.errno in _NO_LOCKING:
+            return False
+        else:
+            raise ImageError(path, f"cannot lock: {exc.strerror}") from None
+    if conflicts:
+        raise ImageLocked(path, f"in use by another process ({conflicts[0]}); {hint}")
+    return True
 
 
 def lock_shared_readonly(fd: int, path: str) -> bool:
@@ -173,24 +201,36 @@ def lock_shared_readonly(fd: int, path: str) -> bool:
     Returns False when the file system cannot lock (QEMU then does not lock
     either); raises ImageLocked when another user conflicts.
     """
+    return _take_locks(fd, path, HELD, UNSHARED, "use -U/--force-share to read it anyway")
+
+
+# A writer (``flatfs convert -n`` into an existing image file or device) holds
+# CONSISTENT_READ and WRITE and shares neither WRITE nor RESIZE: a VM using the
+# image, a flatfs view of it, or a second ``convert -n`` makes it refuse, and
+# none of them can start while it writes.
+WRITER_HELD = (CONSISTENT_READ, WRITE)
+WRITER_UNSHARED = (WRITE, RESIZE)
+
+
+def lock_for_writing(fd: int, path: str) -> bool:
+    """Take a writer's locks on ``fd`` (``fd`` open read-write; they live as long as the fd)."""
+    return _take_locks(fd, path, WRITER_HELD, WRITER_UNSHARED, "refusing to write into it")
+
+
+def try_lock_whole(fd: int, exclusive: bool) -> bool | None:
+    """Try an OFD lock over the whole file: True taken, False held by another, None cannot lock here.
+
+    OFD locks belong to the open file, not to a process: they work between
+    threads, across PID namespaces, and (through the lock manager) across
+    the hosts of a shared folder. ``exclusive`` needs ``fd`` open for writing.
+    """
+    kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
     try:
-        for bit in HELD:
-            fcntl.fcntl(fd, F_OFD_SETLK, _flock(fcntl.F_RDLCK, PERM_BASE + bit))
-        for bit in UNSHARED:
-            fcntl.fcntl(fd, F_OFD_SETLK, _flock(fcntl.F_RDLCK, SHARED_BASE + bit))
-        conflicts = [PERM_NAMES[b] for b in UNSHARED if _locked_by_other(fd, PERM_BASE + b)]
-        conflicts += [PERM_NAMES[b] for b in HELD if _locked_by_other(fd, SHARED_BASE + b)]
+        fcntl.fcntl(fd, F_OFD_SETLK, _flock(kind, 0, 0))
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
-            conflicts = ["write"]
-        elif exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOLCK, errno.ENOSYS, errno.EBADF):
             return False
-        else:
-            raise ImageError(path, f"cannot lock: {exc.strerror}") from None
-    if conflicts:
-        raise ImageLocked(
-            path,
-            f"in use by another process (it holds the {conflicts[0]} lock); "
-            "use -U/--force-share to read it anyway",
-        )
+        if exc.errno in _NO_LOCKING:
+            return None
+        raise
     return True

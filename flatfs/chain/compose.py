@@ -73,6 +73,10 @@ class Chain:
         """How the parent of layer ``depth`` was found ("name", "search by <kind>"), if it has one."""
         return self._opener.found_by.get(self.layers[depth].path)
 
+    def resolved_from(self, depth: int) -> str | None:
+        """The name layer ``depth`` records for its parent that found it, if a name did."""
+        return self._opener.resolved_from.get(self.layers[depth].path)
+
     # -- the one composer --------------------------------------------------
     def _pieces(self, depth: int, start: int, end: int) -> Iterator[Piece]:
         """The composition of [start, end) from layer ``depth`` down, a layer's answer at a time."""

@@ -64,6 +64,8 @@ class Opener:
         # child path -> how its parent was found: "name" (a name the child
         # records, or a registry names) or "search by <kind>" (a folder scan)
         self.found_by: dict[str, str] = {}
+        # child path -> the recorded name that found its parent
+        self.resolved_from: dict[str, str] = {}
 
     # -- names -----------------------------------------------------------------
     @staticmethod
@@ -78,10 +80,11 @@ class Opener:
             return name
         return os.path.join(os.path.dirname(referrer), name)
 
-    def candidates(self, referrer: str, ref: ParentRef, what: str) -> list[str]:
-        """The paths to try for ``ref``, in order, without duplicates."""
+    def candidates(self, referrer: str, ref: ParentRef, what: str) -> list[tuple[str, str]]:
+        """The paths to try for ``ref``, in order, without duplicates, each with the recorded
+        name it comes from (for ``info``: which name found the parent)."""
         folder = os.path.dirname(referrer)
-        out: list[str] = []
+        out: list[tuple[str, str]] = []
         for name in ref.candidates:
             if not name:
                 continue
@@ -94,15 +97,18 @@ class Opener:
                 if drive or rest.startswith(("\\", "/")):
                     parts = parts[-1:]
                 if parts:
-                    out.append(os.path.join(folder, *parts))
+                    out.append((os.path.join(folder, *parts), name))
             else:
-                out.append(self.resolve(referrer, name, what))
+                out.append((self.resolve(referrer, name, what), name))
         if ref.loose:
             for name in ref.candidates:
                 bare = ntpath.basename(name.replace("/", "\\"))
                 if bare:
-                    out.append(os.path.join(folder, bare))
-        return list(dict.fromkeys(out))
+                    out.append(
+                        (os.path.join(folder, bare), f"{bare} (the bare file name, in the image's folder)")
+                    )
+        first = dict(reversed(out))  # path -> the first name that gives it
+        return [(p, first[p]) for p in dict.fromkeys(p for p, _ in out)]
 
     def check_dir(self, referrer: str, path: str, what: str) -> None:
         bdir = self.options.backing_dir
@@ -317,8 +323,9 @@ def _scan_head(path: str) -> bytes | None:
 
 def _open_parent(lay: Layer, ref: ParentRef, opener: Opener) -> Layer:
     what = "backing file"
-    tried = opener.candidates(lay.path, ref, what)
-    for i, path in enumerate(tried):
+    named = opener.candidates(lay.path, ref, what)
+    tried = [path for path, _ in named]
+    for i, (path, source) in enumerate(named):
         last = i == len(tried) - 1 and ref.by_id is None
         if not last and not os.path.lexists(path):
             continue
@@ -333,6 +340,7 @@ def _open_parent(lay: Layer, ref: ParentRef, opener: Opener) -> Layer:
             parent.close()
             continue  # a file of that name, but not the parent: keep looking
         opener.found_by[lay.path] = "name"
+        opener.resolved_from[lay.path] = source
         return parent
     if ref.by_id is None:
         raise ChainError(f"{lay.path}: {what} not found")

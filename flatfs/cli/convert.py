@@ -1,4 +1,4 @@
-"""`flatfs convert` (see convert.py)."""
+"""`flatfs convert` and `flatfs measure` (see flatfs.convert)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,19 @@ from .common import SIZE, chain_options, format_names, target_format_names
     help="Format of BACKING (default: probe).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing TARGET.")
+@click.option(
+    "-n",
+    "--no-create",
+    "no_create",
+    is_flag=True,
+    help="Write the image from byte 0 into TARGET, an existing file or block device, without "
+    "creating, truncating or renaming it (its old contents are overwritten).",
+)
+@click.option(
+    "--target-is-zero",
+    is_flag=True,
+    help="With -n: TARGET already reads as zeros, so nothing is zeroed.",
+)
 @click.option("-p", "--progress", is_flag=True, help="Show a progress bar on stderr.")
 @click.option(
     "--output",
@@ -89,13 +102,15 @@ def convert(
     backing: str | None,
     backing_format: str | None,
     force: bool,
+    no_create: bool,
+    target_is_zero: bool,
     progress: bool,
     output: str,
     options: OpenOptions,
 ) -> None:
     """Write SOURCE's flattened chain to TARGET, reading only its data.
 
-    TARGET appears whole or not at all. Manual: flatfs-convert(1).
+    TARGET appears whole or not at all (with -n: it is written in place). Manual: flatfs-convert(1).
     """
     from ..convert import ConvertOptions, Interrupted
     from ..convert import convert as do_convert
@@ -111,6 +126,8 @@ def convert(
         backing=backing,
         backing_format=backing_format,
         force=force,
+        no_create=no_create,
+        target_is_zero=target_is_zero,
     )
     try:
         summary = do_convert(source, target, opts, options, progress=progress)
@@ -121,3 +138,74 @@ def convert(
         click.echo(f"flatfs: removed stale temporary file {path}", err=True)
     if output == "json":
         click.echo(json.dumps(summary.as_dict(), indent=2))
+
+
+@click.command()
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option(
+    "-O",
+    "--target-format",
+    type=click.Choice(target_format_names()),
+    default="qcow2",
+    show_default=True,
+    help="Format of the target to measure.",
+)
+@click.option(
+    "-S",
+    "--sparse-size",
+    type=SIZE,
+    default="4k",
+    show_default=True,
+    help="As for convert (checked; the figures do not depend on it).",
+)
+@click.option("--compat", type=click.Choice(["0.10", "1.1"]), default=None, help="qcow2 version.")
+@click.option("--cluster-size", type=SIZE, default=None, help="qcow2 cluster size, 512 to 2M (default 64k).")
+@click.option("-c", "--compress", is_flag=True, help="Compressed clusters (the figures are upper bounds).")
+@click.option(
+    "--compression-type", type=click.Choice(["zlib", "zstd"]), default=None, help="qcow2 compression type."
+)
+@click.option("--extended-l2", is_flag=True, help="Extended L2 entries.")
+@click.option(
+    "--output",
+    type=click.Choice(["human", "json"]),
+    default="human",
+    help="json: the figures as a JSON object.",
+)
+@chain_options(format_flag=("-f", "--source-format"))
+def measure(
+    source: str,
+    target_format: str,
+    sparse_size: int,
+    compat: str | None,
+    cluster_size: int | None,
+    compress: bool,
+    compression_type: str | None,
+    extended_l2: bool,
+    output: str,
+    options: OpenOptions,
+) -> None:
+    """Print the size a converted SOURCE needs, from its metadata alone.
+
+    Size a volume for `flatfs convert -n` with it. Manual: flatfs-measure(1).
+    """
+    from ..chain import open_chain
+    from ..convert import ConvertOptions, measure_chain
+
+    opts = ConvertOptions(
+        target_format=target_format,
+        sparse_size=sparse_size,
+        compat=compat,
+        cluster_size=cluster_size,
+        compress=compress,
+        compression_type=compression_type,
+        extended_l2=extended_l2,
+    )
+    with open_chain(source, options) as chain:
+        m = measure_chain(chain, opts)
+    if output == "json":
+        click.echo(json.dumps(m.as_dict(), indent=4))
+        return
+    click.echo(f"required size: {m.required}")
+    click.echo(f"fully allocated size: {m.fully_allocated}")
+    if m.bitmaps is not None:
+        click.echo(f"bitmaps size: {m.bitmaps}")

@@ -43,6 +43,8 @@ def chain_info(chain: Chain) -> list[dict[str, Any]]:
                         "found": got,
                         "match": got == want,
                     }
+                if len(lay.parent.candidates) > 1 or lay.parent.loose:
+                    row["backing-resolved-from"] = chain.resolved_from(depth)
         row.update(lay.info())
         rows.append(row)
     return rows

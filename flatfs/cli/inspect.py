@@ -64,6 +64,8 @@ def info(image: str, output: str, options: OpenOptions) -> None:
             click.echo(f"    backing file:  {r['backing-filename']} (format: {fmt})")
         if r.get("backing-found-by"):
             click.echo(f"    found by:      {r['backing-found-by']}")
+        if r.get("backing-resolved-from"):
+            click.echo(f"    resolved from: {r['backing-resolved-from']}")
         pid = r.get("parent-identity")
         if pid is not None:
             verdict = (

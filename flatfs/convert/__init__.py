@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import time
+from collections.abc import Callable
 
 from ..chain import Chain, OpenOptions, open_chain
 from ..errors import ConvertError, FlatfsError, ImageIOError
 from . import pipeline
+from .inplace import Existing, InPlaceIO, Zeroer
+from .measure import Measure, measure_chain
 from .options import ConvertOptions, Summary, validate
 from .progress import Progress
 from .safety import (
@@ -39,6 +43,12 @@ from .safety import (
 )
 from .targets import open_target
 
+Warn = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(f"flatfs: {message}", file=sys.stderr, flush=True)
+
 
 def convert(
     source: str | os.PathLike[str],
@@ -46,6 +56,7 @@ def convert(
     options: ConvertOptions | None = None,
     open_options: OpenOptions | None = None,
     progress: bool = False,
+    warn: Warn | None = None,
 ) -> Summary:
     """Open SOURCE's chain (and BACKING's, relative to TARGET's folder) and convert."""
     options = options or ConvertOptions()
@@ -55,7 +66,7 @@ def convert(
     dest = destination(target)
     with open_chain(source, open_options) as chain:
         if not options.backing:
-            return convert_chain(chain, target, options, progress=progress)
+            return convert_chain(chain, target, options, progress=progress, warn=warn)
         bpath = options.backing
         if not os.path.isabs(bpath):
             bpath = os.path.join(os.path.dirname(dest), bpath)
@@ -77,7 +88,7 @@ def convert(
                 ) from None
             raise
         with bchain:
-            return convert_chain(chain, target, options, backing=bchain, progress=progress)
+            return convert_chain(chain, target, options, backing=bchain, progress=progress, warn=warn)
 
 
 def convert_chain(
@@ -86,28 +97,29 @@ def convert_chain(
     options: ConvertOptions,
     backing: Chain | None = None,
     progress: bool | Progress = False,
+    warn: Warn | None = None,
 ) -> Summary:
-    """Convert an open chain into TARGET, safely (temporary file, fsync, rename)."""
+    """Convert an open chain into TARGET, safely (temporary file, fsync, no-replace rename).
+
+    With ``options.no_create`` (``-n``) the image is written into the
+    existing file or device TARGET instead (see :mod:`.inplace`).
+    """
     validate(options)
     target = os.fspath(target)
-    dest = destination(target)
     t0 = time.monotonic()
     if options.backing and backing is None:
         raise ConvertError("-B/--backing given but no backing chain opened")
-    check_target(target, dest, [source] + ([backing] if backing is not None else []), options.force)
     summary = Summary(
         source=source.path, target=target, target_format=options.target_format, virtual_size=source.size
     )
+    if options.no_create:
+        _convert_in_place(source, target, options, backing, summary, progress, warn or _stderr)
+        summary.seconds = time.monotonic() - t0
+        return summary
+    dest = destination(target)
+    check_target(target, dest, [source] + ([backing] if backing is not None else []), options.force)
     summary.removed_stale = remove_stale_temps(dest)
-
-    bar: Progress | None = None
-    if isinstance(progress, Progress):
-        bar = progress
-    elif progress:
-        total = sum(e.length for e in source.extents() if e.kind.must_read)
-        if backing is not None:
-            total += sum(e.length for e in backing.extents(0, source.size) if e.kind.must_read)
-        bar = Progress(total)
+    bar = _progress_bar(source, backing, progress)
 
     def write(fd: int) -> None:
         job = open_target(source, backing, fd, target, options, summary)
@@ -116,12 +128,72 @@ def convert_chain(
 
     with SignalGuard(target) as guard:
         try:
-            write_into_place(target, dest, guard, write)
+            write_into_place(target, dest, guard, write, replace=options.force)
         finally:
             if bar is not None:
                 bar.close()
     summary.seconds = time.monotonic() - t0
     return summary
+
+
+def _progress_bar(source: Chain, backing: Chain | None, progress: bool | Progress) -> Progress | None:
+    if isinstance(progress, Progress):
+        return progress
+    if not progress:
+        return None
+    total = sum(e.length for e in source.extents() if e.kind.must_read)
+    if backing is not None:
+        total += sum(e.length for e in backing.extents(0, source.size) if e.kind.must_read)
+    return Progress(total)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def needed_size(source: Chain, options: ConvertOptions, backing: Chain | None = None) -> int:
+    """The bytes an existing target must hold for ``convert -n`` (an upper bound for qcow2)."""
+    return measure_chain(source, options, backing).required
+
+
+def _convert_in_place(
+    source: Chain,
+    target: str,
+    options: ConvertOptions,
+    backing: Chain | None,
+    summary: Summary,
+    progress: bool | Progress,
+    warn: Warn,
+) -> None:
+    chains = [source] + ([backing] if backing is not None else [])
+    with Existing(target, chains) as ex:
+        need = needed_size(source, options, backing)
+        if ex.size < need:
+            what = "device" if ex.device else "file"
+            raise ConvertError(
+                f"{target}: too small: the {options.target_format} image needs {need} bytes "
+                f"({_mib(need)}); the {what} holds {ex.size} ({_mib(ex.size)})"
+            )
+
+        def say(message: str) -> None:
+            summary.warnings.append(message)
+            warn(message)
+
+        zeroer = None if options.target_is_zero else Zeroer(ex.fd, target, ex.device, say)
+        bar = _progress_bar(source, backing, progress)
+        outcome = "TARGET holds no valid image (its old header was already erased)"
+        with SignalGuard(target, outcome.replace("TARGET", "it")):
+            try:
+                start = ex.invalidate(zeroer) if zeroer is not None else 0
+                io = InPlaceIO(ex.fd, target, ex.size, zeroer, start)
+                job = open_target(source, backing, ex.fd, target, options, summary, io)
+                pipeline.run(job, summary, bar)
+                job.finish()
+            finally:
+                if bar is not None:
+                    bar.close()
+        if zeroer is not None:
+            summary.zeroed = zeroer.zeroed
 
 
 __all__ = [
@@ -131,6 +203,9 @@ __all__ = [
     "Progress",
     "convert",
     "convert_chain",
+    "measure_chain",
+    "Measure",
+    "needed_size",
     "remove_stale_temps",
     "check_target",
     "destination",

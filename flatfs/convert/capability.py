@@ -60,6 +60,12 @@ class ClusterWriterClass(Protocol):
 
     def check_cluster_size(self, cluster_size: int) -> int: ...
 
+    def entries_per_l2(self, cluster_size: int, extended_l2: bool) -> int: ...
+
+    def layout_bytes(
+        self, size: int, cluster_size: int, extended_l2: bool, data_clusters: int, l2_tables: int
+    ) -> int: ...
+
     def __call__(
         self,
         fd: int,
@@ -73,6 +79,7 @@ class ClusterWriterClass(Protocol):
         extended_l2: bool,
         compression_type: str,
         io: WriteIO,
+        resize: bool = True,
     ) -> ClusterWriter: ...
 
 

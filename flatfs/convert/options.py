@@ -25,6 +25,8 @@ class ConvertOptions:
     backing_format: str | None = None  # default: the backing image's own format
     force: bool = False  # overwrite an existing TARGET
     threads: int | None = None  # compression threads (default: CPUs, at most 8)
+    no_create: bool = False  # -n: write into an existing file or block device, from byte 0
+    target_is_zero: bool = False  # with -n: the target already reads as zeros; zero nothing
 
 
 @dataclass
@@ -44,6 +46,8 @@ class Summary:
     file_size: int = 0
     seconds: float = 0.0
     removed_stale: list[str] = field(default_factory=list)
+    zeroed: int = 0  # -n: bytes of the target made to read zeros
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -74,6 +78,10 @@ def validate(opts: ConvertOptions) -> None:
     """Refuse options that do not go together, before any file is opened."""
     if opts.target_format not in TARGET_FORMATS:
         raise ConvertError(f"unknown target format {opts.target_format!r}")
+    if opts.target_is_zero and not opts.no_create:
+        raise ConvertError("--target-is-zero needs -n (it describes an existing target)")
+    if opts.no_create and opts.force:
+        raise ConvertError("-n writes into TARGET in place and replaces nothing; --force does not apply")
     if opts.sparse_size < 0 or opts.sparse_size % 512:
         raise ConvertError(f"--sparse-size must be 0 or a multiple of 512, not {opts.sparse_size}")
     if opts.target_format == "raw":

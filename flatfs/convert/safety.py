@@ -1,15 +1,19 @@
 """TARGET appears whole or not at all: a temporary file, fsync, rename, signals, stale temporaries.
 
 The image is written into a temporary file next to TARGET
-(``.NAME.flatfs-tmp-PID-RANDOM``), fsynced and renamed into place, and the
-folder is fsynced. Any error, SIGINT, SIGTERM, SIGHUP or a full disk removes
-the temporary file and leaves no TARGET (an existing TARGET replaced with
+(``.NAME.flatfs-tmp-PID-RANDOM``, locked by its writer), fsynced and renamed
+into place without replacing anything (unless ``force``), and the folder is
+fsynced. Any error, SIGINT, SIGTERM, SIGHUP or a full disk removes the
+temporary file and leaves no TARGET (an existing TARGET replaced with
 ``force`` stays untouched). Temporary files left by a killed run are removed
-by the next run for the same TARGET once their process is gone.
+by the next run in the same folder once nobody holds their lock.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
 import re
 import secrets
@@ -21,6 +25,7 @@ from typing import Any
 
 from ..chain import Chain
 from ..errors import ConvertError, ImageIOError
+from ..hostio import try_lock_whole
 
 TMP_MARK = ".flatfs-tmp-"
 
@@ -30,13 +35,13 @@ _SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTE
 class Interrupted(ConvertError):
     """The conversion was stopped by a signal; nothing was left behind."""
 
-    def __init__(self, signum: int, target: str) -> None:
+    def __init__(self, signum: int, target: str, outcome: str = "nothing written") -> None:
         self.signum = signum
         try:
             name = signal.Signals(signum).name
         except ValueError:
             name = f"signal {signum}"
-        super().__init__(f"{target}: conversion interrupted by {name}; nothing written")
+        super().__init__(f"{target}: conversion interrupted by {name}; {outcome}")
 
 
 def destination(target: str | os.PathLike[str]) -> str:
@@ -47,6 +52,24 @@ def destination(target: str | os.PathLike[str]) -> str:
     return os.path.abspath(target)
 
 
+def refuse_chain_member(target: str, st: os.stat_result | None, real: str, chains: Sequence[Chain]) -> None:
+    """Refuse a TARGET that is one of the chains' files (even with force), by inode, device or path."""
+    for chain in chains:
+        for host in chain.host_files():
+            try:
+                lst: os.stat_result | None = os.fstat(host.fd)
+            except OSError:
+                lst = None
+            same = st is not None and lst is not None and (st.st_dev, st.st_ino) == (lst.st_dev, lst.st_ino)
+            if st is not None and lst is not None and stat.S_ISBLK(st.st_mode) and stat.S_ISBLK(lst.st_mode):
+                same = same or st.st_rdev == lst.st_rdev
+            if same or os.path.realpath(host.path) == real:
+                raise ConvertError(
+                    f"{target}: refusing to write over {host.path}, which is part of "
+                    "the chain being read (even with --force)"
+                )
+
+
 def check_target(target: str, dest: str, chains: Sequence[Chain], force: bool) -> None:
     """Refuse a TARGET that is part of a chain (even with force) or exists (without force)."""
     try:
@@ -55,96 +78,213 @@ def check_target(target: str, dest: str, chains: Sequence[Chain], force: bool) -
         st = None
     except OSError as exc:
         raise ImageIOError.from_oserror(target, exc) from None
-    real = os.path.realpath(dest)
-    for chain in chains:
-        for host in chain.host_files():
-            try:
-                lst: os.stat_result | None = os.fstat(host.fd)
-            except OSError:
-                lst = None
-            same = st is not None and lst is not None and (st.st_dev, st.st_ino) == (lst.st_dev, lst.st_ino)
-            if same or os.path.realpath(host.path) == real:
-                raise ConvertError(
-                    f"{target}: refusing to write over {host.path}, which is part of "
-                    "the chain being read (even with --force)"
-                )
+    refuse_chain_member(target, st, os.path.realpath(dest), chains)
     folder = os.path.dirname(dest)
     if not os.path.isdir(folder):
         raise ConvertError(f"{target}: folder {folder} does not exist")
     if st is not None:
+        if stat.S_ISBLK(st.st_mode):
+            raise ConvertError(
+                f"{target}: is a block device; use -n to write the image into it "
+                "(its old contents are overwritten)"
+            )
         if not stat.S_ISREG(st.st_mode):
             raise ConvertError(f"{target}: exists and is not a regular file; refusing to replace it")
         if not force:
-            raise ConvertError(f"{target}: already exists (use --force to overwrite)")
+            raise ConvertError(f"{target}: already exists (use --force to overwrite, or -n to write into it)")
 
 
 # -- temporary files ------------------------------------------------------------------
+#
+# A temporary file is ``.NAME.flatfs-tmp-PID-XXXXXXXX`` (8 hex digits) next to
+# TARGET. Its writer holds an exclusive OFD lock on it for the whole run (taken
+# right after the O_EXCL create, and checked to be on the file the name still
+# names). A temporary is stale only when that lock can be taken: the PID in the
+# name is informative only, since a live writer may be on another host of a
+# shared folder or in another PID namespace, where its PID means nothing.
+
+_TEMP_NAME = re.compile(r"\..+" + re.escape(TMP_MARK) + r"[0-9]+-[0-9a-f]{8}")
 
 
 def temp_prefix(dest: str) -> str:
     return f".{os.path.basename(dest)}{TMP_MARK}"
 
 
-def _pid_alive(pid: int) -> bool:
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is exactly a flatfs temporary file's name."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def _same_file(path: str, fd: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        st = os.lstat(path)
+        fst = os.fstat(fd)
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
 
 
 def remove_stale_temps(dest: str) -> list[str]:
-    """Remove temporary files of earlier conversions to ``dest`` whose process is gone."""
+    """Remove the temporary files in ``dest``'s folder whose writer no longer holds their lock.
+
+    Any TARGET's temporaries count, not only ``dest``'s; only names of
+    flatfs's exact pattern, only regular files, and only when the lock is
+    ours to take (a file system that cannot lock keeps them all).
+    """
     folder = os.path.dirname(dest) or "."
-    prefix = temp_prefix(dest)
-    pattern = re.compile(re.escape(prefix) + r"(\d+)-[0-9a-f]+$")
     removed: list[str] = []
     try:
-        entries = [e.name for e in os.scandir(folder) if e.name.startswith(prefix)]
+        names = [e.name for e in os.scandir(folder) if is_temp_name(e.name)]
     except OSError:
         return removed
-    for name in entries:
-        m = pattern.match(name)
-        if not m or _pid_alive(int(m.group(1))):
-            continue
+    for name in sorted(names):
+        path = os.path.join(folder, name)
         try:
-            os.unlink(os.path.join(folder, name))
-            removed.append(os.path.join(folder, name))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise ImageIOError.from_oserror(os.path.join(folder, name), exc) from None
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError:
+            continue  # gone, a symlink, or not ours to read: not ours to remove
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            # A shared lock conflicts with the writer's exclusive one; held
+            # until the unlink, it also keeps a writer that has just created
+            # the file from taking its lock (it then starts over).
+            if try_lock_whole(fd, exclusive=False) is not True:
+                continue
+            if not _same_file(path, fd):
+                continue
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise ImageIOError.from_oserror(path, exc) from None
+            removed.append(path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
     return removed
 
 
-def write_into_place(target: str, dest: str, guard: SignalGuard, write: Callable[[int], None]) -> None:
+def create_temp(target: str, dest: str) -> tuple[str, int]:
+    """Create and lock a fresh temporary file next to ``dest``: (path, fd)."""
+    folder = os.path.dirname(dest)
+    for _ in range(100):
+        tmp = os.path.join(folder, f"{temp_prefix(dest)}{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ImageIOError.from_oserror(target, exc) from None
+        try:
+            held = try_lock_whole(fd, exclusive=True)
+        except OSError as exc:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise ImageIOError.from_oserror(target, exc) from None
+        if held is False or not _same_file(tmp, fd):
+            # Another run's stale-file sweep got to it between the create and
+            # the lock: it removes the file; start over under a new name.
+            os.close(fd)
+            continue
+        return tmp, fd
+    raise ConvertError(f"{target}: cannot create a temporary file in {folder}")
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# -- putting TARGET in place ----------------------------------------------------------
+
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+_libc: Any = None
+
+
+def _renameat2(src: str, dst: str, flags: int) -> None:
+    """renameat2(2) through libc; OSError(ENOSYS) where libc lacks it."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)
+
+
+_NO_NOREPLACE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (FileExistsError), atomically.
+
+    renameat2(RENAME_NOREPLACE); where the file system lacks it, link(2) then
+    unlink(2) of the old name (link never replaces either); where it has no
+    hard links (FAT), ``dst`` is first claimed with an O_EXCL create and the
+    rename then replaces only that empty placeholder.
+    """
+    try:
+        _renameat2(src, dst, RENAME_NOREPLACE)
+        return
+    except OSError as exc:
+        if exc.errno not in _NO_NOREPLACE:
+            raise
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+    else:
+        os.unlink(src)
+        return
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    try:
+        os.rename(src, dst)
+    except OSError:
+        _unlink_quietly(dst)
+        raise
+
+
+def write_into_place(
+    target: str, dest: str, guard: SignalGuard, write: Callable[[int], None], replace: bool = False
+) -> None:
     """Create a temporary file next to ``dest``, ``write(fd)`` it whole, rename it to ``dest``.
 
-    ``write`` makes the file durable (fsync) itself. On any error or signal
-    the temporary file is removed and ``dest`` is untouched.
+    ``write`` makes the file durable (fsync) itself. Without ``replace``, a
+    ``dest`` that exists by the time of the rename (it appeared during the
+    run) is never replaced: the run fails and removes its temporary file. On
+    any error or signal the temporary file is removed and ``dest`` is
+    untouched. The temporary file stays locked until it has its final name.
     """
     folder = os.path.dirname(dest)
-    tmp = os.path.join(folder, f"{temp_prefix(dest)}{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = ""
     fd = -1
     renamed = False
     try:
-        try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise ImageIOError.from_oserror(target, exc) from None
+        tmp, fd = create_temp(target, dest)
         write(fd)
-        try:
-            os.close(fd)
-        except OSError as exc:
-            raise ImageIOError.from_oserror(target, exc) from None
-        finally:
-            fd = -1
         blocked = _block_signals()
         try:
             try:
-                os.rename(tmp, dest)
+                if replace:
+                    os.rename(tmp, dest)
+                else:
+                    rename_noreplace(tmp, dest)
+            except FileExistsError:
+                raise ConvertError(
+                    f"{target}: appeared while the conversion ran; not replaced (use --force to overwrite)"
+                ) from None
             except OSError as exc:
                 raise ImageIOError.from_oserror(target, exc) from None
             renamed = True
@@ -152,16 +292,20 @@ def write_into_place(target: str, dest: str, guard: SignalGuard, write: Callable
         finally:
             _unblock_signals(blocked)
         fsync_dir(folder)
+        try:
+            os.close(fd)
+        except OSError as exc:
+            raise ImageIOError.from_oserror(target, exc) from None
+        finally:
+            fd = -1
     finally:
         if not renamed:
             guard.ignore()
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            if tmp:
+                _unlink_quietly(tmp)
+        if fd >= 0:
             try:
-                os.unlink(tmp)
+                os.close(fd)
             except OSError:
                 pass
 
@@ -185,15 +329,16 @@ def fsync_dir(folder: str) -> None:
 class SignalGuard:
     """For the duration: SIGINT/SIGTERM/SIGHUP raise Interrupted (main thread only)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, outcome: str = "nothing written") -> None:
         self.target = target
+        self.outcome = outcome
         self.old: dict[int, Any] = {}
         self.active = threading.current_thread() is threading.main_thread()
         self.finished = False
 
     def _raise(self, signum: int, frame: object) -> None:
         if not self.finished:
-            raise Interrupted(signum, self.target)
+            raise Interrupted(signum, self.target, self.outcome)
         # TARGET is complete and in place: let the run end normally.
 
     def __enter__(self) -> SignalGuard:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from ..chain import Chain
 from ..errors import ImageIOError
@@ -33,6 +33,9 @@ COMPRESS_CHUNK_BYTES = 1 << 20  # compressed: one thread-pool task
 READERS = 2  # a cold disk wants a few reads in flight
 MAX_COMPRESS_THREADS = 8
 WRITEBACK_EVERY = 32 << 20  # start the kernel's writeback after this many bytes
+
+if TYPE_CHECKING:
+    from .inplace import InPlaceIO
 
 P = TypeVar("P")
 
@@ -99,12 +102,22 @@ class WritebackIO:
 
 
 def open_target(
-    source: Chain, backing: Chain | None, fd: int, path: str, options: ConvertOptions, summary: Summary
+    source: Chain,
+    backing: Chain | None,
+    fd: int,
+    path: str,
+    options: ConvertOptions,
+    summary: Summary,
+    in_place: InPlaceIO | None = None,
 ) -> Target[Any]:
-    """The target ``options.target_format`` asks for, writing into ``fd`` (an empty file)."""
+    """The target ``options.target_format`` asks for, writing into ``fd``.
+
+    ``fd`` is an empty file, or with ``in_place`` (``convert -n``) an existing
+    file or device that keeps its size, written through ``in_place``.
+    """
     if options.target_format == "raw":
-        return RawTarget(source, fd, path, options, summary)
-    return Qcow2Target(source, backing, fd, path, options, summary)
+        return RawTarget(source, fd, path, options, summary, in_place)
+    return Qcow2Target(source, backing, fd, path, options, summary, in_place)
 
 
 # -- qcow2 -------------------------------------------------------------------------
@@ -126,8 +139,10 @@ class Qcow2Target:
         path: str,
         options: ConvertOptions,
         summary: Summary,
+        in_place: InPlaceIO | None = None,
     ) -> None:
         writer_class = qcow2_writer()
+        self.in_place = in_place
         ctype = options.compression_type or "zlib"
         bfmt = None
         if options.backing:
@@ -143,7 +158,8 @@ class Qcow2Target:
             backing_format=bfmt,
             extended_l2=options.extended_l2,
             compression_type=ctype,
-            io=WritebackIO(fd, path),
+            io=in_place if in_place is not None else WritebackIO(fd, path),
+            resize=in_place is None,
         )
         w = self.writer
         cs = self.cs = w.cs
@@ -252,6 +268,13 @@ class Qcow2Target:
         s.compressed_clusters = w.compressed_clusters
         s.zero_clusters = w.zero_clusters
         s.file_size = w.file_size
+        if self.in_place is not None and self.in_place.pos < w.file_size:
+            # (the writer's last write is its refcount table, at the end: never taken)
+            self.in_place.fill_to(w.file_size)
+            try:
+                os.fsync(self.in_place.fd)
+            except OSError as exc:
+                raise ImageIOError.from_oserror(self.in_place.path, exc) from None
 
 
 # -- raw -----------------------------------------------------------------------------
@@ -264,7 +287,23 @@ class RawPrepared(NamedTuple):
 
 
 class RawTarget:
-    def __init__(self, source: Chain, fd: int, path: str, options: ConvertOptions, summary: Summary) -> None:
+    """Guest bytes at their own offsets.
+
+    In place (``convert -n``), the guest's first and last MiB (where partition
+    tables and image headers live) are kept in memory and written only once
+    everything else is durable, so an interrupted run leaves nothing that
+    looks like a disk.
+    """
+
+    def __init__(
+        self,
+        source: Chain,
+        fd: int,
+        path: str,
+        options: ConvertOptions,
+        summary: Summary,
+        in_place: InPlaceIO | None = None,
+    ) -> None:
         self.planner = BlockPlanner(options.sparse_size, DEFAULT_SPARSE_SIZE)
         gran = self.planner.gran
         self.chunk_bytes = max(gran, CHUNK_BYTES - CHUNK_BYTES % gran)
@@ -273,12 +312,28 @@ class RawTarget:
         self.source = source
         self.fd = fd
         self.path = path
-        self.io = WritebackIO(fd, path)
+        self.io: WritebackIO = in_place if in_place is not None else WritebackIO(fd, path)
+        self.in_place = in_place
+        self.zones: list[tuple[int, bytearray]] = []
+        if in_place is not None:
+            from .inplace import HEAD_ZONE, TAIL_ZONE
+
+            size = source.size
+            head = min(HEAD_ZONE, size)
+            tail = max(head, size - TAIL_ZONE)
+            self.zones = [(0, bytearray(head))]
+            if tail < size:
+                self.zones.append((tail, bytearray(size - tail)))
         summary.granularity = options.sparse_size
         self.summary = summary
         # -S 0 from a plain raw file: the kernel may copy (or reflink) without us looking.
         self.copy_fd = -1
-        if options.sparse_size == 0 and source.format == "raw" and len(source.layers) == 1:
+        if (
+            in_place is None
+            and options.sparse_size == 0
+            and source.format == "raw"
+            and len(source.layers) == 1
+        ):
             if hasattr(os, "copy_file_range"):
                 self.copy_fd = source.host_files()[0].fd
 
@@ -308,16 +363,55 @@ class RawTarget:
             mv = memoryview(slot.buf)
             a = chunk.start
             for off, n in writes:
-                self.io.write([mv[off : off + n]], a + off)
+                if self.zones:
+                    self._write_around_zones(mv[off : off + n], a + off)
+                else:
+                    self.io.write([mv[off : off + n]], a + off)
                 summary.bytes_written += n
 
+    def _write_around_zones(self, data: memoryview, offset: int) -> None:
+        """Write ``data`` at ``offset``, keeping the parts inside the zones for the end."""
+        end = offset + len(data)
+        pos = offset
+        for zstart, zbuf in self.zones:
+            zend = zstart + len(zbuf)
+            if zend <= pos or zstart >= end:
+                continue
+            if zstart > pos:
+                self.io.write([data[pos - offset : zstart - offset]], pos)
+                pos = zstart
+            stop = min(end, zend)
+            zbuf[pos - zstart : stop - zstart] = data[pos - offset : stop - offset]
+            pos = stop
+        if pos < end:
+            self.io.write([data[pos - offset :]], pos)
+
     def finish(self) -> None:
+        if self.in_place is not None:
+            self._finish_in_place(self.in_place)
+            return
         try:
             os.ftruncate(self.fd, self.source.size)
             os.fsync(self.fd)
         except OSError as exc:
             raise ImageIOError.from_oserror(self.path, exc) from None
         self.summary.file_size = self.source.size
+
+    def _finish_in_place(self, io: InPlaceIO) -> None:
+        """Zero the rest of the image, make it durable, then the last MiB, then the first."""
+        size = self.source.size
+        io.fill_to(size)
+        try:
+            os.fdatasync(self.fd)
+            for zstart, zbuf in reversed(self.zones):
+                if zbuf:
+                    pwritev_all(self.fd, [zbuf], zstart, self.path)
+                    if zstart:
+                        os.fdatasync(self.fd)
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise ImageIOError.from_oserror(self.path, exc) from None
+        self.summary.file_size = size
 
     def _copy_range(self, pieces: list[Piece]) -> bool:
         """Let the kernel copy raw data; False (and never again) if it cannot here."""

@@ -7,7 +7,7 @@ Adding a format is one folder beside ``raw.py`` and ``qcow2/`` and one line in
 from __future__ import annotations
 
 from ..errors import UnsupportedImage
-from . import qcow2, raw, vdi, vhd, vmdk
+from . import qcow2, raw, vdi, vhd, vhdx, vmdk
 from .api import Format
 
 FORMATS: tuple[Format, ...] = (
@@ -16,12 +16,12 @@ FORMATS: tuple[Format, ...] = (
     vdi.FORMAT,
     vhd.FORMAT,
     vmdk.FORMAT,
+    vhdx.FORMAT,
 )
 
 # Image formats flatfs does not read. Probing one of these as raw would show
 # its metadata as guest data, so they are refused by name instead.
 FOREIGN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"vhdxfile", "vhdx"),
     (0, b"QED\x00", "qed"),
     (0, b"LUKS\xba\xbe", "luks"),
     (0, b"WithoutFreeSpace", "parallels"),

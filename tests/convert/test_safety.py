@@ -96,16 +96,6 @@ def test_sigkill_leftover_is_removed_next_time(tmp_path):
     assert out.exists()
 
 
-def test_live_temp_of_another_run_is_kept(tmp_path):
-    """A temporary file whose process still runs is not ours to remove."""
-    src = scattered_raw(tmp_path / "src.raw", 8 * M)
-    out = tmp_path / "target.qcow2"
-    other = tmp_path / f".target.qcow2{TMP_MARK}{os.getpid()}-deadbeef"
-    other.write_bytes(b"busy")
-    flatfs("convert", src, out)
-    assert other.exists()
-
-
 @pytest.fixture
 def small_fs(tmp_path):
     """A 2 MiB tmpfs: room for the source's metadata, not its data."""

@@ -144,3 +144,32 @@ def test_a_view_of_a_chain_on_a_device_tells_the_truth(
     finally:
         subprocess.run([sys.executable, "-m", "flatfs", "umount", str(mp)], capture_output=True)
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+@pytest.mark.parametrize(
+    "fmt,opts",
+    [
+        ("vmdk", "subformat=monolithicSparse"),
+        ("vdi", None),
+        ("vpc", "subformat=dynamic"),
+        ("vpc", "subformat=fixed"),
+    ],
+)
+def test_every_format_on_a_device_reads_like_the_file(
+    qemu: Qemu, tmp_path: Path, loop: Callable[[Path], str], fmt: str, opts: str | None
+) -> None:
+    img = qemu.create(tmp_path / f"disk.{fmt}", "16M", fmt=fmt, opts=opts)
+    qemu.io(img, "write -P 0x33 1M 1M", "write -P 0x34 9M 64k", fmt=fmt)
+    dev = loop(img)
+    out = tmp_path / "out.raw"
+    res = _flatfs("convert", "-f", fmt, "-O", "raw", dev, str(out))
+    assert res.returncode == 0, res.stderr
+    ref = qemu.img("convert", "-f", fmt, "-O", "raw", img, tmp_path / "ref.raw")
+    assert ref.returncode == 0
+    assert out.read_bytes() == (tmp_path / "ref.raw").read_bytes()
+    if opts == "subformat=fixed":
+        # a fixed disk is a range of its host file, and a device has no holes: all of it is data
+        (only,) = _map("-f", fmt, dev)
+        assert only["data"] and not only["zero"] and only["length"] == out.stat().st_size
+    else:
+        assert _map("-f", fmt, dev) == _map("-U", "-f", fmt, str(img))

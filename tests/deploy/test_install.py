@@ -18,7 +18,7 @@ import flatfs
 from ..helpers.needs import require
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = ("flatfs.1", "flatfs-mount.1", "flatfs-convert.1")
+PAGES = ("flatfs.1", "flatfs-mount.1", "flatfs-convert.1", "flatfs-measure.1")
 
 pytestmark = pytest.mark.slow
 

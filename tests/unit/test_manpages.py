@@ -19,9 +19,14 @@ from flatfs.cli import main
 MAN = Path(__file__).resolve().parents[2] / "docs" / "man"
 
 # Which page documents which command; anything not listed is in flatfs.1.
-PAGE_OF = {"mount": "flatfs-mount.1", "umount": "flatfs-mount.1", "convert": "flatfs-convert.1"}
+PAGE_OF = {
+    "mount": "flatfs-mount.1",
+    "umount": "flatfs-mount.1",
+    "convert": "flatfs-convert.1",
+    "measure": "flatfs-measure.1",
+}
 DEFAULT_PAGE = "flatfs.1"
-PAGES = ("flatfs.1", "flatfs-mount.1", "flatfs-convert.1")
+PAGES = ("flatfs.1", "flatfs-mount.1", "flatfs-convert.1", "flatfs-measure.1")
 SECTIONS = ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS", "EXAMPLES", "SEE ALSO")
 HELP = {"-h", "--help"}
 
@@ -74,7 +79,7 @@ def commands() -> list[str]:
 
 
 def test_the_cli_has_the_commands_the_pages_are_split_by() -> None:
-    assert {"info", "map", "mount", "umount", "convert"} <= set(main.commands)
+    assert {"info", "map", "mount", "umount", "convert", "measure"} <= set(main.commands)
 
 
 @pytest.mark.parametrize("command", commands())

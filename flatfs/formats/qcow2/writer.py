@@ -114,6 +114,10 @@ def cluster_bits_of(cluster_size: int) -> int:
 class Qcow2Writer:
     """Writes one qcow2 image into ``fd`` (an empty file), front to back.
 
+    With ``resize=False`` the file (or device) keeps its size: the image is
+    written from byte 0 into it, and the caller's ``io`` makes every byte
+    below the highest write that the writer leaves unwritten read as zeros.
+
     Clusters must be fed in ascending guest order; each guest cluster at most
     once. Call :meth:`finish` exactly once at the end; nothing before it makes
     the file a valid image.
@@ -131,6 +135,34 @@ class Qcow2Writer:
         """The cluster bits of ``cluster_size``; ConvertError unless QEMU accepts it."""
         return cluster_bits_of(cluster_size)
 
+    @staticmethod
+    def entries_per_l2(cluster_size: int, extended_l2: bool) -> int:
+        """Guest clusters one L2 table maps."""
+        return cluster_size // (16 if extended_l2 else 8)
+
+    @staticmethod
+    def layout_bytes(
+        size: int, cluster_size: int, extended_l2: bool, data_clusters: int, l2_tables: int
+    ) -> int:
+        """The file size written for ``data_clusters`` data clusters mapped by ``l2_tables`` L2 tables.
+
+        The layout is fixed: the header cluster, the data and L2 tables, the
+        L1 table, then refcount blocks and the refcount table sized for the
+        whole file (a fixed point, as :meth:`finish` computes it).
+        """
+        nclusters = -(-size // cluster_size)
+        l1_size = -(-nclusters // Qcow2Writer.entries_per_l2(cluster_size, extended_l2))
+        l1_clusters = -(-l1_size * 8 // cluster_size)
+        per_block = cluster_size * 8 >> REFCOUNT_ORDER
+        base = 1 + data_clusters + l2_tables + l1_clusters
+        blocks, rt = 0, 1
+        while True:
+            total = -(-(base + blocks + rt) // per_block)
+            want = (total, -(-total * 8 // cluster_size))
+            if want == (blocks, rt):
+                return (base + blocks + rt) * cluster_size
+            blocks, rt = want
+
     def __init__(
         self,
         fd: int,
@@ -144,8 +176,10 @@ class Qcow2Writer:
         extended_l2: bool = False,
         compression_type: str = "zlib",
         io: WriteIO | None = None,
+        resize: bool = True,
     ) -> None:
         self.fd = fd
+        self.resize = resize
         self.path = path
         self.io = io if io is not None else SyncIO(fd, path)
         if size < 0 or size % 512:
@@ -383,7 +417,8 @@ class Qcow2Writer:
         self._pwrite(memoryview(_be(rt)).cast("B"), rt_off)
 
         try:
-            os.ftruncate(self.fd, self.next)
+            if self.resize:
+                os.ftruncate(self.fd, self.next)
             os.fdatasync(self.fd)
         except OSError as exc:
             raise ImageIOError.from_oserror(self.path, exc) from None
