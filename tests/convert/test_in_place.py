@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Qemu, flatfs
-from .helpers import K, M, pattern, write_sparse_raw
+from ..helpers.cli import flatfs
+from ..helpers.images import K, M, pattern, write_sparse_raw
+from ..helpers.qemu import Qemu
 
 COSTLY = "the cost now grows with the target's size"
 

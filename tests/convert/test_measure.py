@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Qemu, flatfs
-from .helpers import M, disk_usage
+from ..helpers.cli import flatfs
+from ..helpers.images import M, disk_usage
+from ..helpers.qemu import Qemu
 
 SOURCES = {
     "empty": [],

@@ -14,8 +14,8 @@ import pytest
 
 from flatfs.convert import safety
 
-from ..conftest import flatfs
-from .helpers import K, M, pattern, write_sparse_raw
+from ..helpers.cli import flatfs
+from ..helpers.images import K, M, pattern, write_sparse_raw
 
 TMP_MARK = ".flatfs-tmp-"
 SLOW = "FLATFS_CONVERT_TEST_DELAY"
