@@ -51,7 +51,7 @@ def _qemu_args(args: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from ..conftest import have_qemu, require
+    from ..helpers.needs import have_qemu, require
 
     require(have_qemu(), "qemu-img/qemu-io are not installed")
     q = Qemu()

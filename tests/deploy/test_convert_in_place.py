@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import IN_CI, Qemu, require
+from ..helpers.needs import IN_CI, require
+from ..helpers.qemu import Qemu
 
 M = 1 << 20
 K = 1024
