@@ -23,7 +23,6 @@ could not zero cheaply.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
