@@ -2,7 +2,7 @@
 """flatfs against QEMU, side by side: convert, compressed convert, and the mounted view.
 
     python bench/run.py [--scale N] [--quick] [--pairs N] [--out DIR] [--keep] [--reuse]
-                        [--only convert|vmdk|vhdx|views|fragmented] [--warm] [--seek-budget S]
+                        [--only convert|vmdk|vhdx|views|fragmented|tmpfs|reflink] [--warm] [--seek-budget S]
 
 Builds its images with qemu-img/qemu-io under OUT/work (OUT defaults to
 /var/tmp/flatfs-bench), runs flatfs and QEMU alternately (one warm-up pair,
@@ -49,6 +49,8 @@ sys.path.insert(0, str(HERE))
 
 import fragmented  # noqa: E402
 import images  # noqa: E402
+import reflink  # noqa: E402
+import tmpfs  # noqa: E402
 import vhdx  # noqa: E402
 import vmdk  # noqa: E402
 from report import Figure, spread_markdown, table_markdown, table_text  # noqa: E402
@@ -652,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--only",
-        choices=("convert", "vmdk", "vhdx", "views", "fragmented"),
+        choices=("convert", "vmdk", "vhdx", "views", "fragmented", "tmpfs", "reflink"),
         default=None,
         help="run one phase only (the other's figures show as —)",
     )
@@ -662,6 +664,15 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="pairs for the fragmented-disk scenario (default 11; 1 with --quick)",
+    )
+    ap.add_argument(
+        "--tmpfs", default="/dev/shm", help="memory-backed folder of the tmpfs scenario (default /dev/shm)"
+    )
+    ap.add_argument(
+        "--tmpfs-pairs",
+        type=int,
+        default=None,
+        help="pairs for the tmpfs and reflink scenarios (default 11; 1 with --quick)",
     )
     ap.add_argument(
         "--seek-budget",
@@ -795,6 +806,13 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: compare_outputs(work),
                 log,
             )
+        mem_pairs = args.tmpfs_pairs if args.tmpfs_pairs is not None else (1 if args.quick else 11)
+        if args.only in (None, "tmpfs"):
+            log("tmpfs (flatfs convert vs qemu-img convert -O qcow2, images and target in memory)")
+            res["tmpfs"] = tmpfs.scenario(Path(args.tmpfs), imgs, mem_pairs, flatfs_cmd(), log)
+        if args.only in (None, "reflink"):
+            log("reflink XFS (flatfs convert -C vs qemu-img convert -C, loop-mounted XFS, reflink=1)")
+            res["reflink"] = reflink.scenario(work, imgs, mem_pairs, flatfs_cmd(), log)
         if args.only in (None, "fragmented"):
             log("fragmented disk (flatfs map/mount vs qemu-img map; warm cache)")
             top = fragmented.build(work, args.quick, log)
@@ -835,6 +853,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(vmdk.lines(res["vmdk"])))
     if res.get("vhdx"):
         print("\n".join(vhdx.lines(res["vhdx"])))
+    for name, mod in (("tmpfs", tmpfs), ("reflink", reflink)):
+        if res.get(name):
+            print("\n".join(mod.lines(res[name])))
     if res.get("fragmented"):
         print("\n".join(fragmented.lines(res["fragmented"])))
     if res.get("seek_budget_note"):
@@ -844,6 +865,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "bench.md").write_text(markdown(res, figs))
     print(f"\nwrote {out / 'bench.json'} and {out / 'bench.md'}")
+    for name in ("tmpfs", "reflink"):
+        checks.update(res.get(name, {}).get("checks", {}))
     bad = [k for k, v in checks.items() if str(v).startswith("DIFFERENT")]
     return 1 if bad else 0
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..extents import ABSENT, ALLOC_ZERO, DATA, KINDS, ZERO, Extent, Runs
-from ..formats.api import HostFile, Layer
+from ..formats.api import HostFile, HostRun, Layer
 from . import dataindex
 
 if TYPE_CHECKING:
@@ -170,6 +170,24 @@ class Chain:
     def read_data(self, depth: int, offset: int, buf: memoryview) -> None:
         """Read a DATA extent that :meth:`extents` reported at ``depth`` (for chunked readers)."""
         self.layers[depth].readinto(offset, buf)
+
+    def host_data(self, depth: int, offset: int, length: int) -> list[HostRun]:
+        """Where a DATA extent that :meth:`extents` reported at ``depth`` lies on the host.
+
+        (guest offset, length, fd, host offset) runs covering it exactly; fd < 0 marks
+        a run that is not plain bytes in a host file (compressed...): read it with
+        :meth:`read_data`. For copy offload (``os.copy_file_range``).
+        """
+        return self.layers[depth].host_map(offset, offset + length)
+
+    def host_map(self, start: int = 0, end: int | None = None) -> Iterator[HostRun]:
+        """The flattened view's data over [start, end) by host location: DATA only, in guest
+        order; every other range reads as zeros and is left out."""
+        for p in self.pieces(start, end):
+            d = p.depth
+            for s, e, k in zip(p.starts, p.ends, p.kinds):
+                if k == DATA:
+                    yield from self.host_data(d, s, e - s)
 
     def pread(self, offset: int, length: int) -> bytes:
         buf = bytearray(max(0, min(length, self.size - offset)))

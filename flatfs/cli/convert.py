@@ -65,6 +65,13 @@ from .common import SIZE, chain_options, format_names, target_format_names
     default=None,
     help="Format of BACKING (default: probe).",
 )
+@click.option(
+    "-C",
+    "--copy-offload",
+    is_flag=True,
+    help="Copy data runs in the kernel (copy_file_range): shared, not copied, where the file system "
+    "can (XFS with reflink, btrfs). No zero detection inside the data. Not with -c or -B.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing TARGET.")
 @click.option(
     "-n",
@@ -101,6 +108,7 @@ def convert(
     extended_l2: bool,
     backing: str | None,
     backing_format: str | None,
+    copy_offload: bool,
     force: bool,
     no_create: bool,
     target_is_zero: bool,
@@ -128,6 +136,7 @@ def convert(
         force=force,
         no_create=no_create,
         target_is_zero=target_is_zero,
+        copy_offload=copy_offload,
     )
     try:
         summary = do_convert(source, target, opts, options, progress=progress)

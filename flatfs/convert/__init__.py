@@ -29,7 +29,6 @@ from collections.abc import Callable
 from ..chain import Chain, OpenOptions, open_chain
 from ..errors import ConvertError, FlatfsError, ImageIOError
 from . import pipeline
-from .inplace import Existing, InPlaceIO, Zeroer
 from .measure import Measure, measure_chain
 from .options import ConvertOptions, Summary, validate
 from .progress import Progress
@@ -165,6 +164,8 @@ def _convert_in_place(
     progress: bool | Progress,
     warn: Warn,
 ) -> None:
+    from .inplace import Existing, InPlaceIO, Zeroer  # only -n needs it (and ctypes)
+
     chains = [source] + ([backing] if backing is not None else [])
     with Existing(target, chains) as ex:
         need = needed_size(source, options, backing)

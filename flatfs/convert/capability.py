@@ -7,7 +7,7 @@ convert is typed without importing a format module.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, cast
 
 from .. import formats
@@ -43,6 +43,10 @@ class ClusterWriter(Protocol):
     ) -> None: ...
 
     def write_compressed(self, guest_cluster: int, payload: bytes) -> None: ...
+
+    def place_clusters(
+        self, guest_cluster: int, n: int, fill: Callable[[int], None] | None = None
+    ) -> int: ...
 
     def write_zero(
         self, guest_cluster: int, count: int = 1, bitmaps: Sequence[int] | None = None

@@ -27,6 +27,7 @@ class ConvertOptions:
     threads: int | None = None  # compression threads (default: CPUs, at most 8)
     no_create: bool = False  # -n: write into an existing file or block device, from byte 0
     target_is_zero: bool = False  # with -n: the target already reads as zeros; zero nothing
+    copy_offload: bool = False  # -C: data runs copied by the kernel (copy_file_range), not read
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Summary:
     file_size: int = 0
     seconds: float = 0.0
     removed_stale: list[str] = field(default_factory=list)
+    copied: int = 0  # -C: bytes the kernel copied (or shared), not counted in data_read
     zeroed: int = 0  # -n: bytes of the target made to read zeros
     warnings: list[str] = field(default_factory=list)
 
@@ -60,6 +62,7 @@ class Summary:
             "zero-clusters-skipped": self.zero_clusters_skipped,
             "granularity": self.granularity,
             "seconds": round(self.seconds, 3),
+            "copied": self.copied,
             "file-size": self.file_size,
         }
         if self.target_format == "qcow2":
@@ -82,6 +85,12 @@ def validate(opts: ConvertOptions) -> None:
         raise ConvertError("--target-is-zero needs -n (it describes an existing target)")
     if opts.no_create and opts.force:
         raise ConvertError("-n writes into TARGET in place and replaces nothing; --force does not apply")
+    if opts.copy_offload and opts.compress:
+        raise ConvertError("-C/--copy-offload copies data as it lies; it cannot compress it (-c)")
+    if opts.copy_offload and opts.backing:
+        raise ConvertError(
+            "-C/--copy-offload does not read the data, and -B/--backing needs it to compare with BACKING"
+        )
     if opts.sparse_size < 0 or opts.sparse_size % 512:
         raise ConvertError(f"--sparse-size must be 0 or a multiple of 512, not {opts.sparse_size}")
     if opts.target_format == "raw":

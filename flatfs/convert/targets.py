@@ -5,8 +5,14 @@ A :class:`Target` says how to cut the source into chunks, prepares a chunk
 plan to the file in guest order on the main thread, and finishes the file
 (metadata, size, fsync). The qcow2 on-disk layout is the qcow2 format's own
 writer, reached through the format table; a raw image is its guest bytes at
-their own offsets, so the raw target writes them itself (or lets the kernel
-copy them, for -S 0 from a plain raw file).
+their own offsets, so the raw target writes them itself.
+
+With copy offload (``-C``, or -S 0 from a plain raw file to raw) the data
+runs are not read: each is copied by the kernel (``copy_file_range``) from
+where the chain says it lies on the host (``Chain.host_data``) into TARGET,
+which lets a file system that shares extents (XFS with reflink, btrfs) share
+them instead of copying. Runs the chain cannot map (compressed clusters) are
+read and written as usual.
 """
 
 from __future__ import annotations
@@ -18,19 +24,27 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from ..chain import Chain
 from ..errors import ImageIOError
-from ..hostio import pwritev_all
-from ..readers import Chunk, Piece, data_chunks, fill
+from ..formats.api import HostFile
+from ..hostio import pread_exact, pwritev_all
+from ..readers import Chunk, data_chunks, fill
 from .capability import ClusterWriter, qcow2_writer
 from .compress import compress_clusters
 from .options import DEFAULT_SPARSE_SIZE, ConvertOptions, Summary
 from .pipeline import Slot
 from .plan import BlockPlanner, ClusterPlanner, DataOp, Op, Segment
 
-# 1 MiB: a chunk read is still in the CPU cache when it is written out. Larger
-# chunks measured 2-4x slower here (each copy then goes through memory).
-CHUNK_BYTES = 1 << 20  # read, classify and write this much at a time
-COMPRESS_CHUNK_BYTES = 1 << 20  # compressed: one thread-pool task
-READERS = 2  # a cold disk wants a few reads in flight
+# 2 MiB, qemu-img's request size: half the syscalls and hand-offs of 1 MiB chunks, and
+# (measured on tmpfs, 2 cores, docs/bench.md) 3-8% less CPU than 1 MiB, the same as 4 MiB.
+CHUNK_BYTES = 2 << 20  # read, classify and write this much at a time
+COMPRESS_CHUNK_BYTES = 1 << 20  # compressed: one worker task
+# One reader thread: reads (and zero detection) overlap the main thread's writes. Two
+# readers measured no faster on a cold disk and cost more CPU on 2 cores; none (all on
+# the main thread) is as cheap on tmpfs but gives up the overlap a cold disk needs.
+READERS = 1
+COPY_CHUNK_BYTES = 8 << 20  # copy offload: one chunk of runs to copy (nothing is buffered)
+# copy_file_range refused between these two files: copy through a buffer instead
+COPY_REFUSED = (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF, errno.ENOTSUP)
+COPY_BOUNCE = 1 << 20
 MAX_COMPRESS_THREADS = 8
 WRITEBACK_EVERY = 32 << 20  # start the kernel's writeback after this many bytes
 
@@ -82,15 +96,51 @@ class WritebackIO:
         self._lo = -1
         self._hi = 0
         self._pending = 0
+        self._refused: set[int] = set() if hasattr(os, "copy_file_range") else _ALL_FDS
+        self._bounce: memoryview | None = None
 
     def write(self, bufs: list[memoryview], offset: int) -> None:
-        n = sum(len(b) for b in bufs)
+        self._account(offset, sum(len(b) for b in bufs))
+        pwritev_all(self.fd, bufs, offset, self.path)
+
+    def copy(self, src: HostFile, src_offset: int, n: int, offset: int) -> int:
+        """Copy ``n`` bytes of ``src`` from ``src_offset`` to ``offset`` in the kernel.
+
+        Returns how many the kernel copied (or shared); where it refuses
+        copy_file_range between these files, the rest goes through a buffer.
+        """
+        self._account(offset, n)
+        return self._copy(src, src_offset, n, offset)
+
+    def _copy(self, src: HostFile, src_offset: int, n: int, offset: int) -> int:
+        done = 0
+        while done < n and src.fd not in self._refused:
+            try:
+                k = os.copy_file_range(src.fd, self.fd, n - done, src_offset + done, offset + done)
+            except OSError as exc:
+                if exc.errno in COPY_REFUSED and done == 0:
+                    self._refused.add(src.fd)
+                    break
+                raise ImageIOError.from_oserror(self.path, exc, offset + done) from None
+            if k <= 0:
+                raise ImageIOError(src.path, "short read: file ends early", src_offset + done)
+            done += k
+        copied = done
+        while done < n:
+            if self._bounce is None:
+                self._bounce = memoryview(bytearray(COPY_BOUNCE))
+            k = min(n - done, COPY_BOUNCE)
+            pread_exact(src.fd, src.path, self._bounce[:k], src_offset + done)
+            pwritev_all(self.fd, [self._bounce[:k]], offset + done, self.path)
+            done += k
+        return copied
+
+    def _account(self, offset: int, n: int) -> None:
         self._lo = offset if self._lo < 0 else min(self._lo, offset)
         self._hi = max(self._hi, offset + n)
         self._pending += n
         if self._pending >= WRITEBACK_EVERY:
             self._writeback()
-        pwritev_all(self.fd, bufs, offset, self.path)
 
     def _writeback(self) -> None:
         if self._lo >= 0 and hasattr(os, "posix_fadvise"):
@@ -99,6 +149,47 @@ class WritebackIO:
             except OSError:
                 pass  # only a hint
         self._lo, self._hi, self._pending = -1, 0, 0
+
+
+class _AllFds(set[int]):
+    def __contains__(self, fd: object) -> bool:
+        return True
+
+
+_ALL_FDS = _AllFds()  # no copy_file_range on this system: every copy goes through a buffer
+
+
+class CopyRun(NamedTuple):
+    """One run of a chunk to store: at ``offset`` in the chunk, ``length`` bytes, copied from
+    ``src`` at ``host``; or, without ``src``, already read into the slot's buffer at ``offset``."""
+
+    offset: int
+    length: int
+    src: HostFile | None
+    host: int
+
+
+def plan_copies(
+    chain: Chain, files: dict[int, HostFile], chunk: Chunk, slot: Slot, size: int
+) -> list[CopyRun]:
+    """Where each data piece of ``chunk`` lies on the host; the pieces the chain cannot map
+    (compressed clusters...) are read into ``slot.buf`` (of ``size`` bytes) here."""
+    a = chunk.start
+    out: list[CopyRun] = []
+    for s, n, d in chunk.pieces[0]:
+        for g, ln, fd, h in chain.host_data(d, s, n):
+            if fd >= 0:
+                out.append(CopyRun(g - a, ln, files[fd], h))
+                continue
+            if slot.buf is None:
+                slot.buf = bytearray(size)
+            chain.read_data(d, g, memoryview(slot.buf)[g - a : g - a + ln])
+            out.append(CopyRun(g - a, ln, None, 0))
+    return out
+
+
+def host_files(chain: Chain) -> dict[int, HostFile]:
+    return {f.fd: f for f in chain.host_files()}
 
 
 def open_target(
@@ -143,6 +234,7 @@ class Qcow2Target:
     ) -> None:
         writer_class = qcow2_writer()
         self.in_place = in_place
+        self.io: WritebackIO = in_place if in_place is not None else WritebackIO(fd, path)
         ctype = options.compression_type or "zlib"
         bfmt = None
         if options.backing:
@@ -158,7 +250,7 @@ class Qcow2Target:
             backing_format=bfmt,
             extended_l2=options.extended_l2,
             compression_type=ctype,
-            io=in_place if in_place is not None else WritebackIO(fd, path),
+            io=self.io,
             resize=in_place is None,
         )
         w = self.writer
@@ -167,10 +259,16 @@ class Qcow2Target:
         self.summary = summary
         self.ctype = ctype
         self.compress = options.compress
+        self.offload = options.copy_offload
+        self.files = host_files(source) if self.offload else {}
         self.readers = READERS
         if self.compress:
-            self.readers = max(READERS, min(options.threads or os.cpu_count() or 1, MAX_COMPRESS_THREADS))
+            self.readers = max(2, min(options.threads or os.cpu_count() or 1, MAX_COMPRESS_THREADS))
+        if self.offload:
+            self.readers = 0  # nothing to read ahead: the main thread asks the kernel to copy
         chunk = max(cs, COMPRESS_CHUNK_BYTES if self.compress else CHUNK_BYTES)
+        if self.offload:
+            chunk = max(cs, COPY_CHUNK_BYTES)
         self.chunk_bytes = chunk - chunk % cs
         self.zeros = bytes(self.chunk_bytes)
         self.source = source
@@ -191,7 +289,9 @@ class Qcow2Target:
             sides.append((self.backing, min(self.backing.size, self.size)))
         return data_chunks(sides, self.cs, self.chunk_bytes, self.size)
 
-    def prepare(self, chunk: Chunk, slot: Slot) -> Qcow2Prepared:
+    def prepare(self, chunk: Chunk, slot: Slot) -> Qcow2Prepared | list[CopyRun]:
+        if self.offload:
+            return plan_copies(self.source, self.files, chunk, slot, self.chunk_bytes)
         a, b, pieces = chunk
         n = b - a
         if slot.buf is None:
@@ -219,7 +319,10 @@ class Qcow2Target:
             compressed = compress_clusters(self.ctype, cs, todo)
         return Qcow2Prepared(plan.ops, compressed, plan.zero_skipped, plan.same_as_backing)
 
-    def apply(self, chunk: Chunk, slot: Slot, prepared: Qcow2Prepared) -> None:
+    def apply(self, chunk: Chunk, slot: Slot, prepared: Qcow2Prepared | list[CopyRun]) -> None:
+        if isinstance(prepared, list):
+            self._store_copies(chunk, slot, prepared)
+            return
         ops, compressed, zskip, same = prepared
         self.summary.zero_clusters_skipped += zskip
         self.summary.same_as_backing += same
@@ -237,6 +340,27 @@ class Qcow2Target:
                     self._store_compressed(op, mv, payloads)
             else:
                 w.write_zero(op.cluster, op.nclusters, op.bitmaps if w.extended_l2 else None)
+
+    def _store_copies(self, chunk: Chunk, slot: Slot, runs: list[CopyRun]) -> None:
+        """Every cluster of the chunk becomes a data cluster (no zero detection, as qemu-img -C);
+        each run is copied to the same offset in its target cluster, so blocks stay aligned
+        with the source's and can be shared; what no run covers stays a hole."""
+        a, b = chunk.start, chunk.end
+        io = self.io
+        summary = self.summary
+
+        def fill(host: int) -> None:
+            for off, n, src, h in runs:
+                if src is not None:
+                    copied = io.copy(src, h, n, host + off)
+                    summary.copied += copied
+                    summary.data_read -= copied  # counted by the pipeline as read
+                else:
+                    assert slot.buf is not None
+                    io.write([memoryview(slot.buf)[off : off + n]], host + off)
+                summary.bytes_written += n
+
+        self.writer.place_clusters(a // self.cs, -(-(b - a) // self.cs), fill)
 
     def _store_compressed(self, op: DataOp, mv: memoryview, payloads: Iterator[bytes | None]) -> None:
         """Each cluster of ``op`` compressed, or as data where compressing did not pay."""
@@ -263,7 +387,7 @@ class Qcow2Target:
         w = self.writer
         w.finish()
         s = self.summary
-        s.bytes_written = w.bytes_written
+        s.bytes_written += w.bytes_written
         s.data_clusters = w.data_clusters
         s.compressed_clusters = w.compressed_clusters
         s.zero_clusters = w.zero_clusters
@@ -283,7 +407,7 @@ class Qcow2Target:
 class RawPrepared(NamedTuple):
     writes: list[Segment]  # (buffer offset, length)
     zero_skipped: int  # -S runs of zeros not written
-    copied: int  # bytes the kernel copied (copy_file_range) instead
+    copies: list[CopyRun] | None  # copy offload: the runs to copy (or write from the buffer)
 
 
 class RawTarget:
@@ -306,9 +430,15 @@ class RawTarget:
     ) -> None:
         self.planner = BlockPlanner(options.sparse_size, DEFAULT_SPARSE_SIZE)
         gran = self.planner.gran
-        self.chunk_bytes = max(gran, CHUNK_BYTES - CHUNK_BYTES % gran)
-        self.zeros = bytes(self.chunk_bytes)
-        self.readers = READERS
+        # Copy offload: asked for (-C), or -S 0 from a plain raw file (nothing to look at).
+        self.offload = options.copy_offload or (
+            options.sparse_size == 0 and source.format == "raw" and len(source.layers) == 1
+        )
+        self.files = host_files(source) if self.offload else {}
+        size = COPY_CHUNK_BYTES if self.offload else CHUNK_BYTES
+        self.chunk_bytes = max(gran, size - size % gran)
+        self.zeros = b"" if self.offload else bytes(self.chunk_bytes)
+        self.readers = 0 if self.offload else READERS
         self.source = source
         self.fd = fd
         self.path = path
@@ -326,16 +456,6 @@ class RawTarget:
                 self.zones.append((tail, bytearray(size - tail)))
         summary.granularity = options.sparse_size
         self.summary = summary
-        # -S 0 from a plain raw file: the kernel may copy (or reflink) without us looking.
-        self.copy_fd = -1
-        if (
-            in_place is None
-            and options.sparse_size == 0
-            and source.format == "raw"
-            and len(source.layers) == 1
-        ):
-            if hasattr(os, "copy_file_range"):
-                self.copy_fd = source.host_files()[0].fd
 
     def chunks(self) -> Iterator[Chunk]:
         size = self.source.size
@@ -343,21 +463,22 @@ class RawTarget:
 
     def prepare(self, chunk: Chunk, slot: Slot) -> RawPrepared:
         a, b, (pieces,) = chunk
-        if self.copy_fd >= 0 and self._copy_range(pieces):
-            return RawPrepared([], 0, sum(n for _, n, _ in pieces))
+        if self.offload:
+            return RawPrepared([], 0, plan_copies(self.source, self.files, chunk, slot, self.chunk_bytes))
         n = b - a
         if slot.buf is None:
             slot.buf = bytearray(self.chunk_bytes)
         buf = slot.buf
         fill(self.source, memoryview(buf)[:n], a, pieces, self.zeros)
         writes, skipped = self.planner.plan(a, n, buf, pieces)
-        return RawPrepared(writes, skipped, 0)
+        return RawPrepared(writes, skipped, None)
 
     def apply(self, chunk: Chunk, slot: Slot, prepared: RawPrepared) -> None:
-        writes, zskip, copied = prepared
+        writes, zskip, copies = prepared
         summary = self.summary
         summary.zero_clusters_skipped += zskip
-        summary.bytes_written += copied
+        if copies is not None:
+            self._store_copies(chunk.start, slot, copies)
         if writes:
             assert slot.buf is not None
             mv = memoryview(slot.buf)
@@ -368,6 +489,32 @@ class RawTarget:
                 else:
                     self.io.write([mv[off : off + n]], a + off)
                 summary.bytes_written += n
+
+    def _store_copies(self, a: int, slot: Slot, runs: list[CopyRun]) -> None:
+        """Each run at its own guest offset: copied by the kernel, or written from the buffer
+        (runs the chain could not map, and in place, the parts kept for the end)."""
+        summary = self.summary
+        for off, n, src, h in runs:
+            g = a + off
+            if src is not None and not self._in_zones(g, n):
+                copied = self.io.copy(src, h, n, g)
+                summary.copied += copied
+                summary.data_read -= copied  # counted by the pipeline as read
+            else:
+                if src is None:
+                    assert slot.buf is not None
+                    data = memoryview(slot.buf)[off : off + n]
+                else:
+                    data = memoryview(bytearray(n))
+                    pread_exact(src.fd, src.path, data, h)
+                if self.zones:
+                    self._write_around_zones(data, g)
+                else:
+                    self.io.write([data], g)
+            summary.bytes_written += n
+
+    def _in_zones(self, start: int, n: int) -> bool:
+        return any(z < start + n and start < z + len(buf) for z, buf in self.zones)
 
     def _write_around_zones(self, data: memoryview, offset: int) -> None:
         """Write ``data`` at ``offset``, keeping the parts inside the zones for the end."""
@@ -412,24 +559,3 @@ class RawTarget:
         except OSError as exc:
             raise ImageIOError.from_oserror(self.path, exc) from None
         self.summary.file_size = size
-
-    def _copy_range(self, pieces: list[Piece]) -> bool:
-        """Let the kernel copy raw data; False (and never again) if it cannot here."""
-        for idx, (s, n, _) in enumerate(pieces):
-            done = 0
-            while done < n:
-                try:
-                    k = os.copy_file_range(self.copy_fd, self.fd, n - done, s + done, s + done)
-                except OSError as exc:
-                    if (
-                        exc.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
-                        and idx == 0
-                        and done == 0
-                    ):
-                        self.copy_fd = -1
-                        return False
-                    raise ImageIOError.from_oserror(self.path, exc, s + done) from None
-                if k <= 0:
-                    raise ImageIOError(self.source.path, "short read: file ends early", s + done)
-                done += k
-        return True

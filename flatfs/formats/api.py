@@ -21,6 +21,11 @@ from ..extents import Extent, Runs
 
 PROBE_SIZE = 4096  # bytes of an image's head that probing looks at
 
+# Where a piece of a layer's DATA lives on the host: (guest offset, length, fd, host offset).
+# fd < 0: not stored as plain bytes there (compressed, encrypted, past the file's end, a
+# format that does not say): read it through ``Layer.readinto``.
+HostRun = tuple[int, int, int, int]
+
 
 @dataclass(frozen=True, slots=True)
 class ParentRef:
@@ -108,6 +113,18 @@ class Layer(Protocol):
         """Every host file this layer reads, the image itself first."""
         ...
 
+    def host_map(self, start: int, end: int) -> list[HostRun]:
+        """Where this layer's bytes of [start, end) lie on the host, as they would be read.
+
+        Only called for DATA ranges (as :meth:`runs` reported them). The runs are
+        ascending and cover [start, end) exactly; a run whose fd is negative must be
+        read through :meth:`readinto` (compressed data, bytes past a file's end).
+        For copy offload: ``os.copy_file_range(fd, target, length, host, ...)`` of a
+        run with fd >= 0 copies exactly what :meth:`readinto` would return. The fds
+        belong to the chain (never close them). Thread-safe, like ``readinto``.
+        """
+        ...
+
     def identity(self, kind: str) -> str | None:
         """The value a child's ``ParentRef.identity`` of this ``kind`` compares to, or None."""
         ...
@@ -138,6 +155,10 @@ class LayerBase:
 
     def identity(self, kind: str) -> str | None:
         return None
+
+    def host_map(self, start: int, end: int) -> list[HostRun]:
+        """By default nothing is mappable: every byte is read through ``readinto``."""
+        return [(start, end - start, -1, 0)] if end > start else []
 
     def coarse_runs(self) -> Runs:
         """By default the exact map, a window at a time; formats with tables override it."""

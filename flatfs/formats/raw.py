@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..extents import DATA, ZERO, Runs
 from ..hostio import data_runs, host_size, pread_exact
-from .api import Format, HostFile, LayerBase, OpenContext
+from .api import Format, HostFile, HostRun, LayerBase, OpenContext
 
 
 class RawLayer(LayerBase):
@@ -29,6 +29,16 @@ class RawLayer(LayerBase):
 
     def host_files(self) -> tuple[HostFile, ...]:
         return (HostFile(self.path, self.fd),)
+
+    def host_map(self, start: int, end: int) -> list[HostRun]:
+        """The guest bytes are the file's bytes at the same offsets (zeros past its end)."""
+        out: list[HostRun] = []
+        cut = max(start, min(end, self.file_size))
+        if cut > start:
+            out.append((start, cut - start, self.fd, start))
+        if end > cut:
+            out.append((cut, end - cut, -1, 0))
+        return out
 
 
 # QEMU also takes its protocol driver "file" as a backing format: the host file, raw

@@ -86,3 +86,14 @@ def test_quick_benchmark_reports_every_figure_and_comparison(tmp_path: Path) -> 
     for f in figs.values():
         assert f["label"] in md
     assert "flatfs/QEMU" in res.stdout and ("PASS" in res.stdout or "MISS" in res.stdout)
+    # the scenarios without a disk: tmpfs (where /dev/shm is tmpfs) and copy offload on a
+    # loop-mounted reflink XFS (root and xfsprogs); each ran, or says why it could not
+    for name in ("tmpfs", "reflink"):
+        scen = data[name]
+        if "skipped" in scen:
+            assert scen["skipped"], name
+            continue
+        assert scen["checks"], name
+        for check, verdict in scen["checks"].items():
+            assert not verdict.startswith("DIFFERENT"), f"{check}: {verdict}"
+    assert not any("reflink-mnt" in line for line in open("/proc/self/mounts"))

@@ -13,6 +13,7 @@ from ..helpers.images import K, M, pattern, scattered_raw, write_sparse_raw
 
 # The keys of the --output=json summary of a qcow2 TARGET (docs/man/flatfs-convert.1, JSON SUMMARY).
 SUMMARY_KEYS = {
+    "copied",
     "source",
     "target",
     "format",
@@ -49,6 +50,7 @@ def test_json_summary(tmp_path):
     assert (s["source"], s["target"], s["format"]) == (str(src), str(out), "qcow2")
     assert s["virtual-size"] == 32 * M and s["granularity"] == 64 * K
     assert s["data-read"] == 256 * K + 128 * K + 64 * K
+    assert s["copied"] == 0  # only -C lets the kernel copy
     assert s["zero-clusters-skipped"] == 2  # the 128 KiB of zeros: two 64 KiB clusters
     assert s["data-clusters"] == 4 + 1
     assert (s["compressed-clusters"], s["zero-clusters"], s["same-as-backing-clusters"]) == (0, 0, 0)

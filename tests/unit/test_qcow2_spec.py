@@ -277,3 +277,35 @@ def test_fast_kind_view_matches_classify(entries: list[int], l1_index: int) -> N
             list(slow.ends),
             slow.kinds,
         )
+        # the read runs too: the same hosts, merged where they are contiguous
+        table = C.classify(raw, cluster_bits, extended=False, data_file=False, version=3)
+        bulk = C.fast_table(fast, cluster_bits, base, raw)
+        assert (bulk.starts, bulk.lengths, bulk.codes, bulk.hosts) == (
+            table.starts,
+            table.lengths,
+            table.codes,
+            table.hosts,
+        )
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(1, 1 << 16), st.integers(1, 6)), min_size=1, max_size=12
+    )
+)
+def test_bulk_read_runs_join_contiguous_hosts(runs: list[tuple[int, int, int]]) -> None:
+    """Runs of contiguous host clusters (what qemu-img writes) become one read run each, as in classify."""
+    entries: list[int] = []
+    for empties, first, n in runs:
+        entries += [0] * empties + [((first + k) << 16) | (1 << 63) for k in range(n)]
+    raw = struct.pack(f">{len(entries)}Q", *entries)
+    fast = C.fast_kinds(C.decode(raw), 16, 0, raw)
+    assert fast is not None
+    table = C.classify(raw, 16, extended=False, data_file=False, version=3)
+    bulk = C.fast_table(fast, 16, 0, raw)
+    assert (bulk.starts, bulk.lengths, bulk.codes, bulk.hosts) == (
+        table.starts,
+        table.lengths,
+        table.codes,
+        table.hosts,
+    )

@@ -287,3 +287,34 @@ def test_memory_does_not_depend_on_virtual_size(tmp_path):
     assert path.stat().st_blocks * 512 < 2 * M < audit_size
     with open_chain(path, OpenOptions(format="qcow2")) as chain:
         assert chain.pread(200 << 40, 2) == b"bb"
+
+
+def test_placed_clusters_are_filled_by_the_caller(tmp_path):
+    """place_clusters allocates aligned host clusters for the caller to fill (copy offload)."""
+    for ext in (False, True):
+        path = tmp_path / f"p{ext}.qcow2"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        w = Qcow2Writer(fd, 8 * M, cluster_size=64 * K, extended_l2=ext)
+        w.write_clusters(1, b"\x01" * 64 * K)
+        host = w.place_clusters(3, 4)
+        assert host % (64 * K) == 0
+        os.pwrite(fd, b"\x02" * (3 * 64 * K), host)  # the last placed cluster stays a hole
+        with pytest.raises(ValueError):
+            w.place_clusters(2, 1)  # guest order
+        filled: list[int] = []
+
+        def fill(host: int, fd: int = fd, filled: list[int] = filled) -> None:
+            filled.append(os.pwrite(fd, b"\x03" * 64 * K, host))
+
+        w.place_clusters(100, 1, fill=fill)
+        assert filled == [64 * K]
+        w.finish()
+        os.close(fd)
+        audit(path)
+        with open_chain(path) as chain:
+            got = chain.pread(0, 8 * M)
+        want = bytearray(8 * M)
+        want[64 * K : 2 * 64 * K] = b"\x01" * 64 * K
+        want[3 * 64 * K : 6 * 64 * K] = b"\x02" * 3 * 64 * K
+        want[100 * 64 * K : 101 * 64 * K] = b"\x03" * 64 * K
+        assert got == want, ext

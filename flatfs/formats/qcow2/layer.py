@@ -19,7 +19,7 @@ from typing import Any
 from ...errors import CorruptImage, ImageIOError
 from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact, pread_padded
-from ..api import HostFile, LayerBase, OpenContext, ParentRef
+from ..api import HostFile, HostRun, LayerBase, OpenContext, ParentRef
 from . import clusters as C
 from .spec import (
     COMPRESSION_NAMES,
@@ -53,9 +53,12 @@ KIND_COST = 17
 class _L2:
     """One cached L2 table: its kind view (mapping) and, once a read needs it, its read runs."""
 
-    __slots__ = ("kinds", "read", "raw", "l2_offset", "cost")
+    __slots__ = ("kinds", "read", "raw", "l2_offset", "cost", "plain")
 
-    def __init__(self, kinds: C.Kinds, read: C.Table | None, raw: bytes | None, l2_offset: int) -> None:
+    def __init__(
+        self, kinds: C.Kinds, read: C.Table | None, raw: bytes | None, l2_offset: int, plain: bool = False
+    ) -> None:
+        self.plain = plain  # the fast kind view accepted it: read runs are built in bulk too
         self.kinds = kinds
         self.read = read
         self.raw = raw  # kept while ``read`` is not built yet
@@ -247,7 +250,7 @@ class Qcow2Layer(LayerBase):
         if not h.extended_l2 and not h.has_data_file:
             fast = C.fast_kinds(C.decode(raw), self.cluster_bits, l1_index * self.l1_span, raw)
         if fast is not None:
-            t = _L2(fast, None, raw, l2_off)
+            t = _L2(fast, None, raw, l2_off, plain=True)
         else:
             read = self._classify(raw, l1_index, l2_off)
             t = _L2(C.kinds_of(read, l1_index * self.l1_span), read, None, l2_off)
@@ -279,7 +282,11 @@ class Qcow2Layer(LayerBase):
         if read is None:
             raw = t.raw
             assert raw is not None
-            read = self._classify(raw, l1_index, t.l2_offset)
+            if t.plain:
+                read = C.fast_table(t.kinds, self.cluster_bits, l1_index * self.l1_span, raw)
+                read.l2_offset = t.l2_offset
+            else:
+                read = self._classify(raw, l1_index, t.l2_offset)
             with self._lock:
                 if t.read is None:
                     t.read, t.raw = read, None
@@ -458,6 +465,39 @@ class Qcow2Layer(LayerBase):
         if self.data_fd != self.fd:
             return (HostFile(self.path, self.fd), HostFile(self.data_path, self.data_fd, "data file"))
         return (HostFile(self.path, self.fd),)
+
+    def host_map(self, start: int, end: int) -> list[HostRun]:
+        """Plain data clusters (in the image or its external data file) map to their host
+        bytes, neighbours contiguous on the host joined; compressed clusters and bytes past the
+        data file's end (read as zeros) do not."""
+        out: list[HostRun] = []
+        fd, limit = self.data_fd, self.data_size
+        for s, e, code, host, t, r in self._runs(start, end):
+            if code == C.BAD:
+                raise self._bad(t, r)  # type: ignore[arg-type]
+            n = e - s
+            if code == C.DATA:
+                inside = max(0, min(n, limit - host))
+                if inside:
+                    last = out[-1] if out else None
+                    if (
+                        last is not None
+                        and last[2] == fd
+                        and last[0] + last[1] == s
+                        and last[3] + last[1] == host
+                    ):
+                        out[-1] = (last[0], last[1] + inside, fd, last[3])
+                    else:
+                        out.append((s, inside, fd, host))
+                s += inside
+                n -= inside
+            if n:
+                last = out[-1] if out else None
+                if last is not None and last[2] < 0 and last[0] + last[1] == s:
+                    out[-1] = (last[0], last[1] + n, -1, 0)
+                else:
+                    out.append((s, n, -1, 0))
+        return out
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         end = offset + len(buf)

@@ -50,7 +50,7 @@ import os
 import struct
 import sys
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from ...errors import ConvertError, ImageIOError
@@ -282,6 +282,28 @@ class Qcow2Writer:
         else:
             self._set_entries(guest_cluster, n, host | OFLAG_COPIED, self.cs, None)
         self._flush_metadata()
+
+    def place_clusters(self, guest_cluster: int, n: int, fill: Callable[[int], None] | None = None) -> int:
+        """Allocate ``n`` consecutive guest clusters as data without writing their bytes; return
+        the host offset of the first (cluster aligned, so the caller can copy or share blocks
+        into it: copy offload).
+
+        ``fill(host)``, when given, stores the bytes, before any metadata is written
+        after them (so the file is still written front to back); otherwise the caller
+        fills them before :meth:`finish`. Whatever is not written stays a hole and reads
+        as zeros. Counted like :meth:`write_clusters`, except for ``bytes_written``.
+        """
+        if n <= 0:
+            raise ValueError("place at least one cluster")
+        self._check_order(guest_cluster, n)
+        host = self._alloc(n)
+        if fill is not None:
+            fill(host)
+        self.data_clusters += n
+        bitmaps = array("Q", [ALL_ALLOC]) * n if self.extended_l2 else None
+        self._set_entries(guest_cluster, n, host | OFLAG_COPIED, self.cs, bitmaps)
+        self._flush_metadata()
+        return host
 
     def write_compressed(self, guest_cluster: int, payload: bytes | bytearray | memoryview) -> None:
         """Store one guest cluster as compressed data (already compressed by the caller)."""
