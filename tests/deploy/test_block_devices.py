@@ -6,47 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from ..helpers.needs import IN_CI, have_fuse, require
+from ..helpers.needs import have_fuse, require
 from ..helpers.qemu import Qemu
 
 
 def _flatfs(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "flatfs", *args], capture_output=True, text=True)
-
-
-def _loop_ok() -> bool:
-    return shutil.which("losetup") is not None and os.geteuid() == 0 and os.path.exists("/dev/loop-control")
-
-
-@pytest.fixture
-def loop() -> Iterator[Callable[[Path], str]]:
-    """Attach a file read-only to a free loop device; every device is detached at the end."""
-    require(_loop_ok(), "loop devices need root and losetup")
-    attached: list[str] = []
-
-    def attach(path: Path) -> str:
-        res = subprocess.run(["losetup", "-r", "-f", "--show", str(path)], capture_output=True, text=True)
-        if res.returncode != 0 and not IN_CI:
-            pytest.skip(f"losetup: {res.stderr.strip()}")
-        assert res.returncode == 0, res.stderr
-        attached.append(res.stdout.strip())
-        return attached[-1]
-
-    try:
-        yield attach
-    finally:
-        for dev in attached:
-            subprocess.run(["losetup", "-d", dev], capture_output=True)
-        left = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-        assert not any(dev + ":" in left for dev in attached), left
 
 
 def _map(*args: str) -> list[dict[str, object]]:

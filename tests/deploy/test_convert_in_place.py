@@ -11,12 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from ..helpers.needs import IN_CI, require
+from ..helpers.needs import require
 from ..helpers.qemu import Qemu
 
 M = 1 << 20
@@ -25,30 +25,6 @@ K = 1024
 
 def _flatfs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "flatfs", *args], capture_output=True, text=True, env=env)
-
-
-@pytest.fixture
-def loop_rw() -> Iterator[Callable[[Path], str]]:
-    """Attach a file read-write to a free loop device; every device is detached at the end."""
-    ok = shutil.which("losetup") is not None and os.geteuid() == 0 and os.path.exists("/dev/loop-control")
-    require(ok, "loop devices need root and losetup")
-    attached: list[str] = []
-
-    def attach(path: Path) -> str:
-        res = subprocess.run(["losetup", "-f", "--show", str(path)], capture_output=True, text=True)
-        if res.returncode != 0 and not IN_CI:
-            pytest.skip(f"losetup: {res.stderr.strip()}")
-        assert res.returncode == 0, res.stderr
-        attached.append(res.stdout.strip())
-        return attached[-1]
-
-    try:
-        yield attach
-    finally:
-        for dev in attached:
-            subprocess.run(["losetup", "-d", dev], capture_output=True)
-        left = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-        assert not any(dev + ":" in left for dev in attached), left
 
 
 def _device_with_old_qcow2(qemu: Qemu, tmp_path: Path, size: int, fill: int = 0x5A) -> Path:

@@ -10,9 +10,11 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .needs import require
 
 _EXTENT = re.compile(r"^\s*\d+:\s+\d+\.\.\s*\d+:\s+\d+\.\.\s*\d+:\s+(\d+):(.*)$")
 
@@ -67,3 +69,44 @@ def shared_bytes(path: Path) -> tuple[int, int]:
             if "shared" in e.group(2):
                 shared += int(e.group(1)) * bs
     return shared, total
+
+
+def loops_missing() -> str | None:
+    """Why loop devices cannot be attached here, or None."""
+    if shutil.which("losetup") is None or os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
+        return "loop devices need root and losetup"
+    return None
+
+
+class LoopDevices:
+    """Files attached to free loop devices for one test; :meth:`close` detaches every one."""
+
+    def __init__(self, readonly: bool) -> None:
+        self.readonly = readonly
+        self.attached: list[str] = []
+
+    def attach(self, path: Path) -> str:
+        """The device ``path`` is now attached to (``losetup`` failing is an AssertionError)."""
+        ro = ["-r"] if self.readonly else []
+        res = subprocess.run(["losetup", *ro, "-f", "--show", str(path)], capture_output=True, text=True)
+        assert res.returncode == 0, f"losetup: {res.stderr.strip()}"
+        self.attached.append(res.stdout.strip())
+        return self.attached[-1]
+
+    def close(self) -> None:
+        for dev in self.attached:
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+        left = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+        assert not any(dev + ":" in left for dev in self.attached), left
+
+
+def loop_devices(readonly: bool) -> Iterator[Callable[[Path], str]]:
+    """The body of a loop-device fixture: ``attach(path) -> device``, all detached afterwards;
+    skips without root and losetup, fails when CI=true."""
+    why = loops_missing()
+    require(why is None, why or "")
+    devices = LoopDevices(readonly)
+    try:
+        yield devices.attach
+    finally:
+        devices.close()
