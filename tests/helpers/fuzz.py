@@ -3,6 +3,7 @@ memory cap, one at a time, so a hang, a crash or a memory blow-up is caught and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import select
 import subprocess
@@ -47,3 +48,30 @@ class FuzzWorker:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.proc.wait(10)
+
+
+READ_CAP = 64 << 20  # what tests/fuzz/worker.py hashes of a view: its first 64 MiB
+
+
+def qemu_raw_sha(img: Path, size: int) -> str | None:
+    """sha256 of the first min(size, READ_CAP) bytes of ``qemu-img convert -O raw`` of ``img``
+    (what the worker's ``sha`` is compared with), or None when QEMU refuses or hangs on it.
+
+    Run in the image's folder: QEMU 7.2 resolves a relative data file name against its cwd."""
+    out = img.with_name(img.name + ".qemu.raw")
+    try:
+        r = subprocess.run(
+            ["qemu-img", "convert", "-O", "raw", str(img), str(out)],
+            cwd=img.parent,
+            capture_output=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    if r.returncode != 0:
+        return None
+    try:
+        with open(out, "rb") as f:
+            return hashlib.sha256(f.read(min(size, READ_CAP))).hexdigest()
+    finally:
+        out.unlink()

@@ -3,8 +3,6 @@ tests/helpers/vhd_writer.py over a qemu-made base."""
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
 from pathlib import Path
 
 from .qemu import Qemu
@@ -30,14 +28,3 @@ def child(parent: Path, writes: list[tuple[int, bytes]], **kw) -> Vhd:
     kw.setdefault("locators", [(b"W2ru", ".\\" + parent.name), (b"W2ku", "D:\\VMs\\" + parent.name)])
     kw.setdefault("parent_id", unique_id_of(parent))
     return Vhd(SIZE, disk_type=DIFFERENCING, writes=writes, **kw)
-
-
-def qemu_sha(img: Path, size: int) -> str | None:
-    """sha256 of `qemu-img convert -O raw` of ``img``, or None when QEMU refuses it."""
-    out = img.with_name(img.name + ".qemu.raw")
-    r = subprocess.run(["qemu-img", "convert", "-O", "raw", str(img), str(out)], capture_output=True)
-    if r.returncode:
-        return None
-    h = hashlib.sha256(out.read_bytes()[:size])
-    out.unlink()
-    return h.hexdigest()

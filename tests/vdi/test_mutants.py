@@ -8,17 +8,16 @@ never a hang.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ..helpers.fuzz import qemu_raw_sha
 from ..helpers.needs import have_qemu, require
 from ..helpers.qemu import Qemu
 from ..helpers.vdi_writer import BLOCK, ZERO, Vdi, pattern, write_registry
@@ -74,19 +73,6 @@ def mutate(src: Path, dst: Path, muts) -> None:
     dst.write_bytes(data)
 
 
-def qemu_raw_sha(img: Path, out: Path, size: int) -> str | None:
-    r = subprocess.run(
-        ["qemu-img", "convert", "-O", "raw", str(img), str(out)], capture_output=True, timeout=120
-    )
-    if r.returncode != 0:
-        return None
-    h = hashlib.sha256()
-    with open(out, "rb") as f:
-        h.update(f.read(min(size, 64 << 20)))
-    out.unlink()
-    return h.hexdigest()
-
-
 @pytest.mark.qemu
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
@@ -109,6 +95,6 @@ def test_vdi_mutant_is_read_like_qemu_or_refused_cleanly(seeds, worker, tmp_path
         assert res["oneline"], res
         return
     if seed != "snapshot" and res["size"] <= 64 << 20:
-        want = qemu_raw_sha(img, d / "qemu.raw", res["size"])
+        want = qemu_raw_sha(img, res["size"])
         if want is not None:
             assert res["sha"] == want, f"{seed} {muts}: flatfs reads differ from QEMU"

@@ -5,17 +5,16 @@ worker of tests/fuzz runs each mutant under a memory cap)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ..helpers.fuzz import qemu_raw_sha
 from ..helpers.needs import have_qemu, require
 from ..helpers.qemu import Qemu
 from ..helpers.vmdk_oracle import create, write_stream_vmdk
@@ -134,21 +133,6 @@ def seeds(tmp_path_factory):
     return _seeds(tmp_path_factory.mktemp("vmdk-seeds"))
 
 
-def qemu_raw_sha(img: Path, out: Path, size: int) -> str | None:
-    try:
-        r = subprocess.run(
-            ["qemu-img", "convert", "-O", "raw", img, out], cwd=img.parent, capture_output=True, timeout=120
-        )
-    except subprocess.TimeoutExpired:
-        return None
-    if r.returncode != 0:
-        return None
-    with open(out, "rb") as f:
-        digest = hashlib.sha256(f.read(min(size, 64 << 20))).hexdigest()
-    out.unlink()
-    return digest
-
-
 @pytest.mark.qemu
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
@@ -168,6 +152,6 @@ def test_vmdk_mutant_is_read_like_qemu_or_refused_cleanly(seeds, worker, tmp_pat
     if not res["ok"]:
         assert res["oneline"] and res["error"].startswith(str(d)), res
         return
-    want = qemu_raw_sha(img, d / "qemu.raw", res["size"])
+    want = qemu_raw_sha(img, res["size"])
     if want is not None:
         assert res["sha"] == want, f"{seed} {muts}: flatfs reads differ from QEMU"
