@@ -6,7 +6,9 @@ libyal's libvhdi, an independent reader.
 
 from __future__ import annotations
 
+import random
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,11 +16,21 @@ import pytest
 from flatfs import OpenOptions, open_chain
 from flatfs.errors import ChainError, CorruptImage, ParentMismatch
 from flatfs.extents import Kind
+from flatfs.formats.vhdx.layer import VhdxLayer
 
 from ..helpers.cli import flatfs
 from ..helpers.qemu import Qemu
 from ..helpers.vhdx_images import Model, first_difference, libvhdi_read, pattern, read_all, three_layers
-from ..helpers.vhdx_writer import ZERO, MiB, Parent, VhdxImage
+from ..helpers.vhdx_writer import (
+    FULLY_PRESENT,
+    NOT_PRESENT,
+    UNDEFINED,
+    UNMAPPED,
+    ZERO,
+    MiB,
+    Parent,
+    VhdxImage,
+)
 
 
 @pytest.mark.parametrize("logical", [512, 4096])
@@ -208,3 +220,38 @@ def test_missing_parent_lists_every_path_tried(tmp_path: Path) -> None:
     for p in ("gone/p.vhdx", "q.vhdx", str(tmp_path / "p.vhdx")):
         assert p in str(exc.value)
     assert isinstance(OpenOptions(), OpenOptions)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_runs_of_equal_entries_end_where_the_states_change(tmp_path: Path, seed: int) -> None:
+    """The BAT's bulk path (a whole chunk compared at once, runs of equal no-data entries)
+    against the states the writer put in, block by block: runs that stop inside a chunk,
+    cross sector-bitmap entries, and sit between blocks with data."""
+    bs = 32 * MiB  # chunk ratio 128: 512 blocks are four chunks
+    img = VhdxImage(512 * bs, block_size=bs, parent=Parent(uuid.uuid4(), relative_path="p.vhdx"))
+    rnd = random.Random(seed)
+    want = [Kind.ABSENT] * 512
+    block = 0
+    while block < 512:
+        state = rnd.choice([NOT_PRESENT, ZERO, UNMAPPED, UNDEFINED, FULLY_PRESENT])
+        n = 1 if state == FULLY_PRESENT else rnd.choice([1, 2, 5, 60, 127, 128, 129, 300])
+        for b in range(block, min(512, block + n)):
+            if state == FULLY_PRESENT:
+                img.write(b * bs, b"\x01" * 512)
+                want[b] = Kind.DATA
+            elif state != NOT_PRESENT:
+                img.set_state(b, state)
+                want[b] = Kind.ZERO
+        block += n
+    img.save(tmp_path / "c.avhdx")
+    with open(tmp_path / "c.avhdx", "rb") as f:
+        layer = VhdxLayer(str(tmp_path / "c.avhdx"), f.fileno())
+        got: list[set[Kind]] = [set() for _ in range(512)]
+        pos = 0
+        while pos < layer.size:
+            runs = layer.runs(pos, layer.size)
+            for e in runs.extents():
+                for b in range(e.start // bs, -(-(e.start + e.length) // bs)):
+                    got[b].add(e.kind)
+            pos = runs.ends[-1]
+    assert [Kind.DATA if Kind.DATA in k else k.pop() if len(k) == 1 else k for k in got] == want

@@ -81,6 +81,7 @@ class VhdxLayer(LayerBase):
         self.window_blocks = self.window_chunks * self.chunk_ratio
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, tuple[array[int], bytes]] = OrderedDict()
+        self._templates: dict[int, memoryview] = {}  # no-data entry value -> that entry repeated
         self.parent: ParentRef | None = None
         if md.has_parent:
             loc = md.locator
@@ -194,13 +195,7 @@ class VhdxLayer(LayerBase):
                     # A run of blocks with the same entry and no data (QEMU's dynamic disks say
                     # ZERO for every block) is one piece: cost follows the data, not the size.
                     # Sector bitmap entries inside the run end it, unless they match too.
-                    if e == 0:
-                        m = _NONZERO.search(raw, 8 * local)
-                        last = m.start() // 8 if m else len(entries)
-                    else:
-                        r = re.compile(b"(?:" + re.escape(raw[8 * local : 8 * local + 8]) + b")+")
-                        m2 = r.match(raw, 8 * local)
-                        last = m2.end() // 8 if m2 else local + 1
+                    last = self._same_until(raw, local, e)
                     nxt = self._block_of(w, last) if last < len(entries) else wend
                     nxt = max(nxt, block + 1)
                     stop = min(nxt * bs, end)
@@ -215,6 +210,30 @@ class VhdxLayer(LayerBase):
                 return out
             raise
         return out
+
+    def _same_until(self, raw: bytes, local: int, e: int) -> int:
+        """The first window entry at or after ``local`` that differs from ``e`` (a no-data entry).
+
+        Whole windows and whole chunks are compared with one memcmp against a
+        template of ``e``; only a mixed chunk is searched entry by entry.
+        """
+        n = len(raw) // 8
+        tmpl = self._templates.get(e) if e < 8 else None
+        if tmpl is None and e < 8:
+            full = self.window_chunks * (self.chunk_ratio + 1)
+            tmpl = self._templates[e] = memoryview(e.to_bytes(8, "little") * full)
+        if tmpl is not None:
+            if raw.startswith(tmpl[: len(raw) - 8 * local], 8 * local):
+                return n
+            sb = (local // (self.chunk_ratio + 1)) * (self.chunk_ratio + 1) + self.chunk_ratio
+            if sb > local and raw.startswith(tmpl[: 8 * (sb - local)], 8 * local):
+                return sb
+        if e == 0:
+            m = _NONZERO.search(raw, 8 * local)
+            return m.start() // 8 if m else n
+        r = re.compile(b"(?:" + re.escape(raw[8 * local : 8 * local + 8]) + b")+")
+        m2 = r.match(raw, 8 * local)
+        return m2.end() // 8 if m2 else local + 1
 
     def _classify(self, out: Runs, e: int, w: int, local: int, block: int, pos: int, stop: int) -> None:
         state = e & S.STATE_MASK
