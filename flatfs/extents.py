@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from array import array
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class Kind(enum.Enum):
@@ -50,19 +50,37 @@ CODES: dict[Kind, int] = {k: i for i, k in enumerate(KINDS)}
 DATA, ALLOC_ZERO, ZERO, ABSENT = range(4)
 
 
-@dataclass(slots=True)
 class Runs:
     """One layer's map of a range, in bulk: parallel arrays, ascending and contiguous.
 
     Run ``i`` covers ``[starts[i], ends[i])`` with kind ``KINDS[kinds[i]]``. A
     format fills a table's worth at a time (an L2 table, a grain table, a BAT
     block) with :meth:`add`, which merges a run into its neighbour of the same
-    kind, so one object describes thousands of clusters.
+    kind, so one object describes thousands of clusters. (A plain class: made
+    for every table, and a dataclass costs start-up time in every command.)
     """
 
-    starts: array[int] = field(default_factory=lambda: array("Q"))
-    ends: array[int] = field(default_factory=lambda: array("Q"))
-    kinds: bytearray = field(default_factory=bytearray)
+    __slots__ = ("starts", "ends", "kinds")
+
+    def __init__(
+        self,
+        starts: array[int] | None = None,
+        ends: array[int] | None = None,
+        kinds: bytearray | None = None,
+    ) -> None:
+        self.starts: array[int] = array("Q") if starts is None else starts
+        self.ends: array[int] = array("Q") if ends is None else ends
+        self.kinds: bytearray = bytearray() if kinds is None else kinds
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Runs):
+            return NotImplemented
+        return (self.starts, self.ends, self.kinds) == (other.starts, other.ends, other.kinds)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Runs({list(self)!r})"
 
     def add(self, start: int, end: int, code: int) -> None:
         """Append ``[start, end)`` of kind code ``code``; it must start where the last run ends."""

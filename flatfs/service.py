@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import traceback
@@ -143,6 +142,8 @@ def sd_notify(address: str | None, message: str) -> None:
         log.warning("NOTIFY_SOCKET=%s: unsupported address, not notifying", address)
         return
     try:
+        import socket  # only under systemd (NOTIFY_SOCKET)
+
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.connect(target)
             s.sendall(message.encode())

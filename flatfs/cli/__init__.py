@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from .. import __version__
 from .common import FlatfsGroup
 from .convert import convert, measure
 from .inspect import info, map_
@@ -20,7 +21,7 @@ from .mount import mount, umount
     epilog="Each command's --help is short; the manual is flatfs(1), flatfs-mount(1), "
     "flatfs-convert(1), flatfs-measure(1).",
 )
-@click.version_option(package_name="flatfs")
+@click.version_option(version=__version__, prog_name="flatfs")
 def main() -> None:
     """Inspect and flatten VM disk image chains (qcow2, raw)."""
 
