@@ -60,6 +60,7 @@ from views import FlatfsView, QsdView, View, flatfs_cmd, read_sequential, seek_o
 GiB = images.GiB
 MiB = images.MiB
 TOOLS = ("flatfs", "qemu")
+MOUNT_PAIRS = 7  # cold mounts per tool for the time to readable
 FIGURE_KEYS = (
     "convert_wall",
     "convert_wall_exit",
@@ -257,16 +258,28 @@ def run_views(
     views: dict[tuple[str, str], View] = {}
     samples = empty_view_samples()
     checks: dict = {}
+    classes = {"flatfs": FlatfsView, "qemu": QsdView}
     try:
-        for tool, cls in (("flatfs", FlatfsView), ("qemu", QsdView)):
+        # Time to readable: cold cache every time, interleaved pairs (one mount is too noisy)
+        for pair in range(max(pairs, MOUNT_PAIRS) if pairs > 1 else 1):  # --quick: one
+            for tool in order(pair):
+                cache.reset()
+                v = classes[tool](imgs.top_small, work / f"view-{tool}-t.raw", logs / f"{tool}-t.log")
+                v.start()
+                samples["mount"][tool].append(
+                    {"view": "1t", "seconds": v.mount_seconds, "options": v.options}
+                )
+                v.stop()
+            log(
+                f"  mount until readable: flatfs {samples['mount']['flatfs'][-1]['seconds']:.3f} s, "
+                f"qemu-storage-daemon {samples['mount']['qemu'][-1]['seconds']:.3f} s"
+            )
+        for tool, cls in classes.items():
             for size, img in (("1t", imgs.top_small), ("64t", imgs.top_big)):
                 cache.reset()
                 v = cls(img, work / f"view-{tool}-{size}.raw", logs / f"{tool}-{size}.log")
                 views[(tool, size)] = v
                 v.start()
-                samples["mount"][tool].append(
-                    {"view": size, "seconds": v.mount_seconds, "options": v.options}
-                )
                 log(f"  mounted {tool} {size} view in {v.mount_seconds:.3f} s ({v.options})")
 
         # Warm-up: checksums, map outputs, a full flatfs walk, a capped QEMU walk.
@@ -403,6 +416,11 @@ def with_ranges(figs: list[Figure], conv: dict, view: dict, layout: images.Layou
             xs, ys = [r[key] for r in conv[case]["flatfs"]], [r[key] for r in conv[case]["qemu"]]
         elif f.key == "read_throughput":
             xs, ys = [r["mibps"] for r in view["read"]["flatfs"]], [r["mibps"] for r in view["read"]["qemu"]]
+        elif f.key == "mount_time":
+            xs, ys = (
+                [r["seconds"] for r in view["mount"]["flatfs"]],
+                [r["seconds"] for r in view["mount"]["qemu"]],
+            )
         elif f.key == "map_1t":
             xs, ys = (
                 [r["seconds"] for r in view["map"]["flatfs"]],
@@ -586,6 +604,7 @@ def figures(conv: dict, view: dict, layout: images.Layout) -> list[Figure]:
             "s",
             med(view["mount"]["flatfs"], "seconds"),
             med(view["mount"]["qemu"], "seconds"),
+            target=("flatfs<=", 0.10),
         ),
     ]
     return figs

@@ -104,7 +104,7 @@ class View:
             if time.perf_counter() - t0 > timeout:
                 self.stop()
                 raise RuntimeError(f"{self.tool} did not mount {self.image.name} within {timeout:.0f} s")
-            time.sleep(0.01)
+            time.sleep(0.001)  # the figure's resolution
         self.mount_seconds = time.perf_counter() - t0
         return self
 
