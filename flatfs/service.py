@@ -19,7 +19,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import FlatfsError
 
@@ -151,8 +151,7 @@ def sd_notify(address: str | None, message: str) -> None:
         log.warning("sd_notify to %s failed: %s", address, exc)
 
 
-@dataclass(frozen=True)
-class Startup:
+class Startup(NamedTuple):
     """How a daemon's start ended, as its parent saw it.
 
     ``ready``: it is serving. Otherwise ``interrupted`` (^C in the parent: the

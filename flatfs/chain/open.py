@@ -15,7 +15,7 @@ import ntpath
 import os
 import re
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import ChainError, FlatfsError, ImageIOError, ParentMismatch, UnsupportedImage
 from ..formats import lookup, probe
@@ -36,8 +36,7 @@ _URL = re.compile(r"^(json:|[A-Za-z][A-Za-z0-9+.-]*://)")
 _WINDOWS = re.compile(r"^([A-Za-z]:|\\\\|\.\\)|\\")
 
 
-@dataclass(frozen=True, slots=True)
-class OpenOptions:
+class OpenOptions(NamedTuple):
     """How to open a chain. The defaults are the safe ones."""
 
     format: str | None = None  # format of the top image; None = probe

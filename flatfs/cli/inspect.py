@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import operator
 import sys
@@ -41,7 +40,7 @@ def info(image: str, output: str, options: OpenOptions) -> None:
 
     # info shows a parent whose identity (a VMDK's CID...) differs from what its
     # child records, and flags it; map, mount and convert refuse such a chain
-    options = dataclasses.replace(options, ignore_parent_id=True)
+    options = options._replace(ignore_parent_id=True)
     with open_chain(image, options) as chain:
         rows = chain_info(chain)
         strips = [picture.strip(chain, d) for d in range(len(chain.layers))] if output == "human" else []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import ConvertError
 from .capability import qcow2_writer
@@ -12,8 +12,7 @@ DEFAULT_SPARSE_SIZE = 4096  # qemu-img's default -S
 TARGET_FORMATS = ("qcow2", "raw")
 
 
-@dataclass(frozen=True)
-class ConvertOptions:
+class ConvertOptions(NamedTuple):
     target_format: str = "qcow2"  # "qcow2" or "raw"
     sparse_size: int = DEFAULT_SPARSE_SIZE  # 0: write every byte of the data extents
     compat: str | None = None  # "0.10" or "1.1" (default)

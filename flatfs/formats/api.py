@@ -14,8 +14,7 @@ A format module imports only this module, ``flatfs.hostio``,
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ..extents import Extent, Runs
 
@@ -27,8 +26,7 @@ PROBE_SIZE = 4096  # bytes of an image's head that probing looks at
 HostRun = tuple[int, int, int, int]
 
 
-@dataclass(frozen=True, slots=True)
-class ParentRef:
+class ParentRef(NamedTuple):
     """How a layer names its parent. The chain, not the format, resolves it.
 
     ``candidates``: names to try, in order, as the image records them
@@ -55,8 +53,7 @@ class ParentRef:
         return self.candidates[0] if self.candidates else ""
 
 
-@dataclass(frozen=True, slots=True)
-class HostFile:
+class HostFile(NamedTuple):
     """A host file a layer reads: to lock, to show in ``info``, to compare against a TARGET."""
 
     path: str
@@ -182,8 +179,7 @@ class LayerBase:
 Opener = Callable[[str, int, OpenContext], Layer]
 
 
-@dataclass(frozen=True)
-class Format:
+class Format(NamedTuple):
     """One entry of ``FORMATS``: how to recognise and open a format, and what else it offers.
 
     Capabilities are optional and looked up by name by the consumers that
@@ -201,5 +197,5 @@ class Format:
     aliases: tuple[str, ...] = ()
     target: Callable[[], Any] | None = None
     identify: Callable[[bytes], dict[str, str]] | None = None
-    suffixes: tuple[str, ...] = field(default=())
+    suffixes: tuple[str, ...] = ()
     info_rows: tuple[tuple[str, str], ...] = ()  # (info() key, label) lines of the human `info`

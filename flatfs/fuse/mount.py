@@ -9,7 +9,6 @@ a daemon (:func:`flatfs.service.daemonize`).
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import fcntl
 import logging
@@ -213,7 +212,7 @@ class _Server:
     def run(self) -> None:
         """Serve until unmounted or signalled. Raises MountError if the mount never got live."""
         # The view reads exactly the data it needs, in 1 MiB requests: no readahead (see OpenOptions)
-        chain = open_chain(self.req.image, dataclasses.replace(self.req.options, readahead=False))
+        chain = open_chain(self.req.image, self.req.options._replace(readahead=False))
         try:
             top = chain.layers[0]
             view = View(

@@ -99,7 +99,7 @@ def test_random_conversions_roundtrip(qemu, image, opts, base):
                 convert_chain(chain, out, opts)
             else:
                 make_raw(d / "base.raw", *base)
-                o = ConvertOptions(**{**opts.__dict__, "backing": "base.raw", "backing_format": "raw"})
+                o = opts._replace(backing="base.raw", backing_format="raw")
                 with open_chain(d / "base.raw", OpenOptions(format="raw")) as bchain:
                     convert_chain(chain, out, o, backing=bchain)
         with open_chain(out, OpenOptions(allow_probe_raw=True)) as got:
