@@ -6,6 +6,9 @@ status 1; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 
 from .. import __version__
@@ -28,3 +31,29 @@ def main() -> None:
 
 for _command in (info, map_, mount, umount, convert, measure):
     main.add_command(_command)
+
+
+def run() -> None:
+    """The console script: ``main``, then leave without tearing the interpreter down.
+
+    Once a command has returned, everything it wrote is closed or flushed
+    (a converted TARGET is fsynced and renamed before the command returns);
+    the interpreter's teardown (module cleanup, collecting every object) only
+    costs time, about 12 ms of every command on the development machine.
+    Exceptions that escape click (bugs) keep the normal path and their traceback.
+    """
+    try:
+        main(prog_name="flatfs")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`flatfs map | head`): nothing left to say
+            code = code or 1
+    os._exit(code)
