@@ -410,22 +410,18 @@ def with_ranges(figs: list[Figure], conv: dict, view: dict, layout: images.Layou
         "comp_wall": ("compressed", "durable"),
         "comp_cpu": ("compressed", "cpu"),
     }
+    v = {
+        "read_throughput": ("read", "mibps"),
+        "map_1t": ("map", "seconds"),
+        "mount_time": ("mount", "seconds"),
+    }
     for f in figs:
         if f.key in c:
             case, key = c[f.key]
             xs, ys = [r[key] for r in conv[case]["flatfs"]], [r[key] for r in conv[case]["qemu"]]
-        elif f.key == "read_throughput":
-            xs, ys = [r["mibps"] for r in view["read"]["flatfs"]], [r["mibps"] for r in view["read"]["qemu"]]
-        elif f.key == "mount_time":
-            xs, ys = (
-                [r["seconds"] for r in view["mount"]["flatfs"]],
-                [r["seconds"] for r in view["mount"]["qemu"]],
-            )
-        elif f.key == "map_1t":
-            xs, ys = (
-                [r["seconds"] for r in view["map"]["flatfs"]],
-                [r["seconds"] for r in view["map"]["qemu"]],
-            )
+        elif f.key in v:
+            kind, key = v[f.key]
+            xs, ys = [r[key] for r in view[kind]["flatfs"]], [r[key] for r in view[kind]["qemu"]]
         else:
             continue
         f.flatfs_range, f.qemu_range, f.pair_ratio = rng(xs), rng(ys), paired(xs, ys)
