@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ..helpers.fuzz import qemu_raw_sha
+from ..helpers.fuzz import poke, qemu_raw_sha
 from ..helpers.needs import have_qemu, require
 from ..helpers.qemu import Qemu
 
@@ -110,18 +110,7 @@ def mutate(src: Path, dst: Path, muts) -> None:
     regions = _regions(src)
     for r, w, how, byte, value in muts:
         a, b = regions[r % len(regions)]
-        off = a + w % max(1, b - a)
-        if how == "byte":
-            data[off] = byte
-        elif how == "bit":
-            data[off] ^= 1 << (byte % 8)
-        elif how == "u32":
-            off -= off % 4
-            struct.pack_into(">I", data, off, value & 0xFFFFFFFF)
-        else:
-            off -= off % 8
-            if off + 8 <= len(data):
-                struct.pack_into(">Q", data, off, value)
+        poke(data, a + w % max(1, b - a), how, byte, value, ">")
     dst.write_bytes(data)
 
 

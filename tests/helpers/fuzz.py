@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import select
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,19 @@ def qemu_raw_sha(img: Path, size: int) -> str | None:
             return hashlib.sha256(f.read(min(size, READ_CAP))).hexdigest()
     finally:
         out.unlink()
+
+
+def poke(data: bytearray, off: int, how: str, byte: int, value: int, order: str) -> int:
+    """Apply one mutation at ``off``: set the byte to ``byte``, flip one of its bits, or store
+    ``value`` as a ``u32``/``u64`` word (aligned down, byte ``order`` "<" or ">"). Returns the
+    offset changed; a word that would run past the end of ``data`` is not written."""
+    if how == "byte":
+        data[off] = byte
+    elif how == "bit":
+        data[off] ^= 1 << (byte % 8)
+    else:
+        size, code = (4, "I") if how == "u32" else (8, "Q")
+        off -= off % size
+        if off + size <= len(data):
+            struct.pack_into(order + code, data, off, value & ((1 << 8 * size) - 1))
+    return off

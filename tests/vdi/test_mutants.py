@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ..helpers.fuzz import qemu_raw_sha
+from ..helpers.fuzz import poke, qemu_raw_sha
 from ..helpers.needs import have_qemu, require
 from ..helpers.qemu import Qemu
 from ..helpers.vdi_writer import BLOCK, ZERO, Vdi, pattern, write_registry
@@ -62,14 +61,7 @@ mutation = st.tuples(
 def mutate(src: Path, dst: Path, muts) -> None:
     data = bytearray(src.read_bytes())
     for (a, b), w, how, byte, value in muts:
-        off = a + w % (b - a)
-        if how == "byte":
-            data[off] = byte
-        elif how == "bit":
-            data[off] ^= 1 << (byte % 8)
-        else:
-            off -= off % 4
-            struct.pack_into("<I", data, off, value)
+        poke(data, a + w % (b - a), how, byte, value, "<")
     dst.write_bytes(data)
 
 

@@ -31,6 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ..helpers.fuzz import poke
 from ..helpers.needs import have_qemu, require
 from ..helpers.qemu import Qemu
 from ..helpers.vhdx_images import libvhdi_read, logged, pattern, pyvhdi, read_all
@@ -152,17 +153,9 @@ def mutate(src: Path, dst: Path, region: str, muts, fix: bool) -> str:
         region = "bat"
     a, b, crc_at = where[region]
     for w, how, byte, value in muts:
-        off = a + w % (b - a)
-        if how == "byte":
-            data[off] = byte
-        elif how == "bit":
-            data[off] ^= 1 << (byte % 8)
-        elif how == "u32":
-            off -= off % 4
-            struct.pack_into("<I", data, off, value)
-        else:
-            off -= off % 8
-            struct.pack_into("<Q", data, off, value << (20 if byte & 1 else 0) | byte % 8)
+        if how == "u64":  # shaped like a BAT entry: a state, and an offset in MiB or not
+            value = value << (20 if byte & 1 else 0) | byte % 8
+        off = poke(data, a + w % (b - a), how, byte, value, "<")
         if fix:
             reseal(data, region, off, crc_at)
     if region == "regions" and fix:  # both copies alike, as a writer leaves them
