@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from timing import run_child
+from timing import pair_ratios, run_child
 
 STRIDE = 128 << 10
 DATA = 4 << 10
@@ -100,11 +100,6 @@ def run(top: Path, work: Path, pairs: int, flatfs: list[str], log: Callable[[str
     return {"samples": samples, "mount": mounts, "checks": checks, "figures": figures(samples, mounts)}
 
 
-def _median_ratio(f: list[float], q: list[float]) -> float | None:
-    ratios = [a / b for a, b in zip(f, q) if b]
-    return statistics.median(ratios) if ratios else None
-
-
 def figures(samples: dict[str, dict[str, list[dict[str, float]]]], mounts: list[float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for case, by_tool in samples.items():
@@ -114,8 +109,8 @@ def figures(samples: dict[str, dict[str, list[dict[str, float]]]], mounts: list[
             q = [r[key] for r in by_tool["qemu"]]
             row[f"flatfs_{key}"] = statistics.median(f) if f else None
             row[f"qemu_{key}"] = statistics.median(q) if q else None
-            row[f"{key}_ratio"] = _median_ratio(f, q)
-            ratios = [a / b for a, b in zip(f, q) if b]
+            ratios = pair_ratios(f, q)
+            row[f"{key}_ratio"] = statistics.median(ratios) if ratios else None
             row[f"{key}_ratio_range"] = (min(ratios), max(ratios)) if ratios else None
         out[case] = row
     out["mount"] = {

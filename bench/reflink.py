@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from timing import fsync_path, run_child
+from timing import fsync_path, pair_ratios, run_child
 
 TARGETS = {"vs_qemu": 1.5, "vs_plain": 0.2}
 TOOLS = ("flatfs-C", "qemu-C")
@@ -167,7 +167,7 @@ def run(mnt: Path, top: str, pairs: int, flatfs: list[str], log: Callable[[str],
 
 
 def _ratio(f: list[dict[str, float]], q: list[dict[str, float]], key: str) -> dict[str, Any]:
-    r = [a[key] / b[key] for a, b in zip(f, q) if b[key]]
+    r = pair_ratios([a[key] for a in f], [b[key] for b in q])
     return {"ratio": statistics.median(r) if r else None, "range": (min(r), max(r)) if r else None}
 
 

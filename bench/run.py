@@ -54,7 +54,7 @@ import tmpfs  # noqa: E402
 import vhdx  # noqa: E402
 import vmdk  # noqa: E402
 from report import Figure, spread_markdown, table_markdown, table_text  # noqa: E402
-from timing import Cache, busy_seconds, fsync_path, proc_cpu, run_child, summary  # noqa: E402
+from timing import Cache, busy_seconds, fsync_path, pair_ratios, proc_cpu, run_child, summary  # noqa: E402
 from views import FlatfsView, QsdView, View, flatfs_cmd, read_sequential, seek_once, seek_walk  # noqa: E402
 
 GiB = images.GiB
@@ -395,7 +395,7 @@ def rng(xs: list[float | None]) -> tuple[float, float] | None:
 
 def paired(f: list[float | None], q: list[float | None]) -> float | None:
     """Median over the pairs of flatfs/QEMU within each pair (both ran back to back)."""
-    rs = [a / b for a, b in zip(f, q) if a is not None and b]
+    rs = pair_ratios(f, q)
     return statistics.median(rs) if rs else None
 
 

@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,12 @@ def busy_seconds() -> float:
     user, nice, system, idle, iowait, irq, softirq = v[:7]
     steal = v[7] if len(v) > 7 else 0
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def pair_ratios(f: Sequence[float | None], q: Sequence[float | None]) -> list[float]:
+    """flatfs / QEMU within each pair (the two ran back to back); a pair with a missing or
+    zero figure is left out."""
+    return [a / b for a, b in zip(f, q) if a is not None and b]
 
 
 def median(xs: list[float]) -> float | None:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from timing import run_child
+from timing import pair_ratios, run_child
 
 TOOLS = ("flatfs", "qemu")
 KEYS = ("wall", "user", "sys", "cpu", "rss_mib")
@@ -141,7 +141,7 @@ def figures(samples: dict[str, list[dict[str, float]]], cp: list[float]) -> dict
     for key in KEYS:
         f = [r[key] for r in samples["flatfs"]]
         q = [r[key] for r in samples["qemu"]]
-        ratios = [a / b for a, b in zip(f, q) if b]
+        ratios = pair_ratios(f, q)
         out[key] = {
             "flatfs": statistics.median(f) if f else None,
             "qemu": statistics.median(q) if q else None,

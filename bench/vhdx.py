@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from timing import pair_ratios  # noqa: E402
+
 from tests.helpers.vhdx_writer import Parent, VhdxImage  # noqa: E402
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
@@ -115,7 +117,7 @@ def run(
 
 
 def _ratio(a: list[float], b: list[float]) -> dict[str, float | None]:
-    r = [x / y for x, y in zip(a, b) if y]
+    r = pair_ratios(a, b)
     if not r:
         return {"median": None, "min": None, "max": None}
     return {"median": statistics.median(r), "min": min(r), "max": max(r)}

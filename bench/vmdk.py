@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from timing import pair_ratios
+
 CASES = ("vmdk-delta", "vmdk-stream")
 
 
@@ -94,7 +96,8 @@ def figures(samples: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, di
             q = [r[key] for r in by_tool["qemu"]]
             row[f"flatfs_{key}"] = statistics.median(f) if f else None
             row[f"qemu_{key}"] = statistics.median(q) if q else None
-            row[f"{key}_ratio"] = statistics.median(a / b for a, b in zip(f, q) if b) if f and q else None
+            ratios = pair_ratios(f, q)
+            row[f"{key}_ratio"] = statistics.median(ratios) if ratios else None
         out[case] = row
     return out
 
