@@ -17,7 +17,7 @@ non-sparse file must hold), as qemu-img measure says.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,27 +41,20 @@ class Measure:
 
 def _cluster_runs(chain: Chain, end: int, cs: int) -> Iterator[tuple[int, int]]:
     """[first, last + 1) guest clusters touching DATA of ``chain`` below ``end``, ascending, merged."""
-    cur_a = cur_b = -1
-    for e in chain.extents(0, end):
-        if not e.kind.must_read:
-            continue
-        a = e.start // cs
-        b = -(-min(e.start + e.length, end) // cs)
-        if cur_b >= a:
-            cur_b = max(cur_b, b)
-            continue
-        if cur_b > cur_a:
-            yield cur_a, cur_b
-        cur_a, cur_b = a, b
-    if cur_b > cur_a:
-        yield cur_a, cur_b
+    data = (e for e in chain.extents(0, end) if e.kind.must_read)
+    return _merged((e.start // cs, -(-min(e.start + e.length, end) // cs)) for e in data)
 
 
 def _union(a: Iterator[tuple[int, int]], b: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
     import heapq
 
+    return _merged(heapq.merge(a, b))
+
+
+def _merged(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Ascending [start, end) runs with overlapping and touching ones joined."""
     cur_a = cur_b = -1
-    for s, t in heapq.merge(a, b):
+    for s, t in runs:
         if cur_b >= s:
             cur_b = max(cur_b, t)
             continue
