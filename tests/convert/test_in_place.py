@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from ..helpers.cli import flatfs
+from ..helpers.cli import background_convert, flatfs
 from ..helpers.images import K, M, pattern, write_sparse_raw
 from ..helpers.qemu import Qemu
 
@@ -104,17 +103,6 @@ def test_options_that_need_n_or_contradict_it(tmp_path: Path) -> None:
     assert res.returncode == 1 and "part of the chain" in res.stderr
 
 
-def _slow(src: Path, target: Path, *args: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, FLATFS_CONVERT_TEST_DELAY="0.1")
-    return subprocess.Popen(
-        [sys.executable, "-m", "flatfs", "convert", "-n", *args, str(src), str(target)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _wait_until_erased(target: Path, proc: subprocess.Popen[str]) -> None:
     """The run has started writing once the old header is gone."""
     deadline = time.monotonic() + 60
@@ -143,7 +131,7 @@ def test_an_interrupted_run_leaves_nothing_that_looks_like_an_image(
     target = filled(tmp_path / "t.img", 72 * M)
     with open(target, "r+b") as f:
         f.write(old.read_bytes())
-    proc = _slow(src, target, "-O", fmt)
+    proc = background_convert("-n", "-O", fmt, src, target, delay=0.1)
     _wait_until_erased(target, proc)
     time.sleep(0.3)  # inside the data now
     proc.send_signal(signal.SIGTERM)
@@ -163,7 +151,7 @@ def test_two_runs_into_one_file_cannot_interleave(tmp_path: Path) -> None:
     """The writer lock (QEMU's): a second -n, or anything holding the file, is refused."""
     src = many_chunks(tmp_path)
     target = filled(tmp_path / "t.img", 72 * M)
-    proc = _slow(src, target, "-O", "raw")
+    proc = background_convert("-n", "-O", "raw", src, target, delay=0.1)
     _wait_until_erased(target, proc)
     res = flatfs("convert", "-n", "-O", "raw", src, target, check=False)
     assert res.returncode == 1 and "in use by another process" in res.stderr, res.stderr

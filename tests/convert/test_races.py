@@ -7,46 +7,21 @@ import errno
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from flatfs.convert import safety
 
-from ..helpers.cli import flatfs
+from ..helpers.cli import TEMP_MARK, background_convert, flatfs, leftovers, wait_for_temp
 from ..helpers.images import K, M, pattern, write_sparse_raw
 
-TMP_MARK = ".flatfs-tmp-"
-SLOW = "FLATFS_CONVERT_TEST_DELAY"
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if TMP_MARK in p.name)
+DELAY = 0.05  # seconds after each chunk of a slowed-down conversion
 
 
 def chunky_raw(path: Path, chunks: int) -> Path:
     """Data regions far apart, each its own chunk (and its own test delay)."""
     return write_sparse_raw(path, chunks * 4 * M, [(i * 4 * M, pattern(64 * K, i)) for i in range(chunks)])
-
-
-def start(src: Path, out: Path, *args: str, delay: str = "0.05") -> subprocess.Popen[str]:
-    env = dict(os.environ, **{SLOW: delay})
-    return subprocess.Popen(
-        [sys.executable, "-m", "flatfs", "convert", *args, str(src), str(out)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for_temp(folder: Path, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 60
-    while not leftovers(folder):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the conversion never started"
-        time.sleep(0.01)
 
 
 def test_of_two_converts_to_one_target_exactly_one_wins(tmp_path: Path) -> None:
@@ -57,7 +32,10 @@ def test_of_two_converts_to_one_target_exactly_one_wins(tmp_path: Path) -> None:
     appeared = 0
     for i in range(8):
         out = out_dir / f"t{i}.img"
-        procs = [start(src, out, "-O", "raw", "-S", "0"), start(src, out, "-O", "raw")]
+        procs = [
+            background_convert("-O", "raw", "-S", "0", src, out, delay=DELAY),
+            background_convert("-O", "raw", src, out, delay=DELAY),
+        ]
         results = [(p.wait(timeout=60), *p.communicate()) for p in procs]
         codes = sorted(rc for rc, _, _ in results)
         assert codes == [0, 1], results
@@ -74,8 +52,8 @@ def test_a_target_created_during_the_run_is_not_replaced(tmp_path: Path) -> None
     src = chunky_raw(tmp_path / "src.raw", 8)
     for i, fmt in enumerate(["qcow2", "raw", "qcow2"]):
         out = tmp_path / f"target{i}.img"
-        proc = start(src, out, "-O", fmt)
-        wait_for_temp(tmp_path, proc)
+        proc = background_convert("-O", fmt, src, out, delay=DELAY)
+        wait_for_temp(tmp_path, proc, within=60)
         out.write_bytes(b"made by someone else")  # while the convert writes its temporary file
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 1, err
@@ -88,8 +66,8 @@ def test_a_target_created_during_the_run_is_not_replaced(tmp_path: Path) -> None
 def test_with_force_a_target_created_during_the_run_is_replaced(tmp_path: Path) -> None:
     src = chunky_raw(tmp_path / "src.raw", 6)
     out = tmp_path / "target.img"
-    proc = start(src, out, "-O", "raw", "--force")
-    wait_for_temp(tmp_path, proc)
+    proc = background_convert("-O", "raw", "--force", src, out, delay=DELAY)
+    wait_for_temp(tmp_path, proc, within=60)
     out.write_bytes(b"made by someone else")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -120,18 +98,18 @@ def _hold_lock(path: Path) -> subprocess.Popen[str]:
 def test_stale_temporaries_are_told_by_their_lock_not_their_pid(tmp_path: Path) -> None:
     src = write_sparse_raw(tmp_path / "src.raw", 4 * M, [(0, pattern(64 * K, 1))])
     dead_pid = 4_000_000  # above pid_max: no such process here, as for a writer on another host
-    locked = tmp_path / f".other.img{TMP_MARK}{dead_pid}-0badcafe"
-    mine = tmp_path / f".target.img{TMP_MARK}{os.getpid()}-deadbeef"  # a live PID, but no lock
-    other_target = tmp_path / f".vm.qcow2{TMP_MARK}{dead_pid}-12345678"
+    locked = tmp_path / f".other.img{TEMP_MARK}{dead_pid}-0badcafe"
+    mine = tmp_path / f".target.img{TEMP_MARK}{os.getpid()}-deadbeef"  # a live PID, but no lock
+    other_target = tmp_path / f".vm.qcow2{TEMP_MARK}{dead_pid}-12345678"
     not_ours = [
-        f".target.img{TMP_MARK}1-deadbee",  # 7 hex digits
-        f".target.img{TMP_MARK}1-deadbeef.bak",
-        f"target.img{TMP_MARK}1-deadbeef",  # no leading dot
-        f".target.img{TMP_MARK}x-deadbeef",
+        f".target.img{TEMP_MARK}1-deadbee",  # 7 hex digits
+        f".target.img{TEMP_MARK}1-deadbeef.bak",
+        f"target.img{TEMP_MARK}1-deadbeef",  # no leading dot
+        f".target.img{TEMP_MARK}x-deadbeef",
     ]
     for p in (locked, mine, other_target, *(tmp_path / n for n in not_ours)):
         p.write_bytes(b"partial image")
-    (tmp_path / f".link.img{TMP_MARK}1-abcdef01").symlink_to(src)
+    (tmp_path / f".link.img{TEMP_MARK}1-abcdef01").symlink_to(src)
     holder = _hold_lock(locked)
     try:
         res = flatfs("convert", src, tmp_path / "target.img")
@@ -141,7 +119,7 @@ def test_stale_temporaries_are_told_by_their_lock_not_their_pid(tmp_path: Path) 
     assert removed == sorted(f"flatfs: removed stale temporary file {p}" for p in (mine, other_target))
     assert locked.exists() and not mine.exists() and not other_target.exists()
     assert all((tmp_path / n).exists() for n in not_ours)
-    assert (tmp_path / f".link.img{TMP_MARK}1-abcdef01").is_symlink()
+    assert (tmp_path / f".link.img{TEMP_MARK}1-abcdef01").is_symlink()
     # once its writer is gone, the same file is stale
     res = flatfs("convert", src, tmp_path / "again.img")
     assert f"removed stale temporary file {locked}" in res.stderr and not locked.exists()
@@ -149,8 +127,8 @@ def test_stale_temporaries_are_told_by_their_lock_not_their_pid(tmp_path: Path) 
 
 def test_a_running_convert_keeps_its_temporary_against_another_in_the_folder(tmp_path: Path) -> None:
     src = chunky_raw(tmp_path / "src.raw", 8)
-    proc = start(src, tmp_path / "slow.img")
-    wait_for_temp(tmp_path, proc)
+    proc = background_convert(src, tmp_path / "slow.img", delay=DELAY)
+    wait_for_temp(tmp_path, proc, within=60)
     (temp,) = leftovers(tmp_path)
     res = flatfs("convert", "-O", "raw", src, tmp_path / "fast.img")
     assert "removed stale" not in res.stderr

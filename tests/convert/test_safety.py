@@ -5,22 +5,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from ..helpers.chains import qemu_chain
-from ..helpers.cli import flatfs
+from ..helpers.cli import background_convert, flatfs, leftovers, wait_for_temp
 from ..helpers.images import K, M, pattern, scattered_raw, write_sparse_raw
 from ..helpers.needs import require
 
-TMP_MARK = ".flatfs-tmp-"
-
-
-def leftovers(folder: Path) -> list[str]:
-    return [p.name for p in folder.iterdir() if TMP_MARK in p.name]
+DELAY = 0.2  # seconds after each chunk of a slowed-down conversion
 
 
 def many_chunks_raw(path: Path) -> Path:
@@ -28,24 +23,10 @@ def many_chunks_raw(path: Path) -> Path:
     return write_sparse_raw(path, 1 << 30, [(i * 32 * M, pattern(64 * K, i)) for i in range(30)])
 
 
-def start_slow(src: Path, out: Path, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, FLATFS_CONVERT_TEST_DELAY="0.2")
-    return subprocess.Popen(
-        [sys.executable, "-m", "flatfs", "convert", *args, str(src), str(out)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for_temp(folder: Path, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
-    while not leftovers(folder):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the conversion never started"
-        time.sleep(0.02)
-    time.sleep(0.3)  # well inside the data now
+def wait_inside(folder: Path, proc: subprocess.Popen[str]) -> None:
+    """Until the conversion has made its temporary file, and 0.3 s more: well inside the data."""
+    wait_for_temp(folder, proc, within=30)
+    time.sleep(0.3)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -55,8 +36,8 @@ def test_signal_midway_leaves_nothing(tmp_path, sig, fmt):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "target.img"
-    proc = start_slow(src, out, "-O", fmt, "-c" if fmt == "qcow2" else "-S4k")
-    wait_for_temp(out_dir, proc)
+    proc = background_convert("-O", fmt, "-c" if fmt == "qcow2" else "-S4k", src, out, delay=DELAY)
+    wait_inside(out_dir, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + sig, err
@@ -71,8 +52,8 @@ def test_signal_keeps_existing_target(tmp_path):
     src = many_chunks_raw(tmp_path / "src.raw")
     out = tmp_path / "target.qcow2"
     out.write_bytes(b"old content")
-    proc = start_slow(src, out, "--force")
-    wait_for_temp(tmp_path, proc)
+    proc = background_convert("--force", src, out, delay=DELAY)
+    wait_inside(tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM
@@ -83,8 +64,8 @@ def test_signal_keeps_existing_target(tmp_path):
 def test_sigkill_leftover_is_removed_next_time(tmp_path):
     src = many_chunks_raw(tmp_path / "src.raw")
     out = tmp_path / "target.qcow2"
-    proc = start_slow(src, out)
-    wait_for_temp(tmp_path, proc)
+    proc = background_convert(src, out, delay=DELAY)
+    wait_inside(tmp_path, proc)
     proc.kill()
     proc.communicate(timeout=30)
     stale = leftovers(tmp_path)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ..helpers.cli import background_convert
 from ..helpers.needs import require
 from ..helpers.qemu import Qemu
 
@@ -173,14 +174,7 @@ def test_an_interrupted_run_leaves_nothing_that_looks_like_an_image(
     qemu.io(src, *(f"write -P {i + 1} {i * 2}M 64k" for i in range(32)))
     dev = loop_rw(_device_with_old_qcow2(qemu, tmp_path, 72 * M))
     assert '"format": "qcow2"' in qemu.img("info", "--output=json", dev).stdout
-    env = dict(os.environ, FLATFS_CONVERT_TEST_DELAY="0.1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flatfs", "convert", "-n", "-O", fmt, str(src), dev],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = background_convert("-n", "-O", fmt, src, dev, delay=0.1)
     deadline = time.monotonic() + 60
     while _read(dev, 4) != bytes(4):  # the old header is erased first
         assert proc.poll() is None, proc.communicate()

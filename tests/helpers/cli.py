@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -48,3 +50,33 @@ def one_line_error(args: list[Any], *needles: str) -> str:
     line = error_line(*args)
     assert_words(line, list(needles))
     return line
+
+
+TEMP_MARK = ".flatfs-tmp-"  # in the names of convert's temporary files
+
+
+def background_convert(*args: str | os.PathLike[str], delay: float) -> subprocess.Popen[str]:
+    """``flatfs convert *args`` started in the background and slowed down: it sleeps ``delay``
+    seconds after each chunk (flatfs's test hook), so that a test can act while it runs."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "flatfs", "convert", *map(str, args)],
+        env=dict(os.environ, FLATFS_CONVERT_TEST_DELAY=str(delay)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def leftovers(folder: Path) -> list[str]:
+    """The names of convert's temporary files in ``folder``, sorted."""
+    return sorted(p.name for p in folder.iterdir() if TEMP_MARK in p.name)
+
+
+def wait_for_temp(folder: Path, proc: subprocess.Popen[str], within: float) -> None:
+    """Wait until ``proc`` (a convert) has made its temporary file in ``folder``; fail if it
+    exits first or ``within`` seconds pass."""
+    deadline = time.monotonic() + within
+    while not leftovers(folder):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the conversion never started"
+        time.sleep(0.01)
