@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from ..helpers.chains import qemu_chain
 from ..helpers.cli import flatfs
 from ..helpers.images import disk_usage
+from ..helpers.mounts import stacked_at
 from ..helpers.needs import have_fuse, require
 from ..helpers.qemu import assert_valid_copy
-
-
-def _mounted(mp: Path) -> bool:
-    real = os.path.realpath(mp)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
 
 
 @pytest.fixture
@@ -33,9 +26,9 @@ def view(qemu, tmp_path):
         require(res.returncode == 0, f"flatfs mount failed: {res.stderr.strip()}")
         yield top, mp / "top.raw"
     finally:
-        if _mounted(mp):
+        if stacked_at(mp):
             flatfs("umount", mp, check=False)
-        if _mounted(mp):
+        if stacked_at(mp):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
 
 

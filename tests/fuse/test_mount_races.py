@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ..helpers.cli import flatfs
+from ..helpers.mounts import stacked_at
 from ..helpers.needs import have_fuse, require
 
 RACES = 8
@@ -22,25 +23,12 @@ def _flatfs(*args: str) -> list[str]:
     return [sys.executable, "-m", "flatfs", *args]
 
 
-def _mounts_at(mp: Path) -> list[str]:
-    """The fstype of every mount stacked exactly at ``mp``."""
-    real = os.path.realpath(mp)
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            point = parts[4].encode().decode("unicode_escape")
-            if point == real:
-                out.append(parts[parts.index("-", 6) + 1])
-    return out
-
-
 def _clear(mp: Path) -> None:
     for _ in range(8):
-        if not _mounts_at(mp):
+        if not stacked_at(mp):
             return
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
-    assert not _mounts_at(mp), f"could not unmount {mp}"
+    assert not stacked_at(mp), f"could not unmount {mp}"
 
 
 def _wait_for(view: Path, proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
@@ -89,12 +77,12 @@ def test_two_mounts_on_one_mountpoint_exactly_one_wins(
             assert rc == 1 and len(lines) == 1 and lines[0].startswith(f"flatfs: {mp}: "), results
             assert "another flatfs mount is starting there" in err or "already a mount point" in err, err
             # the winner's view is intact and alone: the loser never mounted or unmounted
-            assert _mounts_at(mp) == ["fuse.flatfs"], (i, _mounts_at(mp))
+            assert stacked_at(mp) == ["fuse.flatfs"], (i, stacked_at(mp))
             winner = winners[0]
             assert view[winner].read_bytes() == winner.read_bytes()
-            res = subprocess.run(_flatfs("umount", str(mp)), capture_output=True, text=True)
+            res = flatfs("umount", mp, check=False)
             assert res.returncode == 0, res.stderr
-            assert _mounts_at(mp) == []
+            assert stacked_at(mp) == []
     finally:
         _clear(mp)
 
@@ -109,15 +97,15 @@ def test_a_dead_mount_is_named_as_dead(tmp_path: Path, images: tuple[Path, Path]
         _wait_for(mp / "a.raw", proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-        res = subprocess.run(_flatfs("mount", str(a), str(mp)), capture_output=True, text=True)
+        res = flatfs("mount", a, mp, check=False)
         assert res.returncode == 1
         assert res.stderr.strip().splitlines() == [
             f"flatfs: {mp}: a flatfs mount whose server is gone is still there; "
             f"clear it with: flatfs umount {mp}"
         ]
-        res = subprocess.run(_flatfs("umount", str(mp)), capture_output=True, text=True)
+        res = flatfs("umount", mp, check=False)
         assert res.returncode == 0, res.stderr
-        assert _mounts_at(mp) == []
+        assert stacked_at(mp) == []
     finally:
         _clear(mp)
 
@@ -135,7 +123,7 @@ def test_debug_has_no_libfuse_thread_warning_and_u_warns_once(
         )
         _wait_for(mp / "a.raw", proc)
         assert (mp / "a.raw").read_bytes() == a.read_bytes()
-        subprocess.run(_flatfs("umount", str(mp)), check=True, capture_output=True)
+        flatfs("umount", mp)
         _, err = proc.communicate(timeout=30)
         assert "Ignoring invalid max threads" not in err, err
         warnings = [ln for ln in err.splitlines() if "warning: -U" in ln]

@@ -22,15 +22,27 @@ FSTYPE = "fuse.flatfs"
 # -- mount table ---------------------------------------------------------------
 
 
-def mount_table() -> dict[str, str]:
-    """Mount point -> fstype of every mount in this namespace (from /proc/self/mountinfo)."""
-    out = {}
+def mount_entries() -> list[tuple[str, str]]:
+    """(mount point, fstype) of every mount in this namespace, in mount order (a later one
+    stacked on an earlier one at the same point), from /proc/self/mountinfo."""
+    out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             parts = line.split()
             mp = parts[4].encode().decode("unicode_escape") if "\\" in parts[4] else parts[4]
-            out[mp] = parts[parts.index("-", 6) + 1]
+            out.append((mp, parts[parts.index("-", 6) + 1]))
     return out
+
+
+def mount_table() -> dict[str, str]:
+    """Mount point -> fstype of the topmost mount at each mount point."""
+    return dict(mount_entries())
+
+
+def stacked_at(mp: str | os.PathLike[str]) -> list[str]:
+    """The fstype of every mount stacked exactly at ``mp``, bottom first."""
+    real = os.path.realpath(mp)
+    return [fstype for point, fstype in mount_entries() if point == real]
 
 
 def mounts_under(folder: str | os.PathLike[str]) -> dict[str, str]:
