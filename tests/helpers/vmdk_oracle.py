@@ -124,16 +124,6 @@ def write_stream_vmdk(path: Path, size: int, grains: dict[int, bytes], *, grain_
 # -- hand-breaking VMDKs ---------------------------------------------------------------------
 
 
-def error_line(*args: str | Path) -> str:
-    """Run flatfs; it must fail with exactly one line ``flatfs: ...`` and no traceback."""
-    r = flatfs(*args, check=False)
-    assert r.returncode == 1, (args, r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("flatfs: "), r.stderr
-    return lines[0]
-
-
 def header_field(path: Path, name: str) -> tuple[int, str]:
     """(offset, struct format) of a KDMV header field."""
     fields = {

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers.cli import flatfs
+from ..helpers.cli import error_line, flatfs
 from ..helpers.images import peek, poke
 from ..helpers.qemu import Qemu
-from ..helpers.vmdk_oracle import create, error_line, gd_entry_at, gt_entry_at, header_field
+from ..helpers.vmdk_oracle import create, gd_entry_at, gt_entry_at, header_field
 
 M = 1 << 20
 

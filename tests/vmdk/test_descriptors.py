@@ -17,9 +17,10 @@ import pytest
 from flatfs import open_chain
 from flatfs.extents import Kind
 
+from ..helpers.cli import error_line
 from ..helpers.mounts import Mounter, seek_walk
 from ..helpers.qemu import Qemu, data_extents, qemu_map
-from ..helpers.vmdk_oracle import checks_out, create, error_line, set_parent_hint
+from ..helpers.vmdk_oracle import checks_out, create, set_parent_hint
 
 K = 1024
 M = 1 << 20
