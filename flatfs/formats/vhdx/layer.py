@@ -218,11 +218,11 @@ class VhdxLayer(LayerBase):
         template of ``e``; only a mixed chunk is searched entry by entry.
         """
         n = len(raw) // 8
-        tmpl = self._templates.get(e) if e < 8 else None
-        if tmpl is None and e < 8:
-            full = self.window_chunks * (self.chunk_ratio + 1)
-            tmpl = self._templates[e] = memoryview(e.to_bytes(8, "little") * full)
-        if tmpl is not None:
+        if e < 8:  # a bare state (no reserved bits): one of at most eight templates
+            tmpl = self._templates.get(e)
+            if tmpl is None:
+                full = self.window_chunks * (self.chunk_ratio + 1)
+                tmpl = self._templates[e] = memoryview(e.to_bytes(8, "little") * full)
             if raw.startswith(tmpl[: len(raw) - 8 * local], 8 * local):
                 return n
             sb = (local // (self.chunk_ratio + 1)) * (self.chunk_ratio + 1) + self.chunk_ratio
