@@ -22,100 +22,41 @@ log is most of that flush). The wall to exit is printed too.
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import statistics
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from timing import fsync_path, pair_ratios, run_child
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.helpers.loopfs import filefrag_extents, loop_xfs, loop_xfs_missing  # noqa: E402
+
 TARGETS = {"vs_qemu": 1.5, "vs_plain": 0.2}
 TOOLS = ("flatfs-C", "qemu-C")
-_EXTENT = re.compile(r"^\s*\d+:\s+\d+\.\.\s*\d+:\s+\d+\.\.\s*\d+:\s+(\d+):(.*)$")
-
-
-def missing() -> str | None:
-    """Why the scenario cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (losetup, mount)"
-    for tool in ("mkfs.xfs", "losetup", "mount", "umount", "filefrag"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (xfsprogs, util-linux, e2fsprogs)"
-    return None
-
-
-def shared_extents(path: Path) -> dict[str, int]:
-    """``filefrag -v`` of ``path``: extents and bytes in all, and flagged shared."""
-    out = subprocess.run(["filefrag", "-v", str(path)], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"blocksize of (\d+)", out)
-    bs = int(m.group(1)) if m else 4096
-    total = shared = total_b = shared_b = 0
-    for line in out.splitlines():
-        e = _EXTENT.match(line)
-        if not e:
-            continue
-        n = int(e.group(1)) * bs
-        total += 1
-        total_b += n
-        if "shared" in e.group(2):
-            shared += 1
-            shared_b += n
-    return {"extents": total, "shared": shared, "bytes": total_b, "shared_bytes": shared_b}
-
-
-class LoopXfs:
-    """An XFS (reflink=1) image file, loop-mounted; ``close`` unmounts and detaches, always."""
-
-    def __init__(self, image: Path, size: int, mountpoint: Path) -> None:
-        self.image, self.size, self.mnt = image, size, mountpoint
-        self.dev: str | None = None
-        self.mounted = False
-
-    def open(self) -> None:
-        with open(self.image, "wb") as f:
-            f.truncate(self.size)
-        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(self.image)], check=True)
-        self.dev = subprocess.run(
-            ["losetup", "--find", "--show", str(self.image)], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        self.mnt.mkdir(exist_ok=True)
-        subprocess.run(["mount", "-t", "xfs", self.dev, str(self.mnt)], check=True)
-        self.mounted = True
-
-    def close(self) -> None:
-        try:
-            if self.mounted:
-                if subprocess.run(["umount", str(self.mnt)], capture_output=True).returncode != 0:
-                    subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
-                self.mounted = False
-        finally:
-            if self.dev:
-                subprocess.run(["losetup", "-d", self.dev], capture_output=True)
-                self.dev = None
-            self.image.unlink(missing_ok=True)
 
 
 def scenario(
     work: Path, imgs: Any, pairs: int, flatfs: list[str], log: Callable[[str], None]
 ) -> dict[str, Any]:
-    why = missing()
+    why = loop_xfs_missing()
     if why:
         log(f"  skipped: {why}")
         return {"skipped": why, "checks": {}}
     base, top = imgs.base, imgs.top_small
     data = base.stat().st_blocks * 512 + top.stat().st_blocks * 512
-    fs = LoopXfs(work / "reflink-xfs.img", 3 * data + (1 << 30), work / "reflink-mnt")
-    try:
-        fs.open()
+    folder = work / "reflink-mnt"  # the image and the mount point below it
+    folder.mkdir(exist_ok=True)
+    with loop_xfs(folder, 3 * data + (1 << 30)) as mnt:
         for p in (base, top):
-            subprocess.run(["cp", "--sparse=always", str(p), str(fs.mnt / p.name)], check=True)
-        log(f"  XFS (reflink=1) on {fs.dev} at {fs.mnt}, seed images copied")
-        return run(fs.mnt, top.name, pairs, flatfs, log)
-    finally:
-        fs.close()
+            subprocess.run(["cp", "--sparse=always", str(p), str(mnt / p.name)], check=True)
+        log(f"  XFS (reflink=1) loop-mounted at {mnt}, seed images copied")
+        return run(mnt, top.name, pairs, flatfs, log)
 
 
 def _cmd(tool: str, flatfs: list[str], top: str, out: str) -> list[str]:
@@ -154,7 +95,7 @@ def run(mnt: Path, top: str, pairs: int, flatfs: list[str], log: Callable[[str],
                     "identical" if c.returncode == 0 else "DIFFERENT: " + (c.stdout + c.stderr).strip()
                 )
             for tool in (*TOOLS, "flatfs"):
-                sharing[tool] = shared_extents(mnt / f"out-{tool}.qcow2")
+                sharing[tool] = filefrag_extents(mnt / f"out-{tool}.qcow2")
                 (mnt / f"out-{tool}.qcow2").unlink()
             s = sharing["flatfs-C"]
             checks["reflink convert -C: flatfs target's extents shared with the source"] = (

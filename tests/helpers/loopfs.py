@@ -1,7 +1,8 @@
 """A file system in an image file, loop-mounted for one test; always unmounted and detached.
 
-Root only (losetup, mount). ``shared_bytes`` reads ``filefrag -v`` (FIEMAP):
-how many bytes of a file sit in extents flagged ``shared`` (reflinked).
+Root only (losetup, mount). ``filefrag_extents`` reads ``filefrag -v`` (FIEMAP):
+how many extents and bytes of a file there are, and how many are flagged
+``shared`` (reflinked). The bench's reflink scenario uses these too.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def loop_xfs(folder: Path, size: int = 512 << 20) -> Iterator[Path]:
         dev = subprocess.run(
             ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
         ).stdout.strip()
-        mnt.mkdir()
+        mnt.mkdir(exist_ok=True)
         subprocess.run(["mount", "-t", "xfs", dev, str(mnt)], check=True)
         mounted = True
         yield mnt
@@ -56,19 +57,23 @@ def loop_xfs(folder: Path, size: int = 512 << 20) -> Iterator[Path]:
             image.unlink(missing_ok=True)
 
 
-def shared_bytes(path: Path) -> tuple[int, int]:
-    """(bytes in extents flagged shared, bytes in all extents) of ``path``, from ``filefrag -v``."""
+def filefrag_extents(path: Path) -> dict[str, int]:
+    """``filefrag -v`` of ``path``: its extents and their bytes, in all and flagged shared."""
     out = subprocess.run(["filefrag", "-v", str(path)], capture_output=True, text=True, check=True).stdout
     m = re.search(r"blocksize of (\d+)", out)
     bs = int(m.group(1)) if m else 4096
-    shared = total = 0
+    total = shared = total_b = shared_b = 0
     for line in out.splitlines():
         e = _EXTENT.match(line)
-        if e:
-            total += int(e.group(1)) * bs
-            if "shared" in e.group(2):
-                shared += int(e.group(1)) * bs
-    return shared, total
+        if not e:
+            continue
+        n = int(e.group(1)) * bs
+        total += 1
+        total_b += n
+        if "shared" in e.group(2):
+            shared += 1
+            shared_b += n
+    return {"extents": total, "shared": shared, "bytes": total_b, "shared_bytes": shared_b}
 
 
 def loops_missing() -> str | None:
