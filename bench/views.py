@@ -135,7 +135,7 @@ class FlatfsView(View):
     tool = "flatfs"
 
     def command(self) -> list[str]:
-        return flatfs_cmd() + ["mount", "-f", str(self.image), str(self.mountpoint)]
+        return flatfs_cmd() + ["mount", "--foreground", str(self.image), str(self.mountpoint)]
 
 
 class QsdView(View):

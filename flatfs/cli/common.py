@@ -47,13 +47,14 @@ class FlatfsGroup(click.Group):
             ctx.exit(1)
 
 
-def chain_options(format_flag: tuple[str, ...] = ("-f", "--format")) -> Callable[[Command], Command]:
-    """The options every command that opens a chain shares."""
+def chain_options() -> Callable[[Command], Command]:
+    """The options every command that opens a chain shares; one spelling in every command."""
 
     def deco(fn: Command) -> Command:
         opts = [
             click.option(
-                *format_flag,
+                "-f",
+                "--format",
                 "fmt",
                 type=click.Choice(format_names()),
                 default=None,

@@ -93,7 +93,7 @@ from .common import SIZE, chain_options, format_names, target_format_names
     default="human",
     help="json: print a summary of the work done.",
 )
-@chain_options(format_flag=("-f", "--source-format"))
+@chain_options()
 @click.pass_context
 def convert(
     ctx: click.Context,
@@ -180,7 +180,7 @@ def convert(
     default="human",
     help="json: the figures as a JSON object.",
 )
-@chain_options(format_flag=("-f", "--source-format"))
+@chain_options()
 def measure(
     source: str,
     target_format: str,

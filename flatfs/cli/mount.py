@@ -12,7 +12,6 @@ from .common import chain_options
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path())
 @click.option(
-    "-f",
     "--foreground",
     is_flag=True,
     help="Stay in the foreground (for systemd Type=notify: READY=1 once live).",
@@ -30,7 +29,7 @@ from .common import chain_options
     metavar="OPT[,OPT...]",
     help="Extra FUSE mount options, e.g. -o max_idle_threads=16.",
 )
-@chain_options(format_flag=("-F", "--format"))
+@chain_options()
 def mount(
     image: str,
     mountpoint: str,

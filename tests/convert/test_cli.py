@@ -94,7 +94,7 @@ def test_bad_size_is_a_usage_error(tmp_path, bad):
 def test_help_mentions_every_option():
     out = flatfs("convert", "--help").stdout
     for opt in (
-        "--source-format",
+        "--format",
         "--target-format",
         "--sparse-size",
         "--compat",

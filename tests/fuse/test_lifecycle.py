@@ -76,7 +76,7 @@ def test_foreground_sd_notify(abstract: bool, chains: dict[str, Chain], mounter,
     env = dict(os.environ, NOTIFY_SOCKET=addr)
     err = open(tmp_path / "stderr", "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flatfs", "mount", "-f", str(c.image), str(mp)],
+        [sys.executable, "-m", "flatfs", "mount", "--foreground", str(c.image), str(mp)],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

@@ -93,7 +93,7 @@ def test_a_dead_mount_is_named_as_dead(tmp_path: Path, images: tuple[Path, Path]
     mp = tmp_path / "mnt"
     mp.mkdir()
     try:
-        proc = subprocess.Popen(_flatfs("mount", "-f", str(a), str(mp)), stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(_flatfs("mount", "--foreground", str(a), str(mp)), stderr=subprocess.DEVNULL)
         _wait_for(mp / "a.raw", proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)

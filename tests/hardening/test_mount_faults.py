@@ -135,7 +135,7 @@ def check_fault(
 
 @contextmanager
 def foreground(mounter: Mounter, image: Path, log: Path, *args: str) -> Iterator[tuple[Path, Path, int]]:
-    """``flatfs mount -f`` with stderr (its log) in ``log``; yields (view, mountpoint, pid)
+    """``flatfs mount --foreground`` with stderr (its log) in ``log``; yields (view, mountpoint, pid)
     once the daemon said READY=1 (before that, its stderr is not yet the log).
 
     Unmounted on the way out, whatever happens.
@@ -149,7 +149,7 @@ def foreground(mounter: Mounter, image: Path, log: Path, *args: str) -> Iterator
         sock.settimeout(60)  # only stops a hang; nothing is timed
         with open(log, "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "flatfs", "mount", "-f", *args, str(image), str(mp)],
+                [sys.executable, "-m", "flatfs", "mount", "--foreground", *args, str(image), str(mp)],
                 env=dict(os.environ, NOTIFY_SOCKET="@" + name),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -159,7 +159,7 @@ def foreground(mounter: Mounter, image: Path, log: Path, *args: str) -> Iterator
             try:
                 msg = sock.recv(4096).decode()
             except TimeoutError:
-                pytest.fail(f"flatfs mount -f never got ready: {log.read_text()}")
+                pytest.fail(f"flatfs mount --foreground never got ready: {log.read_text()}")
             assert "READY=1" in msg.splitlines(), msg
             assert is_mounted(mp) and view.exists()
             yield view, mp, proc.pid
