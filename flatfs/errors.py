@@ -73,3 +73,7 @@ class MountError(FlatfsError):
 
 class ConvertError(FlatfsError):
     """A conversion cannot be carried out (target exists, target in chain, ...)."""
+
+
+class ServeError(FlatfsError):
+    """An NBD export cannot be started (nbdkit or its Python plugin missing, a bad option)."""

@@ -30,7 +30,7 @@ from flatfs.hostio import host_size, pread_exact
 PKG = Path(flatfs.__file__).parent
 FORMAT_ALLOWED = {"flatfs.formats.api", "flatfs.hostio", "flatfs.extents", "flatfs.errors"}
 CORE = ("formats", "chain", "extents.py", "errors.py", "hostio.py")
-CONSUMERS = ("convert", "fuse", "cli", "readers.py", "service.py")
+CONSUMERS = ("convert", "fuse", "cli", "readers.py", "service.py", "nbd")
 
 
 def _imports(path: Path) -> set[str]:

@@ -24,9 +24,10 @@ PAGE_OF = {
     "umount": "flatfs-mount.1",
     "convert": "flatfs-convert.1",
     "measure": "flatfs-measure.1",
+    "serve": "flatfs-serve.1",
 }
 DEFAULT_PAGE = "flatfs.1"
-PAGES = ("flatfs.1", "flatfs-mount.1", "flatfs-convert.1", "flatfs-measure.1")
+PAGES = ("flatfs.1", "flatfs-mount.1", "flatfs-convert.1", "flatfs-measure.1", "flatfs-serve.1")
 SECTIONS = ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS", "EXAMPLES", "SEE ALSO")
 HELP = {"-h", "--help"}
 
