@@ -1,0 +1,130 @@
+"""`flatfs serve` when things go wrong: broken chains, missing packages, hostile requests,
+clients that vanish, a server killed under its clients; --run, export names, a 64 TiB map."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from ..helpers.chains import qemu_chain
+from ..helpers.cli import error_line, flatfs
+from ..helpers.images import M
+from ..helpers.nbd import RawRequests, Servers, dd, flatfs_map_as_nbd, nbd_map, unix_uri
+from ..helpers.qemu import Qemu, qemu_map
+
+
+def test_a_broken_chain_is_one_line_and_starts_nothing(servers: Servers, tmp_path: Path) -> None:
+    q = Qemu()
+    q.create(tmp_path / "base.qcow2", 4 * M)
+    q.create(tmp_path / "top.qcow2", 4 * M, backing="base.qcow2", backing_fmt="qcow2")
+    (tmp_path / "base.qcow2").unlink()
+    line = error_line(
+        "serve", "--socket", tmp_path / "s.sock", "--pid-file", tmp_path / "p", tmp_path / "top.qcow2"
+    )
+    assert "base.qcow2" in line
+    assert not (tmp_path / "s.sock").exists() and not (tmp_path / "p").exists()
+
+
+def test_missing_nbdkit_or_its_python_plugin_names_the_packages(servers: Servers, tmp_path: Path) -> None:
+    q = Qemu()
+    img = q.create(tmp_path / "a.qcow2", M)
+    env = {**os.environ, "PATH": str(tmp_path / "bin")}
+    (tmp_path / "bin").mkdir()
+    line = error_line("serve", img, prefix=("env", f"PATH={env['PATH']}"))
+    assert "nbdkit nbdkit-plugin-python" in line, line
+    fake = tmp_path / "bin" / "nbdkit"  # an nbdkit without its Python plugin
+    fake.write_text("#!/bin/sh\necho 'nbdkit: error: cannot open plugin \"python\"' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    line = error_line("serve", img, prefix=("env", f"PATH={env['PATH']}"))
+    assert "nbdkit-plugin-python" in line, line
+
+
+def test_bad_requests_get_an_nbd_error_and_the_server_keeps_serving(servers: Servers, tmp_path: Path) -> None:
+    q = Qemu()
+    top = qemu_chain(q, tmp_path)
+    sock = tmp_path / "raw.sock"
+    servers.flatfs(top, "--socket", str(sock), tcp=True)
+    c = RawRequests(sock)
+    assert c.size == 48 * M
+    assert c.read(c.size - 512, 1024)[0] != 0  # past the end
+    assert c.read(c.size + 4096, 512)[0] != 0
+    assert c.read(0, 0)[0] != 0  # zero length: nbdkit answers EINVAL
+    err, data = c.read(M, 4096)
+    assert err == 0 and data == b"\x66" * 4096  # qemu_chain's top writes 0x66 at 1M
+    c.close()
+    assert nbd_map(unix_uri(sock)) == flatfs_map_as_nbd(top)
+
+
+def test_a_client_that_disconnects_mid_read(servers: Servers, tmp_path: Path) -> None:
+    q = Qemu()
+    top = qemu_chain(q, tmp_path)
+    uri = servers.flatfs(top)
+    for _ in range(3):
+        proc = dd(uri, 0, 48 * M, tmp_path / "cut.raw")
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert q.img("compare", "-f", "raw", uri, "-F", "qcow2", top).returncode == 0
+
+
+def test_a_server_killed_under_its_clients(servers: Servers, tmp_path: Path) -> None:
+    q = Qemu()
+    top = qemu_chain(q, tmp_path)
+    sock = tmp_path / "k.sock"
+    uri = servers.flatfs(top, "--socket", str(sock), tcp=True)
+    clients = [dd(uri, 0, 48 * M, tmp_path / f"k{i}.raw") for i in range(4)]
+    os.kill(servers.pid(), signal.SIGKILL)
+    for c in clients:
+        c.communicate(timeout=120)  # each ends (an error or a finished copy), none hangs
+    # The socket the killed server left behind is cleared by the next one.
+    assert sock.exists()
+    uri = servers.flatfs(top, "--socket", str(sock), tcp=True)
+    assert q.img("compare", "-f", "raw", uri, "-F", "qcow2", top).returncode == 0
+    # ...but a live server's socket is refused, not stolen.
+    assert "already listens" in error_line("serve", "--socket", sock, top)
+
+
+def test_run_exports_for_one_command_and_returns_its_status(servers: Servers, tmp_path: Path) -> None:
+    q = Qemu()
+    top = qemu_chain(q, tmp_path)
+    out = tmp_path / "run.raw"
+    flatfs("serve", top, "--run", f'nbdcopy "$uri" {out}')
+    assert q.img("compare", "-f", "raw", out, "-F", "qcow2", top).returncode == 0
+    r = flatfs("serve", top, "--run", "exit 7", check=False)
+    assert r.returncode == 7, r.stderr
+
+
+def test_export_name(servers: Servers, tmp_path: Path) -> None:
+    q = Qemu()
+    img = q.create(tmp_path / "a.qcow2", M)
+    sock = tmp_path / "n.sock"
+    uri = servers.flatfs(img, "--socket", str(sock), "--export-name", "vm1", tcp=True)
+    assert uri == unix_uri(sock, "vm1")
+    assert subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True).stdout.strip() == str(M)
+    other = subprocess.run(["nbdinfo", "--size", unix_uri(sock, "vm2")], capture_output=True)
+    assert other.returncode != 0
+
+
+def test_a_64_tib_map_and_one_extent_requests(servers: Servers, tmp_path: Path) -> None:
+    q = Qemu()
+    big = q.create(tmp_path / "big.qcow2", "64T")
+    q.io(big, "write -P 0x11 1G 1M", "write -P 0x12 40T 64k")
+    uri = servers.flatfs(big)
+    assert nbd_map(uri) == flatfs_map_as_nbd(big)
+    # QEMU's NBD client asks with NBD_CMD_FLAG_REQ_ONE: one extent a request.
+    via_nbd = json.loads(q.img("map", "--output=json", "-f", "raw", uri).stdout)
+    assert _data_zero(via_nbd) == _data_zero(qemu_map(q, big))
+
+
+def _data_zero(entries: list[dict]) -> list[tuple[int, int, bool, bool]]:
+    """A qemu-img map reduced to (start, length, data, zero), neighbours merged: what NBD carries."""
+    out: list[tuple[int, int, bool, bool]] = []
+    for e in entries:
+        s, n, d, z = e["start"], e["length"], e["data"], e["zero"]
+        if out and out[-1][2:] == (d, z) and out[-1][0] + out[-1][1] == s:
+            out[-1] = (out[-1][0], out[-1][1] + n, d, z)
+        else:
+            out.append((s, n, d, z))
+    return out
