@@ -11,6 +11,8 @@ INSTALL_DIRS  := lib/flatfs share/doc/flatfs
 INSTALL_FILES := bin/flatfs share/man/man1/flatfs.1 share/man/man1/flatfs-mount.1 \
                  share/man/man1/flatfs-convert.1 share/man/man1/flatfs-measure.1 \
                  lib/systemd/system/flatfs@.service
+INSTALL_FILES += share/man/man1/flatfs-serve.1 \
+                 lib/systemd/system/flatfs-serve@.service lib/systemd/system/flatfs-serve@.socket
 
 .PHONY: all demo test test-fast check bench fuzz-long deps-run deps-test venv clean install uninstall
 
@@ -69,6 +71,10 @@ install: deps-run
 	sed 's|/usr/local/bin/flatfs|$(PREFIX)/bin/flatfs|g' systemd/flatfs@.service \
 	  >"$$root/lib/systemd/system/flatfs@.service"; \
 	install -m644 systemd/example.conf "$$root/share/doc/flatfs/example.conf"; \
+	install -m644 docs/man/flatfs-serve.1 "$$root/share/man/man1/"; \
+	sed 's|/usr/local/bin/flatfs|$(PREFIX)/bin/flatfs|g' systemd/flatfs-serve@.service \
+	  >"$$root/lib/systemd/system/flatfs-serve@.service"; \
+	install -m644 systemd/flatfs-serve@.socket "$$root/lib/systemd/system/"; \
 	echo "installed flatfs in $(PREFIX) ($(PREFIX)/bin/flatfs, unit flatfs@.service)"
 
 uninstall:

@@ -15,6 +15,7 @@ import pytest
 
 import flatfs
 
+from ..helpers.nbd import have_nbd_tools, serve_runs
 from ..helpers.needs import require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +61,7 @@ def test_install_then_uninstall_leaves_nothing(tmp_path: Path) -> None:
         ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True
     )
     assert verify.returncode == 0 and "flatfs" not in verify.stdout + verify.stderr, verify
+    _installed_serve(prefix, tmp_path)
 
     res = _make("uninstall", f"PREFIX={prefix}")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -98,3 +100,17 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     ver = subprocess.run([str(venv / "bin/flatfs"), "--version"], capture_output=True, text=True, cwd="/")
     assert ver.returncode == 0 and ver.stdout.split()[-1] == flatfs.__version__, ver.stderr
+    why = have_nbd_tools()
+    require(why is None, why or "")
+    assert serve_runs(venv / "bin/flatfs", tmp_path) == "65536"  # nbdkit found the wheel's plugin
+
+
+def _installed_serve(prefix: Path, tmp_path: Path) -> None:
+    """flatfs serve from the PREFIX (nbdkit finds its plugin there), and its installed units."""
+    units = [prefix / "lib/systemd/system" / f"flatfs-serve@.{k}" for k in ("service", "socket")]
+    assert f"ExecStart={prefix}/bin/flatfs serve" in units[0].read_text()
+    assert units[1].read_bytes() == (ROOT / "systemd/flatfs-serve@.socket").read_bytes()
+    assert (prefix / "share/man/man1/flatfs-serve.1").exists()
+    why = have_nbd_tools()
+    require(why is None, why or "")
+    assert serve_runs(prefix / "bin/flatfs", tmp_path) == "65536"

@@ -185,3 +185,19 @@ class RawRequests:
         self.handle += 1
         self.sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, self.handle, 0, 0))  # NBD_CMD_DISC
         self.sock.close()
+
+
+def serve_runs(flatfs_bin: Path, folder: Path) -> str:
+    """`flatfs serve --run` from an installed flatfs (a PREFIX, a wheel's venv), outside the
+    checkout: nbdkit must find the plugin and flatfs from there. Returns what the client printed."""
+    img = folder / "served.raw"
+    img.write_bytes(b"\x5a" * 65536)
+    r = subprocess.run(
+        [str(flatfs_bin), "serve", str(img), "--run", 'nbdinfo --size "$uri"'],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
