@@ -33,6 +33,7 @@ from .export import options_to_json
 
 PACKAGES = "nbdkit nbdkit-plugin-python"
 PLUGIN = Path(__file__).with_name("plugin.py")
+THREADS = 4  # nbdkit worker threads per connection
 
 
 class ServeRequest(NamedTuple):
@@ -102,7 +103,10 @@ def uri(req: ServeRequest, socket: str | None) -> str:
 
 def command(req: ServeRequest, nbdkit: str, socket: str | None) -> list[str]:
     """nbdkit's command line: read-only, the listening side, TLS, then the plugin and its parameters."""
-    cmd = [nbdkit, "--readonly", "--exportname", req.export_name]
+    # 4 worker threads a connection, not nbdkit's 16: the plugin's Python work holds the GIL,
+    # so more threads only contend for it (docs/bench.md: nbdcopy and qemu-img convert were
+    # fastest with 4 on 2 cores; a multi-conn client such as nbdcopy opens 4 connections).
+    cmd = [nbdkit, "--readonly", "--threads", str(THREADS), "--exportname", req.export_name]
     if socket_activated():
         pass  # nbdkit takes the sockets systemd passed
     elif socket is not None:
