@@ -201,3 +201,37 @@ def serve_runs(flatfs_bin: Path, folder: Path) -> str:
     )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
+
+
+def x509_dirs(folder: Path) -> tuple[Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (openssl): the server's folder
+    in nbdkit's layout (ca-cert.pem, server-cert.pem, server-key.pem) and a client's (the CA)."""
+    server, client = folder / "server-pki", folder / "client-pki"
+    server.mkdir()
+    client.mkdir()
+
+    def ossl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=server, check=True, capture_output=True)
+
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca-cert.pem",
+         "-days", "2", "-subj", "/CN=flatfs test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server-key.pem", "-out", "server.csr",
+         "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (server / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+    )
+    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+         "-CAcreateserial", "-out", "server-cert.pem", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
+    (client / "ca-cert.pem").write_bytes((server / "ca-cert.pem").read_bytes())
+    return server, client
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the kernel's choice), for a server of this test."""
+    import socket as socketlib
+
+    with socketlib.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

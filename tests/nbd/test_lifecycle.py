@@ -7,12 +7,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from ..helpers.chains import qemu_chain
 from ..helpers.cli import error_line, flatfs
 from ..helpers.images import M
-from ..helpers.nbd import RawRequests, Servers, dd, flatfs_map_as_nbd, nbd_map, unix_uri
+from ..helpers.nbd import RawRequests, Servers, dd, flatfs_map_as_nbd, nbd_map, unix_uri, wait_for
 from ..helpers.qemu import Qemu, qemu_map
 
 
@@ -40,6 +41,30 @@ def test_missing_nbdkit_or_its_python_plugin_names_the_packages(servers: Servers
     fake.chmod(0o755)
     line = error_line("serve", img, prefix=("env", f"PATH={env['PATH']}"))
     assert "nbdkit-plugin-python" in line, line
+    # a plugin built for another Python than the one flatfs runs under
+    fake.write_text("#!/bin/sh\necho name=python\necho python_version=3.9.2\n")
+    line = error_line("serve", img, prefix=("env", f"PATH={env['PATH']}"))
+    assert "Python 3.9" in line and f"Python {sys.version_info[0]}.{sys.version_info[1]}" in line, line
+
+
+def test_foreground_serves_until_sigterm_and_cleans_up(servers: Servers, tmp_path: Path) -> None:
+    q = Qemu()
+    top = qemu_chain(q, tmp_path)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "flatfs", "serve", "--foreground", str(top)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        uri = proc.stdout.readline().strip()
+        assert uri.startswith(f"nbd+unix:///?socket={tmp_path}/flatfs-serve-"), uri
+        sock = Path(uri.split("socket=", 1)[1])
+        assert wait_for(sock)
+        assert nbd_map(uri) == flatfs_map_as_nbd(top)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert not sock.parent.exists(), "the private socket folder was left behind"
 
 
 def test_bad_requests_get_an_nbd_error_and_the_server_keeps_serving(servers: Servers, tmp_path: Path) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 from pathlib import Path
 
 from ..helpers.chains import qemu_chain
 from ..helpers.images import M
-from ..helpers.nbd import Servers, dd, flatfs_map_as_nbd, nbd_map
+from ..helpers.nbd import Servers, dd, flatfs_map_as_nbd, free_port, nbd_map, x509_dirs
+from ..helpers.needs import require
 from ..helpers.qemu import Qemu, data_extents, qemu_map
 
 
@@ -55,7 +57,7 @@ def test_qemu_img_over_unix_socket_and_tcp_with_tls(servers: Servers, tmp_path: 
     keys = tmp_path / "psk"
     keys.mkdir()
     (keys / "keys.psk").write_text(f"flatfs:{os.urandom(32).hex()}\n")
-    port = 20000 + os.getpid() % 20000
+    port = free_port()
     uri = servers.flatfs(
         top, "--address", "127.0.0.1", "--port", str(port), "--tls-psk", str(keys / "keys.psk"), tcp=True
     )
@@ -71,6 +73,25 @@ def test_qemu_img_over_unix_socket_and_tcp_with_tls(servers: Servers, tmp_path: 
         "convert", "-f", "raw", f"nbd://127.0.0.1:{port}/", "-O", "raw", tmp_path / "no.raw", check=False
     )
     assert plain.returncode != 0
+
+
+def test_tcp_with_x509_certificates(servers: Servers, tmp_path: Path) -> None:
+    require(shutil.which("openssl") is not None, "openssl is not installed")
+    q = Qemu()
+    top = qemu_chain(q, tmp_path)
+    server_pki, client_pki = x509_dirs(tmp_path)
+    port = free_port()
+    args = ["--address", "127.0.0.1", "--port", str(port), "--tls-certificates", str(server_pki)]
+    uri = servers.flatfs(top, *args, tcp=True)
+    assert uri == f"nbds://127.0.0.1:{port}/"
+    creds = f"tls-creds-x509,id=tls0,endpoint=client,dir={client_pki}"
+    out = tmp_path / "x509.raw"
+    src = f"driver=nbd,host=127.0.0.1,port={port},tls-creds=tls0"
+    r = q.img("convert", "--object", creds, "--image-opts", src, "-O", "raw", out, check=False)
+    assert r.returncode == 0, r.stderr
+    assert q.img("compare", "-f", "raw", out, "-F", "qcow2", top).returncode == 0
+    # libnbd's clients verify the server against the same CA
+    assert nbd_map(f"{uri}?tls-certificates={client_pki}") == flatfs_map_as_nbd(top)
 
 
 def test_eight_clients_read_random_ranges_at_once(servers: Servers, tmp_path: Path) -> None:
