@@ -76,10 +76,11 @@ def find_nbdkit() -> str:
 
 def python_path() -> list[str]:
     """Where the plugin finds flatfs and its dependencies: flatfs's own folder, then the
-    venv's (or user's) site directories; never this interpreter's standard library."""
+    venv's (or user's) site directories; never this interpreter's standard library, nor
+    ``sys.path[0]`` (the script's folder or the current directory)."""
     out = [str(Path(__file__).resolve().parents[2])]
     base = os.path.realpath(sys.base_prefix)
-    for p in sys.path:
+    for p in sys.path[1:]:
         if p and os.path.isdir(p) and not os.path.realpath(p).startswith(base + os.sep) and p not in out:
             out.append(p)
     return out
