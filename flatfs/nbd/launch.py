@@ -124,7 +124,8 @@ def command(req: ServeRequest, nbdkit: str, socket: str | None) -> list[str]:
         cmd += ["--tls=require", f"--tls-psk={req.tls_psk}"]
     if req.pid_file:
         cmd += ["--pidfile", req.pid_file]
-    if req.foreground or req.run is not None or socket_activated():
+    foreground = req.foreground or req.run is not None or socket_activated()
+    if foreground:
         cmd.append("--foreground")
     if req.run is not None:
         cmd += ["--run", req.run]
@@ -137,6 +138,7 @@ def command(req: ServeRequest, nbdkit: str, socket: str | None) -> list[str]:
         f"pythonpath={os.pathsep.join(python_path())}",
         f"python={ver}",
         f"export={req.export_name}",
+        f"foreground={int(foreground)}",
     ]
     return cmd
 

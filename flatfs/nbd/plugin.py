@@ -25,6 +25,7 @@ from typing import Any
 nbdkit: Any = importlib.import_module("nbdkit")  # exists only inside nbdkit's interpreter
 
 API_VERSION = 2
+PARAMETERS = ("image", "options", "pythonpath", "python", "export", "socket", "socket_dir", "foreground")
 
 _params: dict[str, str] = {}
 _state: dict[str, Any] = {}
@@ -37,7 +38,7 @@ def _fail(message: str) -> None:
 
 
 def config(key: str, value: str) -> None:
-    if key not in ("image", "options", "pythonpath", "python", "export", "socket", "socket_dir"):
+    if key not in PARAMETERS:
         _fail(f"the NBD plugin has no parameter {key!r}")
     _params[key] = value
 
@@ -54,6 +55,15 @@ def config_complete() -> None:
     sys.path[:0] = paths
     if "image" not in _params:
         _fail("the NBD plugin needs image=PATH")
+    sys.tracebacklimit = 0  # nbdkit logs a failed request's exception: one line, not a traceback
+
+
+def after_fork() -> None:
+    """flatfs's log lines (a bug's traceback) to stderr in the foreground, to syslog once nbdkit
+    has gone into the background."""
+    from flatfs.service import setup_logging
+
+    setup_logging(False, to_syslog=_params.get("foreground") != "1")
 
 
 def thread_model() -> int:
@@ -151,10 +161,23 @@ def _pin() -> None:
     ctypes.pythonapi.PyGILState_Ensure()
 
 
-def _errno(exc: BaseException) -> int:
+class RequestError(Exception):
+    """A failed request, as nbdkit logs it: one line, ``RequestError: <flatfs's one line>``
+    (``sys.tracebacklimit`` is 0 and it is raised outside the handler, so no traceback)."""
+
+
+def _failed(exc: Exception, offset: int) -> RequestError:
+    """The NBD error for ``exc`` (``nbdkit.set_error``) and the exception to raise for it."""
+    from flatfs.errors import FlatfsError
     from flatfs.nbd.export import error_number
 
-    return error_number(exc)
+    if not isinstance(exc, FlatfsError | OSError):
+        # A bug: its traceback, once, through flatfs's logging (errno_for's log-once).
+        from flatfs.fuse.view import errno_for
+
+        errno_for(exc, _params.get("image"), offset)
+    nbdkit.set_error(error_number(exc))
+    return RequestError(str(exc) or type(exc).__name__)
 
 
 def pread(h: Any, buf: Any, offset: int, flags: int) -> None:
@@ -162,9 +185,10 @@ def pread(h: Any, buf: Any, offset: int, flags: int) -> None:
         _pin()
     try:
         h.pread(buf, offset)
+        return
     except Exception as exc:
-        nbdkit.set_error(_errno(exc))
-        raise
+        err = _failed(exc, offset)
+    raise err
 
 
 def extents(h: Any, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
@@ -174,5 +198,5 @@ def extents(h: Any, count: int, offset: int, flags: int) -> list[tuple[int, int,
         out: list[tuple[int, int, int]] = h.extents(count, offset, bool(flags & nbdkit.FLAG_REQ_ONE))
         return out
     except Exception as exc:
-        nbdkit.set_error(_errno(exc))
-        raise
+        err = _failed(exc, offset)
+    raise err

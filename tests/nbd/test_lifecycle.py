@@ -83,6 +83,28 @@ def test_bad_requests_get_an_nbd_error_and_the_server_keeps_serving(servers: Ser
     assert nbd_map(unix_uri(sock)) == flatfs_map_as_nbd(top)
 
 
+def test_a_file_that_shrinks_under_the_server_fails_requests_in_one_line(tmp_path: Path) -> None:
+    img = tmp_path / "a.raw"
+    img.write_bytes(b"\x42" * M)
+    sock = tmp_path / "f.sock"
+    cmd = [sys.executable, "-m", "flatfs", "serve", "--foreground", "--socket", str(sock), str(img)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(sock)
+        os.truncate(img, 4096)
+        bad = subprocess.run(["nbdcopy", unix_uri(sock), str(tmp_path / "out.raw")], capture_output=True)
+        assert bad.returncode != 0
+        c = RawRequests(sock)  # the server still answers, with the bytes that are left
+        assert c.read(0, 4096) == (0, b"\x42" * 4096)
+        assert c.read(M - 4096, 4096)[0] == 5  # EIO
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert "file shrank" in err and "Traceback" not in err, err
+    assert all(line.startswith(("nbdkit: ", "flatfs: ")) for line in err.splitlines() if line.strip()), err
+
+
 def test_a_client_that_disconnects_mid_read(servers: Servers, tmp_path: Path) -> None:
     q = Qemu()
     top = qemu_chain(q, tmp_path)
