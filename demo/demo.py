@@ -11,7 +11,10 @@ Needs no qemu-img. Everything goes under ./demo-out/ (gitignored).
 5. if FUSE is there: `flatfs mount` the chain, `ls -ls` the view, convert the
    view itself (a sparse raw file) and unmount;
 6. flatten the chain into flat.qcow2 and read it back with flatfs: it must equal
-   the changed disk byte for byte.
+   the changed disk byte for byte;
+7. if nbdkit is there: `flatfs serve` the chain for one command, which maps the
+   export with `nbdinfo` and copies it with `nbdcopy`: the copy must equal the
+   changed disk.
 """
 
 from __future__ import annotations
@@ -234,6 +237,25 @@ def main() -> None:
         )
         if not ok:
             raise SystemExit("demo: the image converted from the view differs from changed.raw")
+
+    step("7. Serve the chain over NBD (nbdkit) for one command")
+    served = OUT / "served.raw"
+    if not all(shutil.which(t) for t in ("nbdkit", "nbdinfo", "nbdcopy")):
+        say("    (skipped: nbdkit, nbdinfo or nbdcopy is not installed)")
+    else:
+        cmd = f'nbdinfo --map "$uri" | head -8; nbdcopy "$uri" {served.name}'
+        res = flatfs("serve", overlay, "--run", cmd, check=False)
+        indent(res.stdout + res.stderr)
+        if res.returncode != 0:
+            raise SystemExit("demo: flatfs serve failed")
+        with open_chain(served) as chain:
+            ok = same_content(chain, changed)
+        say(
+            f"    served.raw (copied by nbdcopy from the export) reads "
+            f"{'exactly as' if ok else 'DIFFERENTLY from'} changed.raw; {usage(served)}"
+        )
+        if not ok:
+            raise SystemExit("demo: the copy of the NBD export differs from changed.raw")
 
     step("Done")
     for p in (disk, changed, base, overlay, flat):
