@@ -128,12 +128,14 @@ def write_sesparse(
     shuffle: int | None = 2,
     replay: bool = False,
     skip_slots: int = 3,
+    first: int = 5,
 ) -> Grains:
     """A seSparse extent of ``capacity`` bytes (a multiple of 16 MiB, as QEMU's checks need).
 
     ``grains`` values are data, ZERO or UNMAPPED. Table slots are taken in a
     shuffled order, ``skip_slots`` apart; data grains are stored shuffled. The
-    file is sparse (its reserved areas are holes).
+    file is sparse (its reserved areas are holes). Data grains are numbered from ``first``
+    in the grain area (past 4095, the entry's high bits are used).
     """
     assert capacity % SE_SPAN == 0
     a = sesparse_layout(capacity)
@@ -141,7 +143,7 @@ def write_sesparse(
     slot = {t: 1 + k * skip_slots for k, t in enumerate(_order(tables, shuffle))}
     assert all(s * 64 < a["gts"][1] for s in slot.values()), "too few table slots for skip_slots"
     data = [g for g in _order(grains, shuffle) if grains[g] not in (ZERO, UNMAPPED)]
-    index = {g: k + 5 for k, g in enumerate(data)}  # grains 0-4 of the area stay unused
+    index = {g: k + first for k, g in enumerate(data)}  # the area's first grains stay unused
     hdr = struct.pack(
         "<26Q",
         0xCAFEBABE,
@@ -234,3 +236,93 @@ def compose(size: int, layers: list[tuple[int, Grains]], base: bytes | None = No
             chunk = bytes(grain) if d in (ZERO, UNMAPPED) else d.ljust(grain, b"\0")
             out[s : min(size, s + grain)] = chunk[: max(0, min(grain, size - s))]
     return bytes(out)
+
+
+DATASTORE = "/vmfs/volumes/datastore1/vm"  # where ESXi's absolute parent hints point
+
+
+def write_thin_flat(path: Path, size: int, runs: dict[int, bytes], *, image: bool = True) -> bytes:
+    """A thin ``-flat.vmdk`` as a copy off VMFS leaves it: a sparse file with data at ``runs``.
+
+    Returns its bytes (b"" without ``image``: a large one)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for at, d in runs.items():
+            f.seek(at)
+            f.write(d)
+    if not image:
+        return b""
+    out = bytearray(size)
+    for at, d in runs.items():
+        out[at : at + len(d)] = d
+    return bytes(out)
+
+
+def esxi_chain(
+    d: Path, size: int, delta_types: tuple[str, ...] = ("vmfsSparse", "seSparse"), *, twin: bool = True
+) -> tuple[Path, bytes, Path | None]:
+    """vm.vmdk (vmfsThin) + vm-flat.vmdk, then one snapshot per ``delta_types`` entry, as ESXi
+    names and links them (absolute /vmfs/volumes parent hints, parentCID).
+
+    Returns the top descriptor, the bytes the chain should read, and (``twin``) the top of
+    a twin chain over the same extent files that QEMU can open: createType ``vmfs`` (QEMU
+    refuses vmfsThin) and parent hints relative to the folder (QEMU cannot map /vmfs names).
+    """
+    M = 1 << 20
+    base = write_thin_flat(
+        d / "vm-flat.vmdk", size, {0: b"\xa1" * M, 20 * M: b"\xa2" * (M // 2), size - 4096: b"\xa3" * 4096}
+    )
+    sectors = size // SECTOR
+    cid = 0xB0000001
+    write_descriptor(d / "vm.vmdk", "vmfsThin", [(sectors, "VMFS", "vm-flat.vmdk")], cid=cid)
+    if twin:
+        write_descriptor(d / "vm-q.vmdk", "vmfs", [(sectors, "VMFS", "vm-flat.vmdk")], cid=cid)
+    layers: list[tuple[int, Grains]] = []
+    parent, parent_q = "vm.vmdk", "vm-q.vmdk"
+    for n, kind in enumerate(delta_types, 1):
+        name = f"vm-{n:06d}"
+        # each snapshot writes its own pattern: some grains over the base's data, some over
+        # its holes, grains that straddle nothing, a table of its own far up the disk
+        fill = 0x10 * (n + 1)
+        g0 = (n - 1) * 3
+        if kind == "seSparse":
+            grains: Grains = {
+                g0: bytes([fill]) * 4096,
+                255: ZERO,
+                256: UNMAPPED,
+                4096 * 2 + n: bytes([fill + 1]) * 4096,
+            }
+            grains[5120 + n] = bytes([fill + 2]) * 100
+            ext = f"{name}-sesparse.vmdk"
+            layers.append((SE_GRAIN, write_sesparse(d / ext, size, grains)))
+            etype = "SESPARSE"
+        else:
+            grains = {
+                g0: bytes([fill]) * 4096,
+                4096 * 2 + 7 + n: bytes([fill + 1]) * 4096,
+                5000 + n: bytes([fill + 2]) * 7,
+            }
+            ext = f"{name}-delta.vmdk"
+            layers.append((4096, write_cowd(d / ext, size, grains, shuffle=n)))
+            etype = "VMFSSPARSE"
+        ext_line = [(sectors, etype, ext)]
+        write_descriptor(
+            d / f"{name}.vmdk",
+            kind,
+            ext_line,
+            cid=cid + n,
+            parent_cid=cid + n - 1,
+            parent_hint=f"{DATASTORE}/{parent}",
+        )
+        if twin:
+            write_descriptor(
+                d / f"{name}-q.vmdk",
+                kind,
+                ext_line,
+                cid=cid + n,
+                parent_cid=cid + n - 1,
+                parent_hint=parent_q,
+            )
+        parent, parent_q = f"{name}.vmdk", f"{name}-q.vmdk"
+    top = d / parent
+    return top, compose(size, layers, base), (d / parent_q if twin else None)

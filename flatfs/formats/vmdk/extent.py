@@ -1,8 +1,9 @@
 """A VMDK disk's extents: the base every extent kind shares, ZERO and flat (FLAT, VMFS) extents.
 
-A flat extent is a range of a host file. A thin ``-flat.vmdk`` copied off VMFS
-is a sparse file: its holes are found with SEEK_DATA/SEEK_HOLE and stay holes
-(ALLOC_ZERO, never read) in the view and in convert.
+A flat extent is a range of a host file. Its holes are found with SEEK_DATA/SEEK_HOLE and
+never read: allocated zeros (ALLOC_ZERO, as ``qemu-img map`` shows them), or,
+for a vmfsThin disk (a thin ``-flat.vmdk`` copied off VMFS), holes (ZERO),
+which stay holes in the view and in convert.
 """
 
 from __future__ import annotations
@@ -69,15 +70,20 @@ class ZeroExtent(Extent):
 class FlatExtent(Extent):
     """A range of a host file: its holes read as zeros, past its end too."""
 
-    def __init__(self, path: str, fd: int, offset: int, length: int, line: ExtentLine) -> None:
+    def __init__(
+        self, path: str, fd: int, offset: int, length: int, line: ExtentLine, thin: bool = False
+    ) -> None:
         self.path, self.fd, self.offset, self.length, self.line = path, fd, offset, length, line
         self.file_size = host_size(fd, path)
+        # A vmfsThin disk's holes are blocks VMFS never allocated: holes (ZERO), as a raw
+        # file's. Another flat file's holes are allocated zeros, as QEMU reports them.
+        self.hole = ZERO if thin else ALLOC_ZERO
 
     def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
         end = min(end, rel + FLAT_WINDOW)
         h = self.offset + rel
         for s, e, is_data in data_runs(self.fd, self.path, h, self.offset + end, self.file_size):
-            out.add(base + rel + (s - h), base + rel + (e - h), DATA if is_data else ALLOC_ZERO)
+            out.add(base + rel + (s - h), base + rel + (e - h), DATA if is_data else self.hole)
 
     def readinto(self, rel: int, buf: memoryview) -> None:
         pread_padded(self.fd, self.path, buf, self.offset + rel, self.file_size)

@@ -463,7 +463,7 @@ class VmdkLayer(LayerBase):
         assert line.filename is not None
         epath, efd = ctx.open_related(self.path, line.filename, "extent file")
         if line.type in ("FLAT", "VMFS"):
-            return _FlatExtent(epath, efd, line.offset * SECTOR, length, line)
+            return _FlatExtent(epath, efd, line.offset * SECTOR, length, line, self.create_type == "vmfsThin")
         ext = esxi_extent(epath, efd, line) or _SparseExtent(epath, efd, line)
         if ext.length != length:
             raise CorruptImage(
