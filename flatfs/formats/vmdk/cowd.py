@@ -76,7 +76,7 @@ class CowdExtent(GrainExtent):
         need = -(-self.length // self.span)
         if gd_entries < need:
             raise CorruptImage(
-                path, f"grain directory of {gd_entries} entries does not cover the capacity ({need})", 24
+                path, f"grain directory of {gd_entries} entries cannot cover the capacity (needs {need})", 24
             )
         if need > MAX_GD_ENTRIES:
             raise CorruptImage(path, f"grain directory of {need} entries is too large", 24)

@@ -112,7 +112,7 @@ class SeSparseExtent(GrainExtent):
         if need > self.gd_capacity:
             raise CorruptImage(
                 path,
-                f"grain directory of {self.gd_capacity} entries does not cover the capacity ({need})",
+                f"grain directory of {self.gd_capacity} entries cannot cover the capacity (needs {need})",
                 136,
             )
         if self.gd_offset + 8 * need > self.file_size:
