@@ -92,3 +92,16 @@ def poke(data: bytearray, off: int, how: str, byte: int, value: int, order: str)
         if off + size <= len(data):
             struct.pack_into(order + code, data, off, value & ((1 << 8 * size) - 1))
     return off
+
+
+def read_like_qemu_or_refused(worker: FuzzWorker, img: Path, folder: Path, what: str) -> None:
+    """The worker reads ``img``: no bug; a refusal is one line naming a file in ``folder``;
+    what it reads equals what `qemu-img convert -O raw` reads, where QEMU reads it."""
+    res = worker.ask(img)
+    assert "bug" not in res, res["bug"]
+    if not res["ok"]:
+        assert res["oneline"] and res["error"].startswith(str(folder)), res
+        return
+    want = qemu_raw_sha(img, res["size"])
+    if want is not None:
+        assert res["sha"] == want, f"{what}: flatfs reads differ from QEMU"

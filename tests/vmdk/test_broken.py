@@ -95,8 +95,14 @@ OPEN_CASES: dict[str, tuple[Callable[[Qemu, Path], Path], list[str]]] = {
     "descriptor-bad-line": (_edit_descriptor("createType=", "createType :"), ["descriptor line 5"]),
     "descriptor-bad-cid": (_edit_descriptor("CID=", "CID=xyz\n#"), ["CID", "hex"]),
     "descriptor-no-createtype": (_edit_descriptor("createType=", "#createType="), ["no createType"]),
-    "descriptor-vmfssparse": (_edit_descriptor('"twoGbMaxExtentSparse"', '"vmfsSparse"'), ["vmfsSparse"]),
-    "descriptor-sesparse-extent": (_edit_descriptor("SPARSE", "SESPARSE"), ["SESPARSE", "not supported"]),
+    "descriptor-rdm": (
+        _edit_descriptor('"twoGbMaxExtentSparse"', '"vmfsPassthroughRawDeviceMap"'),
+        ["vmfsPassthroughRawDeviceMap", "LUN", "not supported"],
+    ),
+    "descriptor-sesparse-extent": (
+        _edit_descriptor("SPARSE", "SESPARSE"),
+        ["seSparse", "no constant header magic"],
+    ),
     "descriptor-noaccess": (_edit_descriptor("RW ", "NOACCESS "), ["NOACCESS"]),
     "descriptor-wrong-size": (_edit_descriptor("RW 16384", "RW 16000"), ["16000 sectors"]),
     "descriptor-missing-extent": (
@@ -105,7 +111,7 @@ OPEN_CASES: dict[str, tuple[Callable[[Qemu, Path], Path], list[str]]] = {
     ),
     "descriptor-extent-url": (_edit_descriptor('"split-s001.vmdk"', '"nbd://host/x"'), ["not a local file"]),
     "descriptor-too-large": (_huge_descriptor, ["larger than"]),
-    "cowd": (_cowd, ["vmfsSparse"]),
+    "cowd": (_cowd, ["COWD", "version 0", "not supported"]),
     "parent-is-qcow2": (_parent_is_qcow2, ["qcow2", "not a VMDK"]),
 }
 

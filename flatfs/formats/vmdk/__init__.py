@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..api import Format, Layer, OpenContext
 
-MAGICS = (b"KDMV", b"COWD")  # a hosted sparse extent; ESXi vmfsSparse (ours to refuse by name)
+MAGICS = (b"KDMV", b"COWD")  # a hosted sparse extent; an ESXi vmfsSparse extent
 
 
 def _open(path: str, fd: int, ctx: OpenContext) -> Layer:

@@ -25,10 +25,16 @@ from itertools import compress
 from typing import Any
 
 from ...errors import CorruptImage, ImageIOError, UnsupportedImage
-from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
-from ...hostio import data_runs, host_size, pread_exact, pread_padded
+from ...extents import ABSENT, DATA, ZERO, Runs
+from ...hostio import host_size, pread_exact, pread_padded
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
+from .cowd import CowdExtent
 from .descriptor import MAX_DESCRIPTOR, NO_PARENT, Descriptor, ExtentLine, parse_descriptor
+from .esxi import DESCRIPTOR_TYPES, REFUSED_TYPES, esxi_extent
+from .extent import Extent as _Extent
+from .extent import FlatExtent as _FlatExtent
+from .extent import ZeroExtent as _ZeroExtent
+from .grains import GrainExtent
 from .sparse import (
     COWD_MAGIC,
     GD_AT_END,
@@ -42,21 +48,8 @@ from .sparse import (
     parse_header,
 )
 
-# createTypes of a descriptor file that QEMU (and flatfs) reads
-DESCRIPTOR_TYPES = ("monolithicFlat", "vmfs", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
-# ESXi formats flatfs cannot read (and no test image can be built here)
-REFUSED_TYPES = {
-    "vmfsSparse": "vmfsSparse (ESXi COWD sparse)",
-    "seSparse": "seSparse (ESXi space-efficient sparse)",
-    "VMFSSPARSE": "VMFSSPARSE (ESXi COWD sparse)",
-    "SESPARSE": "SESPARSE (ESXi space-efficient sparse)",
-    "VMFSRDM": "VMFSRDM (raw device mapping)",
-    "VMFSRAW": "VMFSRAW (raw device)",
-}
 # An embedded descriptor is read from sector 1, at most this many sectors (as QEMU does)
 EMBEDDED_SECTORS = 20
-# A flat extent answers at most this much per call (SEEK_DATA/HOLE runs)
-FLAT_WINDOW = 256 << 20
 # Decoded grain tables kept (all extents of a layer share nothing; per extent)
 CACHE_TABLES = 512
 
@@ -92,71 +85,6 @@ class _Table:
     ends: array[int]
     kinds: bytes
     gt_offset: int = 0
-
-
-class _Extent:
-    """One extent of a disk: ``length`` guest bytes at ``start``."""
-
-    start = 0
-    length = 0
-    path = ""
-    fd = -1
-    line: ExtentLine | None = None
-
-    def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
-        raise NotImplementedError
-
-    def readinto(self, rel: int, buf: memoryview) -> None:
-        raise NotImplementedError
-
-    def coarse(self, out: Runs) -> None:
-        """Where data may lie, from table-level facts only (a flat file: anywhere)."""
-        out.add(self.start, self.start + self.length, DATA)
-
-    def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"virtual-size": self.length}
-        if self.line is not None:
-            d["access"] = self.line.access
-            d["type"] = self.line.type
-            if self.line.filename is not None:
-                d["filename"] = self.path
-            if self.line.type == "FLAT":
-                d["offset"] = self.line.offset * SECTOR
-        return d
-
-    def close(self) -> None:
-        pass
-
-
-class _ZeroExtent(_Extent):
-    def __init__(self, length: int, line: ExtentLine) -> None:
-        self.length, self.line = length, line
-
-    def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
-        out.add(base + rel, base + end, ZERO)
-
-    def coarse(self, out: Runs) -> None:
-        out.add(self.start, self.start + self.length, ABSENT)
-
-    def readinto(self, rel: int, buf: memoryview) -> None:
-        buf[:] = bytes(len(buf))
-
-
-class _FlatExtent(_Extent):
-    """A range of a host file: its holes read as zeros, past its end too."""
-
-    def __init__(self, path: str, fd: int, offset: int, length: int, line: ExtentLine) -> None:
-        self.path, self.fd, self.offset, self.length, self.line = path, fd, offset, length, line
-        self.file_size = host_size(fd, path)
-
-    def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
-        end = min(end, rel + FLAT_WINDOW)
-        h = self.offset + rel
-        for s, e, is_data in data_runs(self.fd, self.path, h, self.offset + end, self.file_size):
-            out.add(base + rel + (s - h), base + rel + (e - h), DATA if is_data else ALLOC_ZERO)
-
-    def readinto(self, rel: int, buf: memoryview) -> None:
-        pread_padded(self.fd, self.path, buf, self.offset + rel, self.file_size)
 
 
 class _SparseExtent(_Extent):
@@ -458,8 +386,9 @@ class VmdkLayer(LayerBase):
         try:
             if head[:4] == MAGIC:
                 self.descriptor = self._open_sparse()
-            elif head[:4] == COWD_MAGIC:
-                raise UnsupportedImage(path, "vmfsSparse (ESXi COWD) disks are not supported")
+            elif head[:4] == COWD_MAGIC:  # a vmfsSparse extent opened alone, as QEMU opens one
+                self.parts.append(CowdExtent(path, fd, None))
+                self.create_type = "vmfsSparse"
             elif _foreign(head) or not _looks_like_text(head):
                 raise _refuse_not_vmdk(path, head)
             else:
@@ -534,8 +463,8 @@ class VmdkLayer(LayerBase):
         assert line.filename is not None
         epath, efd = ctx.open_related(self.path, line.filename, "extent file")
         if line.type in ("FLAT", "VMFS"):
-            return _FlatExtent(epath, efd, line.offset * SECTOR, length, line)
-        ext = _SparseExtent(epath, efd, line)
+            return _FlatExtent(epath, efd, line.offset * SECTOR, length, line, self.create_type == "vmfsThin")
+        ext = esxi_extent(epath, efd, line) or _SparseExtent(epath, efd, line)
         if ext.length != length:
             raise CorruptImage(
                 self.path,
@@ -588,7 +517,7 @@ class VmdkLayer(LayerBase):
 
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        grains = [e.grain for e in self.parts if isinstance(e, _SparseExtent)]
+        grains = [e.grain for e in self.parts if isinstance(e, (_SparseExtent, GrainExtent))]
         if grains:
             out["cluster-size"] = grains[0]
         out["create-type"] = self.create_type

@@ -1,0 +1,193 @@
+"""What ESXi's sparse extents share: a grain directory of grain tables of grains, read in bulk.
+
+A vmfsSparse (COWD) and a seSparse extent differ only in how their tables are
+encoded; each decodes one grain table at a time into a :class:`GrainTable`
+(a code per grain and where each data grain lies) and this module answers
+``runs`` and ``readinto`` from it. Decoded tables live in a bounded LRU, so
+memory stays bounded whatever the capacity.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from array import array
+from bisect import bisect_left, bisect_right
+from collections import OrderedDict
+from itertools import compress
+
+from ...errors import CorruptImage
+from ...extents import ABSENT, DATA, ZERO, Runs
+from ...hostio import host_size, pread_padded
+from .extent import Extent
+
+# per-grain codes of a decoded table
+G_ABSENT, G_ZERO, G_DATA, G_BAD = range(4)
+_K_BAD = 255  # a damaged entry's kind: never merged with a neighbour
+_KIND_OF = bytes([ABSENT, ZERO, DATA, _K_BAD]) + bytes(252)
+CACHE_TABLES = 256  # decoded grain tables kept per extent
+
+
+class GrainTable:
+    """One decoded grain table.
+
+    ``where[k]``: grain ``k``'s place in the file, in ``unit``s after the
+    extent's ``base`` (0 unless data); ``starts``/``ends``/``kinds``: the
+    table's runs of extent kinds (extent-relative guest bytes), neighbours of
+    different kinds, a damaged entry a run of its own. ``at``/``entry``: the
+    table's file offset and entry size, for errors.
+    """
+
+    __slots__ = ("where", "codes", "starts", "ends", "kinds", "at", "entry", "raw")
+
+    def __init__(
+        self, where: array[int], codes: bytes, at: int, entry: int, raw: array[int] | None = None
+    ) -> None:
+        self.where, self.codes, self.at, self.entry, self.raw = where, codes, at, entry, raw
+        self.starts: array[int] = array("Q")
+        self.ends: array[int] = array("Q")
+        self.kinds = b""
+
+
+def mark_past_end(where: array[int], codes: bytes, limit: int) -> bytes:
+    """Data grains whose ``where`` is at or past ``limit`` (the file's end) become G_BAD."""
+    if not where or max(where) < limit:
+        return codes
+    marked = bytearray(codes)
+    for k in compress(range(len(codes)), map(limit.__le__, where)):
+        if marked[k] == G_DATA:
+            marked[k] = G_BAD
+    return bytes(marked)
+
+
+class GrainExtent(Extent):
+    """A sparse extent whose subclass decodes grain table ``i`` in :meth:`_decode`."""
+
+    grain = 0  # bytes per grain
+    span = 0  # guest bytes per grain table
+    base = 0  # file offset of grain ``where`` 0
+    unit = 1  # bytes per step of ``where``
+    used: list[int]  # indices of the tables the directory points at
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self.fd = path, fd
+        self.file_size = host_size(fd, path)
+        self._cache: OrderedDict[int, GrainTable | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _decode(self, i: int, n: int) -> GrainTable | None:
+        """Table ``i`` (``n`` grains of it are inside the extent), or None: none allocated."""
+        raise NotImplementedError
+
+    def _table(self, i: int) -> GrainTable | None:
+        with self._lock:
+            if i in self._cache:
+                self._cache.move_to_end(i)
+                return self._cache[i]
+        tbase = i * self.span
+        span = min(self.span, self.length - tbase)
+        n = -(-span // self.grain)
+        t = self._decode(i, n)
+        if t is not None:
+            self._runs_of(t, tbase, span, n)
+        with self._lock:
+            self._cache[i] = t
+            while len(self._cache) > CACHE_TABLES:
+                self._cache.popitem(last=False)
+        return t
+
+    def _runs_of(self, t: GrainTable, tbase: int, span: int, n: int) -> None:
+        g = self.grain
+        kinds = t.codes.translate(_KIND_OF)
+        if _K_BAD in kinds:
+            changes = bytes(a != b or a == _K_BAD for a, b in zip(kinds[1:], kinds[:-1]))
+        else:
+            changes = bytes(map(operator.ne, kinds[1:], kinds[:-1]))
+        cuts = array("Q", compress(range(tbase + g, tbase + n * g, g), changes))
+        t.starts = array("Q", [tbase])
+        t.starts.extend(cuts)
+        cuts.append(tbase + span)
+        t.ends = cuts
+        t.kinds = kinds[:1] + bytes(compress(kinds[1:], changes))
+
+    def _bad(self, t: GrainTable, k: int) -> CorruptImage:
+        return CorruptImage(
+            self.path, "grain table entry points past the end of the file", t.at + t.entry * k
+        )
+
+    def coarse(self, out: Runs) -> None:
+        """DATA over what each allocated grain table covers (the grain directory alone)."""
+        pos = self.start
+        for i in self.used:
+            s = self.start + i * self.span
+            e = min(s + self.span, self.start + self.length)
+            out.add(pos, s, ABSENT)
+            out.add(s, e, DATA)
+            pos = e
+        out.add(pos, self.start + self.length, ABSENT)
+
+    def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
+        """One grain table's runs, sliced in bulk; a damaged entry ends the answer before it."""
+        i = rel // self.span
+        tbase = i * self.span
+        t = self._table(i)
+        if t is None:
+            k = bisect_left(self.used, i + 1)
+            nxt = self.used[k] * self.span if k < len(self.used) else end
+            out.add(base + rel, base + min(end, max(nxt, tbase + self.span)), ABSENT)
+            return
+        lo, hi = rel, min(end, tbase + self.span)
+        a = bisect_right(t.starts, lo) - 1
+        b = bisect_left(t.starts, hi)
+        kinds = t.kinds[a:b]
+        bad = kinds.find(_K_BAD)
+        if bad == 0:
+            raise self._bad(t, (lo - tbase) // self.grain)
+        if bad > 0:
+            b = a + bad
+            kinds = kinds[:bad]
+        for s, e, k in zip(t.starts[a:b], t.ends[a:b], kinds):
+            out.add(base + max(s, lo), base + min(e, hi), k)
+
+    def readinto(self, rel: int, buf: memoryview) -> None:
+        end = rel + len(buf)
+        g = self.grain
+        step = g // self.unit
+        pos = rel
+        while pos < end:
+            i = pos // self.span
+            tbase = i * self.span
+            t = self._table(i)
+            stop = min(end, tbase + self.span)
+            if t is None:
+                buf[pos - rel : stop - rel] = bytes(stop - pos)
+                pos = stop
+                continue
+            codes, where = t.codes, t.where
+            k = (pos - tbase) // g
+            while pos < stop:
+                code = codes[k]
+                gs = tbase + k * g
+                ge = min(gs + g, stop)
+                k += 1
+                if code == G_DATA:
+                    # one pread over grains that follow each other in the file too
+                    host = self.base + where[k - 1] * self.unit + (pos - gs)
+                    last = where[k - 1]
+                    while ge < stop and codes[k] == G_DATA and where[k] == last + step:
+                        last = where[k]
+                        ge = min(ge + g, stop)
+                        k += 1
+                    pread_padded(self.fd, self.path, buf[pos - rel : ge - rel], host, self.file_size)
+                elif code == G_BAD:
+                    raise self._bad(t, k - 1)
+                else:
+                    while ge < stop and codes[k] in (G_ABSENT, G_ZERO):
+                        ge = min(ge + g, stop)
+                        k += 1
+                    buf[pos - rel : ge - rel] = bytes(ge - pos)
+                pos = ge
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.clear()
