@@ -144,6 +144,8 @@ def writer_values(fmt: str, writer: TargetWriter, pairs: Sequence[tuple[str, str
             keys = ", ".join(known) or "none"
             raise UsageError(f"-o {key}: unknown option of -O {fmt} (its keys: {keys}; -o help lists them)")
         values[key] = _value(fmt, opt, text)
+    if writer.check is not None:
+        writer.check(values)
     return values
 
 

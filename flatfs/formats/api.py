@@ -228,7 +228,8 @@ class TargetWriter(NamedTuple):
     each writer turns them into its own typed NamedTuple. ``data_runs`` are
     ascending (start, end) guest ranges that may hold data. The flags say
     what the format can do: ``in_place`` (``convert -n``), ``backing``
-    (``-B``), ``compression`` (``-c``).
+    (``-B``), ``compression`` (``-c``); ``check(options)`` raises a
+    ConvertError for values the format cannot take (before any file is made).
     """
 
     options: tuple[WriterOption, ...]
@@ -237,6 +238,33 @@ class TargetWriter(NamedTuple):
     in_place: bool = False
     backing: bool = False
     compression: bool = False
+    check: Callable[[Mapping[str, OptionValue]], None] | None = None  # refuse bad values up front
+
+
+def block_pieces(offset: int, length: int, block: int) -> Iterator[tuple[int, int, int]]:
+    """[offset, offset + length) cut at ``block`` boundaries: (block index, start, stop) each."""
+    end = offset + length
+    pos = offset
+    while pos < end:
+        b = pos // block
+        stop = min(end, (b + 1) * block)
+        yield b, pos, stop
+        pos = stop
+
+
+def blocks_touched(data_runs: Iterable[tuple[int, int]], block: int, size: int) -> int:
+    """How many ``block``-sized blocks of [0, size) the ascending ``data_runs`` touch (for measure)."""
+    count = 0
+    last = -1
+    for s, e in data_runs:
+        e = min(e, size)
+        if e <= s:
+            continue
+        a, b = max(s // block, last + 1), (e - 1) // block
+        if b >= a:
+            count += b - a + 1
+            last = b
+    return count
 
 
 class Format(NamedTuple):

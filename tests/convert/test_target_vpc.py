@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers.chains import qemu_chain
 from ..helpers.cli import flatfs, one_line_error
 from ..helpers.images import M, pattern, write_sparse_raw
-from ..helpers.needs import have_qemu, require
 from ..helpers.qemu import Qemu
-from ..helpers.targets import check_output
+from ..helpers.targets import big_sparse_source, check_output, convert_checked
 from ..helpers.vhd_writer import checksum
 from ..helpers.vhdx_images import pyvhdi
 
@@ -58,21 +56,11 @@ def check_footer(raw: bytes, size: int, disk_type: int) -> bytes:
     return raw[68:84]
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory) -> tuple[Path, Path]:
-    require(have_qemu(), "qemu-img/qemu-io are not installed")
-    q = Qemu()
-    d = tmp_path_factory.mktemp("vpc")
-    top = qemu_chain(q, d)
-    return top, q.to_raw(top, d / "flat.raw")
-
-
 @pytest.mark.parametrize("sub", ["dynamic", "fixed"])
-def test_qcow2_chain_to_vpc(tmp_path, qemu: Qemu, chain, sub):
-    top, flat = chain
+def test_qcow2_chain_to_vpc(tmp_path, qemu: Qemu, qcow2_chain, sub):
+    top = qcow2_chain[0]
     out = tmp_path / "out.vhd"
-    flatfs("convert", "-O", "vpc", "-o", f"subformat={sub}", top, out)
-    want = check_output(qemu, flat, top, out, "vpc")
+    flat, want = convert_checked(qemu, qcow2_chain, out, "vpc", "-o", f"subformat={sub}")
     assert libvhdi(out) == want
     size = flat.stat().st_size
     raw = out.read_bytes()
@@ -117,11 +105,7 @@ def test_size_is_never_rounded_to_a_geometry(tmp_path, qemu: Qemu):
 
 
 def test_cost_grows_with_data_not_size(tmp_path, qemu: Qemu):
-    src = tmp_path / "big.raw"
-    with open(src, "wb") as f:
-        f.truncate(1 << 40)
-        f.seek(123 * M)
-        f.write(pattern(M, 5))
+    src = big_sparse_source(tmp_path / "big.raw", pattern(M, 5), 123 * M)
     out = tmp_path / "big.vhd"
     res = json.loads(flatfs("convert", "--output=json", "-O", "vpc", src, out).stdout)
     assert res["data-read"] == M and res["virtual-size"] == 1 << 40

@@ -11,7 +11,26 @@ from pathlib import Path
 
 from flatfs import OpenOptions, open_chain
 
+from .chains import qemu_chain
+from .needs import have_qemu, require
 from .qemu import Qemu
+
+
+def flat_qcow2_chain(d: Path) -> tuple[Path, Path]:
+    """The suite's two-image qcow2 chain (helpers/chains.qemu_chain) and its flattening by qemu-img."""
+    require(have_qemu(), "qemu-img/qemu-io are not installed")
+    q = Qemu()
+    top = qemu_chain(q, d)
+    return top, q.to_raw(top, d / "flat.raw")
+
+
+def big_sparse_source(path: Path, data: bytes, at: int) -> Path:
+    """A 1 TiB sparse raw file holding ``data`` at ``at``: the cost must follow the data."""
+    with open(path, "wb") as f:
+        f.truncate(1 << 40)
+        f.seek(at)
+        f.write(data)
+    return path
 
 
 def data_ranges(path: Path, fmt: str | None = None) -> list[tuple[int, int]]:
@@ -51,5 +70,18 @@ def check_output(q: Qemu, expected_raw: Path, source: Path, out: Path, fmt: str)
     assert res.returncode == 0, res.stdout + res.stderr
     want = expected_raw.read_bytes()
     assert flatfs_bytes(out, fmt) == want
-    assert within(data_ranges(out, fmt), data_ranges(source)), (data_ranges(out, fmt), data_ranges(source))
+    # data is found (and written) in 4 KiB blocks, the host file system's: the source's ranges, so rounded
+    fs = 4096
+    src = [(s // fs * fs, -(-e // fs) * fs) for s, e in data_ranges(source)]
+    assert within(data_ranges(out, fmt), src), (data_ranges(out, fmt), src)
     return want
+
+
+def convert_checked(q: Qemu, chain: tuple[Path, Path], out: Path, fmt: str, *args: str) -> tuple[Path, bytes]:
+    """``flatfs convert -O fmt *args`` of a (top, flattened) chain into ``out``, checked by
+    :func:`check_output`; returns (the flattened file, its bytes)."""
+    from .cli import flatfs
+
+    top, flat = chain
+    flatfs("convert", "-O", fmt, *args, top, out)
+    return flat, check_output(q, flat, top, out, fmt)

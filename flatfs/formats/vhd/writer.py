@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from ...errors import ConvertError
-from ..api import ImageWriter, OptionValue, Sink, WriterOption
+from ..api import ImageWriter, OptionValue, Sink, WriterOption, block_pieces, blocks_touched
 from .spec import (
     COOKIE,
     DYNAMIC,
@@ -160,11 +160,7 @@ class VhdWriter:
         if self.fixed:
             self.sink.write([data], offset)
             return
-        end = offset + len(data)
-        pos = offset
-        while pos < end:
-            b = pos // BLOCK_SIZE
-            stop = min(end, (b + 1) * BLOCK_SIZE)
+        for b, pos, stop in block_pieces(offset, len(data), BLOCK_SIZE):
             if b != self.block:
                 self._close_block()
                 self.block, self.host = b, self.next
@@ -173,7 +169,6 @@ class VhdWriter:
             within = pos - b * BLOCK_SIZE
             self.sink.write([data[pos - offset : stop - offset]], self.host + BITMAP_SIZE + within)
             self._mark(within // SECTOR, -(-(stop - b * BLOCK_SIZE) // SECTOR))
-            pos = stop
 
     def _mark(self, first: int, end: int) -> None:
         """Set the bitmap bits of sectors [first, end) of the current block."""
@@ -227,15 +222,7 @@ def measure(
     if VpcOptions.of(values).subformat == "fixed":
         return size + FOOTER_SIZE, size + FOOTER_SIZE
     entries, _table, first = _layout(size)
-    blocks = 0
-    last = -1
-    for s, e in data_runs:
-        if e <= s:
-            continue
-        a, b = max(s // BLOCK_SIZE, last + 1), (min(e, size) - 1) // BLOCK_SIZE
-        if b >= a:
-            blocks += b - a + 1
-            last = b
+    blocks = blocks_touched(data_runs, BLOCK_SIZE, size)
     per = BITMAP_SIZE + BLOCK_SIZE
     return first + blocks * per + FOOTER_SIZE, first + entries * per + FOOTER_SIZE
 
