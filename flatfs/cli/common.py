@@ -24,7 +24,8 @@ def format_names() -> list[str]:
 def target_format_names() -> list[str]:
     """What -O accepts: the formats that can be written (qcow2 first, the default)."""
     return sorted(
-        (f.name for f in FORMATS if f.target is not None or f.name == "raw"), key=lambda n: n != "qcow2"
+        (f.name for f in FORMATS if f.target is not None or f.writer is not None or f.name == "raw"),
+        key=lambda n: n != "qcow2",
     )
 
 

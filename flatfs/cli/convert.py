@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+from typing import NoReturn
 
 import click
 
 from ..chain import OpenOptions
 from .common import SIZE, chain_options, format_names, target_format_names
+
+TARGET_OPTIONS = click.option(
+    "-o",
+    "--options",
+    "target_options",
+    multiple=True,
+    metavar="KEY=VALUE[,...]",
+    help="Options of the target format, as qemu-img takes them; -o help lists them.",
+)
 
 
 @click.command()
@@ -21,6 +31,7 @@ from .common import SIZE, chain_options, format_names, target_format_names
     show_default=True,
     help="Format of TARGET.",
 )
+@TARGET_OPTIONS
 @click.option(
     "-S",
     "--sparse-size",
@@ -100,6 +111,7 @@ def convert(
     source: str,
     target: str,
     target_format: str,
+    target_options: tuple[str, ...],
     sparse_size: int,
     compat: str | None,
     cluster_size: int | None,
@@ -120,9 +132,10 @@ def convert(
 
     TARGET appears whole or not at all (with -n: it is written in place). Manual: flatfs-convert(1).
     """
-    from ..convert import ConvertOptions, Interrupted
+    from ..convert import ConvertOptions, Interrupted, UsageError
     from ..convert import convert as do_convert
 
+    pairs = _pairs(target_format, target_options)
     opts = ConvertOptions(
         target_format=target_format,
         sparse_size=sparse_size,
@@ -137,9 +150,12 @@ def convert(
         no_create=no_create,
         target_is_zero=target_is_zero,
         copy_offload=copy_offload,
+        target_options=pairs,
     )
     try:
         summary = do_convert(source, target, opts, options, progress=progress)
+    except UsageError as exc:
+        _usage(ctx, str(exc))
     except Interrupted as exc:
         click.echo(f"flatfs: {exc}", err=True)
         ctx.exit(128 + exc.signum)
@@ -159,6 +175,7 @@ def convert(
     show_default=True,
     help="Format of the target to measure.",
 )
+@TARGET_OPTIONS
 @click.option(
     "-S",
     "--sparse-size",
@@ -181,9 +198,12 @@ def convert(
     help="json: the figures as a JSON object.",
 )
 @chain_options()
+@click.pass_context
 def measure(
+    ctx: click.Context,
     source: str,
     target_format: str,
+    target_options: tuple[str, ...],
     sparse_size: int,
     compat: str | None,
     cluster_size: int | None,
@@ -198,8 +218,9 @@ def measure(
     Size a volume for `flatfs convert -n` with it. Manual: flatfs-measure(1).
     """
     from ..chain import open_chain
-    from ..convert import ConvertOptions, measure_chain
+    from ..convert import ConvertOptions, UsageError, measure_chain, validate
 
+    pairs = _pairs(target_format, target_options)
     opts = ConvertOptions(
         target_format=target_format,
         sparse_size=sparse_size,
@@ -208,7 +229,12 @@ def measure(
         compress=compress,
         compression_type=compression_type,
         extended_l2=extended_l2,
+        target_options=pairs,
     )
+    try:
+        opts = validate(opts)
+    except UsageError as exc:
+        _usage(ctx, str(exc))
     with open_chain(source, options) as chain:
         m = measure_chain(chain, opts)
     if output == "json":
@@ -218,3 +244,22 @@ def measure(
     click.echo(f"fully allocated size: {m.fully_allocated}")
     if m.bitmaps is not None:
         click.echo(f"bitmaps size: {m.bitmaps}")
+
+
+def _pairs(target_format: str, target_options: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """-o's KEY=VALUE pairs; ``-o help`` prints the target format's keys and exits."""
+    from ..convert.options import options_help, split_options
+
+    pairs = split_options(target_options)
+    if any(key in ("help", "?") for key, _ in pairs):
+        click.echo(f"Options of -O {target_format}:")
+        for line in options_help(target_format):
+            click.echo(f"  {line}")
+        raise click.exceptions.Exit(0)
+    return pairs
+
+
+def _usage(ctx: click.Context, message: str) -> NoReturn:
+    """A usage error: one line, exit status 2."""
+    click.echo(f"flatfs: {message}", err=True)
+    ctx.exit(2)

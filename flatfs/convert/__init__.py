@@ -25,12 +25,14 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ..chain import Chain, OpenOptions, open_chain
 from ..errors import ConvertError, FlatfsError, ImageIOError
 from . import pipeline
+from .layouts import LayoutTarget
 from .measure import Measure, measure_chain
-from .options import ConvertOptions, Summary, validate
+from .options import ConvertOptions, Summary, UsageError, target_writer, validate, writer_values
 from .progress import Progress
 from .safety import (
     Interrupted,
@@ -40,7 +42,7 @@ from .safety import (
     remove_stale_temps,
     write_into_place,
 )
-from .targets import open_target
+from .targets import Target, open_target
 
 Warn = Callable[[str], None]
 
@@ -60,7 +62,7 @@ def convert(
     """Open SOURCE's chain (and BACKING's, relative to TARGET's folder) and convert."""
     options = options or ConvertOptions()
     open_options = open_options or OpenOptions()
-    validate(options)
+    options = validate(options)
     target = os.fspath(target)
     dest = destination(target)
     with open_chain(source, open_options) as chain:
@@ -103,7 +105,7 @@ def convert_chain(
     With ``options.no_create`` (``-n``) the image is written into the
     existing file or device TARGET instead (see :mod:`.inplace`).
     """
-    validate(options)
+    options = validate(options)
     target = os.fspath(target)
     t0 = time.monotonic()
     if options.backing and backing is None:
@@ -121,7 +123,7 @@ def convert_chain(
     bar = _progress_bar(source, backing, progress)
 
     def write(fd: int) -> None:
-        job = open_target(source, backing, fd, target, options, summary)
+        job = _open_target(source, backing, fd, target, options, summary)
         pipeline.run(job, summary, bar)
         job.finish()
 
@@ -133,6 +135,17 @@ def convert_chain(
                 bar.close()
     summary.seconds = time.monotonic() - t0
     return summary
+
+
+def _open_target(
+    source: Chain, backing: Chain | None, fd: int, target: str, options: ConvertOptions, summary: Summary
+) -> Target[Any]:
+    """The target ``options.target_format`` asks for: convert's own (qcow2, raw) or a format's writer."""
+    writer = target_writer(options.target_format)
+    if writer is None:
+        return open_target(source, backing, fd, target, options, summary)
+    values = writer_values(options.target_format, writer, options.target_options)
+    return LayoutTarget(source, writer, values, fd, target, options.sparse_size, summary)
 
 
 def _progress_bar(source: Chain, backing: Chain | None, progress: bool | Progress) -> Progress | None:
@@ -200,6 +213,8 @@ def _convert_in_place(
 __all__ = [
     "ConvertOptions",
     "Summary",
+    "UsageError",
+    "validate",
     "Interrupted",
     "Progress",
     "convert",

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..chain import Chain
 from .capability import qcow2_writer
-from .options import ConvertOptions, validate
+from .options import ConvertOptions, target_writer, validate, writer_values
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,19 @@ def _merged(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
 
 def measure_chain(source: Chain, options: ConvertOptions, backing: Chain | None = None) -> Measure:
     """What converting ``source`` with ``options`` (over ``backing``) needs; reads metadata only."""
-    validate(options)
+    options = validate(options)
+    writer = target_writer(options.target_format)
+    if writer is not None:
+        runs = _merged((e.start, e.start + e.length) for e in source.extents() if e.kind.must_read)
+        values = writer_values(options.target_format, writer, options.target_options)
+        return Measure(*writer.measure(source.size, runs, values))
     if options.target_format == "raw":
         return Measure(source.size, source.size)
-    writer = qcow2_writer()
-    cs = options.cluster_size or writer.DEFAULT_CLUSTER_SIZE
+    qcow2 = qcow2_writer()
+    cs = options.cluster_size or qcow2.DEFAULT_CLUSTER_SIZE
     extl2 = options.extended_l2
     size = -(-source.size // 512) * 512
-    per_table = writer.entries_per_l2(cs, extl2)
+    per_table = qcow2.entries_per_l2(cs, extl2)
     runs = _cluster_runs(source, size, cs)
     if backing is not None:
         runs = _union(runs, _cluster_runs(backing, min(backing.size, size), cs))
@@ -87,7 +92,7 @@ def measure_chain(source: Chain, options: ConvertOptions, backing: Chain | None 
         tables += final - max(first, last_table + 1) + 1
         last_table = final
     nclusters = -(-size // cs)
-    required = writer.layout_bytes(size, cs, extl2, data, tables)
-    full = writer.layout_bytes(size, cs, extl2, nclusters, -(-nclusters // per_table))
+    required = qcow2.layout_bytes(size, cs, extl2, data, tables)
+    full = qcow2.layout_bytes(size, cs, extl2, nclusters, -(-nclusters // per_table))
     bitmaps = 0 if options.compat != "0.10" and source.layers[0].format == "qcow2" else None
     return Measure(required, full, bitmaps)

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from .. import formats
 from ..errors import ConvertError
+from ..formats.api import OptionValue, TargetWriter, WriterOption
 from .capability import qcow2_writer
 
 DEFAULT_SPARSE_SIZE = 4096  # qemu-img's default -S
-TARGET_FORMATS = ("qcow2", "raw")
+TARGET_FORMATS = ("qcow2", "raw")  # written by convert's own targets; the rest by a format's writer
+# qemu-img's -o keys of qcow2, and the ConvertOptions field each one sets (today's flags stay)
+QCOW2_KEYS = {
+    "compat": "compat",
+    "cluster_size": "cluster_size",
+    "extended_l2": "extended_l2",
+    "compression_type": "compression_type",
+}
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class UsageError(ConvertError):
+    """Options that do not go together, or a bad option value: the CLI exits 2 for it."""
 
 
 class ConvertOptions(NamedTuple):
@@ -27,6 +43,7 @@ class ConvertOptions(NamedTuple):
     no_create: bool = False  # -n: write into an existing file or block device, from byte 0
     target_is_zero: bool = False  # with -n: the target already reads as zeros; zero nothing
     copy_offload: bool = False  # -C: data runs copied by the kernel (copy_file_range), not read
+    target_options: tuple[tuple[str, str], ...] = ()  # -o KEY=VALUE of a writer format, as given
 
 
 @dataclass
@@ -76,23 +93,130 @@ class Summary:
         return d
 
 
-def validate(opts: ConvertOptions) -> None:
-    """Refuse options that do not go together, before any file is opened."""
-    if opts.target_format not in TARGET_FORMATS:
-        raise ConvertError(f"unknown target format {opts.target_format!r}")
-    if opts.target_is_zero and not opts.no_create:
-        raise ConvertError("--target-is-zero needs -n (it describes an existing target)")
-    if opts.no_create and opts.force:
-        raise ConvertError("-n writes into TARGET in place and replaces nothing; --force does not apply")
-    if opts.copy_offload and opts.compress:
-        raise ConvertError("-C/--copy-offload copies data as it lies; it cannot compress it (-c)")
-    if opts.copy_offload and opts.backing:
-        raise ConvertError(
-            "-C/--copy-offload does not read the data, and -B/--backing needs it to compare with BACKING"
-        )
-    if opts.sparse_size < 0 or opts.sparse_size % 512:
-        raise ConvertError(f"--sparse-size must be 0 or a multiple of 512, not {opts.sparse_size}")
-    if opts.target_format == "raw":
+def target_writer(name: str) -> TargetWriter | None:
+    """The writer capability of target format ``name`` (None for qcow2 and raw, written by convert)."""
+    fmt = formats.lookup(name)
+    return fmt.writer() if fmt is not None and fmt.writer is not None else None
+
+
+def split_options(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``-o`` arguments (each ``KEY=VALUE[,KEY=VALUE...]``, a bare KEY meaning ``on``) as pairs."""
+    out: list[tuple[str, str]] = []
+    for arg in values:
+        for item in arg.split(","):
+            if not item:
+                continue
+            key, eq, value = item.partition("=")
+            out.append((key.strip(), value.strip() if eq else "on"))
+    return tuple(out)
+
+
+def parse_size(text: str) -> int | None:
+    """A byte count as qemu-img takes it (512, 64k, 2M, 2MiB), or None."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtTbB]?)(?:i?[bB])?\s*", text)
+    return int(m.group(1)) * _UNITS[m.group(2).lower()] if m else None
+
+
+def _value(fmt: str, opt: WriterOption, text: str) -> OptionValue:
+    if opt.choices:
+        if text not in opt.choices:
+            raise UsageError(f"-o {opt.key}: {text!r} is not one of {', '.join(opt.choices)} (-O {fmt})")
+        return text
+    if opt.size:
+        n = parse_size(text)
+        if n is None:
+            raise UsageError(f"-o {opt.key}: {text!r} is not a size (examples: 512, 64k, 2M)")
+        return n
+    if isinstance(opt.default, bool):
+        if text not in ("on", "off"):
+            raise UsageError(f"-o {opt.key}: {text!r} is not on or off")
+        return text == "on"
+    return text
+
+
+def writer_values(fmt: str, writer: TargetWriter, pairs: Sequence[tuple[str, str]]) -> dict[str, OptionValue]:
+    """The writer's option values: its defaults, overridden by ``-o``; unknown keys refused."""
+    known = {o.key: o for o in writer.options}
+    values: dict[str, OptionValue] = {o.key: o.default for o in writer.options}
+    for key, text in pairs:
+        opt = known.get(key)
+        if opt is None:
+            keys = ", ".join(known) or "none"
+            raise UsageError(f"-o {key}: unknown option of -O {fmt} (its keys: {keys}; -o help lists them)")
+        values[key] = _value(fmt, opt, text)
+    if writer.check is not None:
+        writer.check(values)
+    return values
+
+
+def options_help(fmt: str) -> list[str]:
+    """The lines ``-o help`` prints for target format ``fmt``."""
+    writer = target_writer(fmt)
+    if writer is None:
+        if fmt == "qcow2":
+            return [
+                "compat=0.10|1.1          qcow2 version (default 1.1; also --compat)",
+                "cluster_size=SIZE        512 to 2M (default 64k; also --cluster-size)",
+                "extended_l2=on|off       32 subclusters per cluster (also --extended-l2)",
+                "compression_type=zlib|zstd  with -c (also --compression-type)",
+            ]
+        return [f"-O {fmt} has no -o options"]
+    out = []
+    for o in writer.options:
+        kind = "|".join(o.choices) if o.choices else ("SIZE" if o.size else "on|off")
+        out.append(f"{o.key}={kind:<16} {o.help}")
+    return out
+
+
+def with_qcow2_keys(opts: ConvertOptions) -> ConvertOptions:
+    """qcow2's ``-o`` keys folded into the flags they mean (a flag given too must agree)."""
+    if opts.target_format != "qcow2" or not opts.target_options:
+        return opts
+    changes: dict[str, Any] = {}
+    for key, text in opts.target_options:
+        name = QCOW2_KEYS.get(key)
+        if name is None:
+            raise UsageError(f"-o {key}: unknown option of -O qcow2 (its keys: {', '.join(QCOW2_KEYS)})")
+        value: Any = text
+        if key == "cluster_size":
+            value = parse_size(text)
+            if value is None:
+                raise UsageError(f"-o cluster_size: {text!r} is not a size (examples: 512, 64k, 2M)")
+        elif key == "extended_l2":
+            if text not in ("on", "off"):
+                raise UsageError(f"-o extended_l2: {text!r} is not on or off")
+            value = text == "on"
+        changes[name] = value
+    return opts._replace(target_options=(), **changes)
+
+
+def validate(opts: ConvertOptions) -> ConvertOptions:
+    """Refuse options that do not go together, before any file is opened (a :class:`UsageError`).
+
+    Returns the options to convert with (qcow2's ``-o`` keys folded into their flags).
+    """
+    try:
+        opts = with_qcow2_keys(opts)
+        _validate(opts)
+        return opts
+    except UsageError:
+        raise
+    except ConvertError as exc:  # a bad value found by a writer (a cluster size...)
+        raise UsageError(str(exc)) from None
+
+
+def _validate(opts: ConvertOptions) -> None:
+    fmt = opts.target_format
+    writer = target_writer(fmt)
+    if fmt not in TARGET_FORMATS and writer is None:
+        raise UsageError(f"-O {fmt}: not a format flatfs writes")
+    _validate_common(opts)
+    if writer is not None:
+        _validate_writer(opts, writer)
+        return
+    if opts.target_options and fmt == "raw":
+        raise UsageError(f"-o {opts.target_options[0][0]}: -O raw has no -o options")
+    if fmt == "raw":
         for flag, given in (
             ("-c/--compress", opts.compress),
             ("-B/--backing", opts.backing),
@@ -102,13 +226,54 @@ def validate(opts: ConvertOptions) -> None:
             ("--compression-type", opts.compression_type),
         ):
             if given:
-                raise ConvertError(f"{flag} needs a qcow2 target (-O qcow2)")
+                raise UsageError(f"{flag} needs a qcow2 target (-O qcow2)")
         return
     if opts.compat not in (None, "0.10", "1.1"):
-        raise ConvertError(f"--compat must be 0.10 or 1.1, not {opts.compat!r}")
-    writer = qcow2_writer()
-    writer.check_cluster_size(opts.cluster_size or writer.DEFAULT_CLUSTER_SIZE)
+        raise UsageError(f"--compat must be 0.10 or 1.1, not {opts.compat!r}")
     if opts.compression_type not in (None, "zlib", "zstd"):
-        raise ConvertError(f"unknown compression type {opts.compression_type!r}")
+        raise UsageError(f"unknown compression type {opts.compression_type!r}")
+    writer_class = qcow2_writer()
+    cs = opts.cluster_size or writer_class.DEFAULT_CLUSTER_SIZE
+    writer_class.check_cluster_size(cs)
+    version = 2 if opts.compat == "0.10" else 3
+    writer_class.check_options(cs, version, opts.extended_l2, opts.compression_type or "zlib", "TARGET")
     if opts.backing_format is not None and not opts.backing:
-        raise ConvertError("-F/--backing-format needs -B/--backing")
+        raise UsageError("-F/--backing-format needs -B/--backing")
+
+
+def _validate_common(opts: ConvertOptions) -> None:
+    if opts.target_is_zero and not opts.no_create:
+        raise UsageError("--target-is-zero needs -n (it describes an existing target)")
+    if opts.no_create and opts.force:
+        raise UsageError("-n writes into TARGET in place and replaces nothing; --force does not apply")
+    if opts.copy_offload and opts.compress:
+        raise UsageError("-C/--copy-offload copies data as it lies; it cannot compress it (-c)")
+    if opts.copy_offload and opts.backing:
+        raise UsageError(
+            "-C/--copy-offload does not read the data, and -B/--backing needs it to compare with BACKING"
+        )
+    if opts.sparse_size < 0 or opts.sparse_size % 512:
+        raise UsageError(f"--sparse-size must be 0 or a multiple of 512, not {opts.sparse_size}")
+
+
+def _validate_writer(opts: ConvertOptions, writer: TargetWriter) -> None:
+    fmt = opts.target_format
+    for flag, given, able in (
+        ("-B/--backing", opts.backing, writer.backing),
+        ("-n/--no-create", opts.no_create, writer.in_place),
+        ("-c/--compress", opts.compress, writer.compression),
+        ("-C/--copy-offload", opts.copy_offload, False),
+    ):
+        if given and not able:
+            raise UsageError(f"{flag}: -O {fmt} cannot do it (-O raw or qcow2 can)")
+    qcow2_only: tuple[tuple[str, object], ...] = (
+        ("--extended-l2", opts.extended_l2),
+        ("--compat", opts.compat),
+        ("--cluster-size", opts.cluster_size),
+        ("--compression-type", opts.compression_type),
+        ("-F/--backing-format", opts.backing_format),
+    )
+    for name, value in qcow2_only:
+        if value:
+            raise UsageError(f"{name} needs a qcow2 target (-O qcow2)")
+    writer_values(fmt, writer, opts.target_options)

@@ -404,6 +404,25 @@ class Qcow2Target:
 # -- raw -----------------------------------------------------------------------------
 
 
+def guest_chunks(source: Chain, planner: BlockPlanner, chunk_bytes: int) -> Iterator[Chunk]:
+    """The source's data in chunks of ``chunk_bytes``, cut at the planner's granule."""
+    return data_chunks([(source, source.size)], planner.gran, chunk_bytes, source.size)
+
+
+def read_and_plan(
+    source: Chain, planner: BlockPlanner, chunk: Chunk, slot: Slot, chunk_bytes: int, zeros: bytes
+) -> tuple[list[Segment], int]:
+    """Read ``chunk`` into ``slot`` and find what to write: (buffer offset, length) ranges, and
+    the -S runs of zeros skipped. Shared by the raw target and every format's writer."""
+    a, b, (pieces,) = chunk
+    n = b - a
+    if slot.buf is None:
+        slot.buf = bytearray(chunk_bytes)
+    buf = slot.buf
+    fill(source, memoryview(buf)[:n], a, pieces, zeros)
+    return planner.plan(a, n, buf, pieces)
+
+
 class RawPrepared(NamedTuple):
     writes: list[Segment]  # (buffer offset, length)
     zero_skipped: int  # -S runs of zeros not written
@@ -458,19 +477,12 @@ class RawTarget:
         self.summary = summary
 
     def chunks(self) -> Iterator[Chunk]:
-        size = self.source.size
-        return data_chunks([(self.source, size)], self.planner.gran, self.chunk_bytes, size)
+        return guest_chunks(self.source, self.planner, self.chunk_bytes)
 
     def prepare(self, chunk: Chunk, slot: Slot) -> RawPrepared:
-        a, b, (pieces,) = chunk
         if self.offload:
             return RawPrepared([], 0, plan_copies(self.source, self.files, chunk, slot, self.chunk_bytes))
-        n = b - a
-        if slot.buf is None:
-            slot.buf = bytearray(self.chunk_bytes)
-        buf = slot.buf
-        fill(self.source, memoryview(buf)[:n], a, pieces, self.zeros)
-        writes, skipped = self.planner.plan(a, n, buf, pieces)
+        writes, skipped = read_and_plan(self.source, self.planner, chunk, slot, self.chunk_bytes, self.zeros)
         return RawPrepared(writes, skipped, None)
 
     def apply(self, chunk: Chunk, slot: Slot, prepared: RawPrepared) -> None:

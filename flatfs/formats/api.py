@@ -13,7 +13,7 @@ A format module imports only this module, ``flatfs.hostio``,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple, Protocol
 
 from ..extents import Extent, Runs
@@ -179,6 +179,94 @@ class LayerBase:
 Opener = Callable[[str, int, OpenContext], Layer]
 
 
+# -- writing: a target format's writer, over a sink it knows nothing about -----------
+
+OptionValue = str | int | bool
+
+
+class Sink(Protocol):
+    """Where a writer's bytes land: a new file, or an existing one written in place.
+
+    The writer never learns which: it writes its layout through ``write`` and
+    the sink decides how the bytes become durable (the pipeline calls its
+    commit step after the writer's ``finish``).
+    """
+
+    def write(self, bufs: list[memoryview], offset: int) -> None: ...
+
+
+class ImageWriter(Protocol):
+    """One target image being written: the source's data in ascending guest order, then finish.
+
+    ``write_data`` receives only bytes that are not known zeros, in ascending,
+    non-overlapping guest ranges aligned to 512 bytes (the last may end at
+    the virtual size); whatever it is never given reads as zeros. ``finish``
+    writes the tables and, last, the header, and returns the image's file size.
+    """
+
+    def write_data(self, offset: int, data: memoryview) -> None: ...
+
+    def finish(self) -> int: ...
+
+
+class WriterOption(NamedTuple):
+    """One ``-o KEY=VALUE`` key of a target writer, as ``-o help`` lists it."""
+
+    key: str
+    help: str
+    default: OptionValue
+    choices: tuple[str, ...] = ()  # a string from this list
+    size: bool = False  # an int given as a size (512, 4k, 32M)
+
+
+class TargetWriter(NamedTuple):
+    """A format's writing capability: its ``-o`` keys, how to open a writer, how to measure one.
+
+    ``open(sink, virtual_size, options, path)`` and ``measure(virtual_size,
+    data_runs, options) -> (required, fully_allocated)`` take the options as
+    parsed from ``-o`` (every key of ``options`` present, defaults filled in);
+    each writer turns them into its own typed NamedTuple. ``data_runs`` are
+    ascending (start, end) guest ranges that may hold data. The flags say
+    what the format can do: ``in_place`` (``convert -n``), ``backing``
+    (``-B``), ``compression`` (``-c``); ``check(options)`` raises a
+    ConvertError for values the format cannot take (before any file is made).
+    """
+
+    options: tuple[WriterOption, ...]
+    open: Callable[[Sink, int, Mapping[str, OptionValue], str], ImageWriter]
+    measure: Callable[[int, Iterable[tuple[int, int]], Mapping[str, OptionValue]], tuple[int, int]]
+    in_place: bool = False
+    backing: bool = False
+    compression: bool = False
+    check: Callable[[Mapping[str, OptionValue]], None] | None = None  # refuse bad values up front
+
+
+def block_pieces(offset: int, length: int, block: int) -> Iterator[tuple[int, int, int]]:
+    """[offset, offset + length) cut at ``block`` boundaries: (block index, start, stop) each."""
+    end = offset + length
+    pos = offset
+    while pos < end:
+        b = pos // block
+        stop = min(end, (b + 1) * block)
+        yield b, pos, stop
+        pos = stop
+
+
+def blocks_touched(data_runs: Iterable[tuple[int, int]], block: int, size: int) -> int:
+    """How many ``block``-sized blocks of [0, size) the ascending ``data_runs`` touch (for measure)."""
+    count = 0
+    last = -1
+    for s, e in data_runs:
+        e = min(e, size)
+        if e <= s:
+            continue
+        a, b = max(s // block, last + 1), (e - 1) // block
+        if b >= a:
+            count += b - a + 1
+            last = b
+    return count
+
+
 class Format(NamedTuple):
     """One entry of ``FORMATS``: how to recognise and open a format, and what else it offers.
 
@@ -188,7 +276,8 @@ class Format(NamedTuple):
     identities a ``ParentRef.by_id`` can search for from a file's head alone;
     ``suffixes`` are the file name endings such a search considers;
     ``info_rows`` name the keys of ``Layer.info()`` that the human ``info``
-    prints, and their labels.
+    prints, and their labels; ``writer()`` loads the format's
+    :class:`TargetWriter` (``convert -O`` of the formats written over a sink).
     """
 
     name: str
@@ -199,3 +288,4 @@ class Format(NamedTuple):
     identify: Callable[[bytes], dict[str, str]] | None = None
     suffixes: tuple[str, ...] = ()
     info_rows: tuple[tuple[str, str], ...] = ()  # (info() key, label) lines of the human `info`
+    writer: Callable[[], TargetWriter] | None = None  # a target writer over a Sink (vpc, ...)

@@ -64,8 +64,10 @@ def test_progress_bar(tmp_path):
     src = scattered_raw(tmp_path / "src.raw", 16 * M)
     res = flatfs("convert", "-p", src, tmp_path / "out.qcow2")
     assert res.stdout == ""
-    last = res.stderr.split("\r")[-1]
-    assert "100.0%" in last and "/s" in last and "done" in last
+    # stderr is a pipe, not a terminal: plain lines, one per 10% at most, no redraws
+    lines = res.stderr.splitlines()
+    assert "\r" not in res.stderr and 1 <= len(lines) <= 11, res.stderr
+    assert "100.0%" in lines[-1] and "/s" in lines[-1] and "done" in lines[-1]
 
 
 def test_sizes_and_sparse_granularity(tmp_path):
@@ -133,3 +135,25 @@ def test_empty_source(tmp_path):
     flatfs("convert", src, out)
     with open_chain(out, OpenOptions(format="qcow2")) as chain:
         assert chain.size == 0
+
+
+def test_progress_redraws_in_place_only_on_a_terminal():
+    import io
+
+    from flatfs.convert import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, redraws in ((Terminal(), True), (io.StringIO(), False)):
+        bar = Progress(100, stream, interval=0)
+        for _ in range(20):
+            bar.add(5)
+        bar.close()
+        out = stream.getvalue()
+        assert ("\r" in out) == redraws
+        if not redraws:
+            assert [line.split("%")[0].strip() for line in out.splitlines()] == [
+                f"{p}.0" for p in range(10, 101, 10)
+            ]

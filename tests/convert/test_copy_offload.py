@@ -58,7 +58,7 @@ def test_copy_offload_refuses_compress_and_backing(qemu: Qemu, tmp_path: Path, o
     src = tmp_path / "src.qcow2"
     qemu.create(src, 4 * M)
     qemu.create(tmp_path / "base.qcow2", 4 * M)
-    one_line_error(["convert", "-C", *other, src, tmp_path / "out.qcow2"], "-C", other[0])
+    one_line_error(["convert", "-C", *other, src, tmp_path / "out.qcow2"], "-C", other[0], status=2)
     assert not (tmp_path / "out.qcow2").exists()
 
 

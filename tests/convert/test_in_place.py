@@ -95,7 +95,7 @@ def test_options_that_need_n_or_contradict_it(tmp_path: Path) -> None:
         (["-n", "--force"], "--force"),
     ):
         res = flatfs("convert", *args, src, target, check=False)
-        assert res.returncode == 1 and words in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        assert res.returncode == 2 and words in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = flatfs("convert", "-n", src, tmp_path / "missing.img", check=False)
     assert res.returncode == 1 and "does not exist" in res.stderr
     assert not (tmp_path / "missing.img").exists()

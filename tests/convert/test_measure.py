@@ -114,4 +114,4 @@ def test_human_output_is_qemu_img_s(tmp_path: Path) -> None:
     assert lines[0].startswith("required size: ") and lines[1].startswith("fully allocated size: ")
     assert len(lines) == 2  # no bitmaps: a raw source has none (as qemu-img says)
     res = flatfs("measure", "-O", "raw", "-c", src, check=False)
-    assert res.returncode == 1 and "needs a qcow2 target" in res.stderr
+    assert res.returncode == 2 and "needs a qcow2 target" in res.stderr

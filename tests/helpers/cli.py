@@ -24,15 +24,16 @@ ONE_LINE: Callable[[str], bool] = lambda err: (
 """True when ``err`` (a command's stderr) is exactly one ``flatfs: ...`` line and no traceback."""
 
 
-def error_line(*args: str | os.PathLike[str], prefix: tuple[str, ...] = ()) -> str:
-    """Run flatfs (under ``prefix``); it must fail with exactly one line and no traceback."""
+def error_line(*args: str | os.PathLike[str], prefix: tuple[str, ...] = (), status: int = 1) -> str:
+    """Run flatfs (under ``prefix``); it must fail (``status``: 1, or 2 for a usage error) with
+    exactly one line and no traceback."""
     if prefix:
         r = subprocess.run(
             [*prefix, sys.executable, "-m", "flatfs", *map(str, args)], text=True, capture_output=True
         )
     else:
         r = flatfs(*args, check=False)
-    assert r.returncode == 1, (args, r.returncode, r.stdout, r.stderr)
+    assert r.returncode == status, (args, r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flatfs: "), r.stderr
@@ -45,9 +46,9 @@ def assert_words(line: str, words: list[str]) -> None:
         assert w in line, (w, line)
 
 
-def one_line_error(args: list[Any], *needles: str) -> str:
+def one_line_error(args: list[Any], *needles: str, status: int = 1) -> str:
     """``flatfs *args`` fails with one line holding every one of ``needles``; returns the line."""
-    line = error_line(*args)
+    line = error_line(*args, status=status)
     assert_words(line, list(needles))
     return line
 

@@ -163,6 +163,25 @@ class Qcow2Writer:
                 return (base + blocks + rt) * cluster_size
             blocks, rt = want
 
+    @staticmethod
+    def check_options(
+        cluster_size: int, version: int, extended_l2: bool, compression_type: str, path: str = "<target>"
+    ) -> None:
+        """Refuse a combination of options no qcow2 image can have (before any file is made)."""
+        cb = cluster_bits_of(cluster_size)
+        if compression_type not in COMPRESSION_TYPES:
+            raise ConvertError(f"{path}: unknown compression type {compression_type!r}")
+        if compression_type != "zlib" and version < 3:
+            raise ConvertError(f"{path}: compression type {compression_type} needs compat 1.1 (version 3)")
+        if extended_l2:
+            if version < 3:
+                raise ConvertError(f"{path}: extended L2 entries need compat 1.1 (version 3)")
+            if cb < MIN_EXTL2_CLUSTER_BITS:
+                raise ConvertError(
+                    f"{path}: extended L2 entries need a cluster size of at least "
+                    f"{1 << MIN_EXTL2_CLUSTER_BITS} bytes"
+                )
+
     def __init__(
         self,
         fd: int,
@@ -186,23 +205,12 @@ class Qcow2Writer:
             raise ConvertError(f"{path}: qcow2 virtual size must be a multiple of 512, not {size}")
         if version not in (2, 3):
             raise ConvertError(f"{path}: qcow2 version must be 2 or 3, not {version}")
+        self.check_options(cluster_size, version, extended_l2, compression_type, path)
         self.cb = cluster_bits_of(cluster_size)
         self.cs = cluster_size
         self.size = size
         self.version = version
-        if compression_type not in COMPRESSION_TYPES:
-            raise ConvertError(f"{path}: unknown compression type {compression_type!r}")
-        if compression_type != "zlib" and version < 3:
-            raise ConvertError(f"{path}: compression type {compression_type} needs compat 1.1 (version 3)")
         self.compression_type = compression_type
-        if extended_l2:
-            if version < 3:
-                raise ConvertError(f"{path}: extended L2 entries need compat 1.1 (version 3)")
-            if self.cb < MIN_EXTL2_CLUSTER_BITS:
-                raise ConvertError(
-                    f"{path}: extended L2 entries need a cluster size of at least "
-                    f"{1 << MIN_EXTL2_CLUSTER_BITS} bytes"
-                )
         self.extended_l2 = extended_l2
         self.words = 2 if extended_l2 else 1  # 64-bit words per L2 entry
         self.l2_entries = cluster_size // (8 * self.words)

@@ -7,7 +7,7 @@ alias because that is what users and the file names call it.
 
 from __future__ import annotations
 
-from ..api import Format, Layer, OpenContext
+from ..api import Format, Layer, OpenContext, TargetWriter
 
 COOKIE = b"conectix"  # a footer copy at offset 0: a dynamic or differencing disk, as QEMU probes
 
@@ -16,6 +16,12 @@ def _open(path: str, fd: int, ctx: OpenContext) -> Layer:
     from .layer import VhdLayer
 
     return VhdLayer(path, fd, ctx)
+
+
+def _writer() -> TargetWriter:
+    from . import writer
+
+    return TargetWriter(writer.OPTIONS, writer.open_writer, writer.measure)
 
 
 FORMAT = Format(
@@ -34,4 +40,5 @@ FORMAT = Format(
         ("parent-name", "parent name"),
         ("locators", "locators"),
     ),
+    writer=_writer,
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..api import Format, Layer, OpenContext
+from ..api import Format, Layer, OpenContext, TargetWriter
 
 FILE_ID_SIGNATURE = b"vhdxfile"
 
@@ -11,6 +11,12 @@ def _open(path: str, fd: int, ctx: OpenContext) -> Layer:
     from .layer import VhdxLayer
 
     return VhdxLayer(path, fd, ctx)
+
+
+def _writer() -> TargetWriter:
+    from . import writer
+
+    return TargetWriter(writer.OPTIONS, writer.open_writer, writer.measure, check=writer.check)
 
 
 FORMAT = Format(
@@ -27,4 +33,5 @@ FORMAT = Format(
         ("log", "log"),
         ("parent-locator", "parent locator"),
     ),
+    writer=_writer,
 )
