@@ -163,16 +163,18 @@ class Startup(NamedTuple):
     interrupted: bool = False
     error: str | None = None
     status: int | None = None
+    notes: tuple[str, ...] = ()  # warnings the daemon sent with "ready", for the user's terminal
 
 
 def daemonize(
-    serve: Callable[[Callable[[], None]], None],
+    serve: Callable[[Callable[..., None]], None],
     undo: Callable[[], None],
     library_loggers: tuple[str, ...] = (),
 ) -> Startup:
     """Fork; the child serves, the parent waits for "ready" or the child's one-line error.
 
-    The child runs ``serve(ready)``, which calls ``ready()`` once it serves and
+    The child runs ``serve(ready)``, which calls ``ready(*notes)`` once it serves (each
+    note a warning the parent hands back in :attr:`Startup.notes`) and
     returns when done; a FlatfsError from it becomes the parent's error line.
     On ^C the parent waits for the child's line and, if it was "ready", calls
     ``undo()`` to take the service down again: nothing is left behind.
@@ -192,8 +194,9 @@ def daemonize(
             os.close(null)
             setup_logging(False, to_syslog=True, library_loggers=library_loggers)
 
-            def ready() -> None:
-                os.write(w, b"ready\n")
+            def ready(*notes: str) -> None:
+                lines = "".join(f"note {' '.join(n.split())}\n" for n in notes)
+                os.write(w, lines.encode("utf-8", "replace") + b"ready\n")
                 os.close(w)
 
             serve(ready)
@@ -209,13 +212,24 @@ def daemonize(
     os.close(w)
     msg = bytearray()
 
+    notes: list[str] = []
+
     def wait_line() -> str:
-        while not msg.endswith(b"\n"):
-            chunk = os.read(r, 4096)
-            if not chunk:
-                break
-            msg.extend(chunk)
-        return msg.decode("utf-8", "replace").strip()
+        """The next line that is not a note ("note <warning>" lines are kept in ``notes``)."""
+        while True:
+            while b"\n" not in msg:
+                chunk = os.read(r, 4096)
+                if not chunk:
+                    text = msg.decode("utf-8", "replace").strip()
+                    msg.clear()
+                    return text
+                msg.extend(chunk)
+            line, _, rest = bytes(msg).partition(b"\n")
+            msg[:] = rest
+            text = line.decode("utf-8", "replace").strip()
+            if not text.startswith("note "):
+                return text
+            notes.append(text[len("note ") :])
 
     try:
         text = wait_line()
@@ -230,7 +244,7 @@ def daemonize(
     finally:
         os.close(r)
     if text == "ready":
-        return Startup(ready=True)
+        return Startup(ready=True, notes=tuple(notes))
     _, status = os.waitpid(pid, 0)
     if text.startswith("error "):
         return Startup(ready=False, error=text[len("error ") :])

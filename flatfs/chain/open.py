@@ -49,6 +49,7 @@ class OpenOptions(NamedTuple):
     search_dirs: tuple[str, ...] = ()  # more folders to search for a parent named by identity
     max_depth: int = MAX_CHAIN_DEPTH
     readahead: bool = True  # False: POSIX_FADV_RANDOM on every file, before its first read
+    snapshot: str | None = None  # -l: read the top image at this internal snapshot (ID or name)
 
 
 class Opener:
@@ -65,6 +66,8 @@ class Opener:
         self.found_by: dict[str, str] = {}
         # child path -> the recorded name that found its parent
         self.resolved_from: dict[str, str] = {}
+        self.top: str | None = None  # the top image's path, once open_chain names it
+        self.snapshot_taken = False  # a format asked for options.snapshot
 
     # -- names -----------------------------------------------------------------
     @staticmethod
@@ -209,6 +212,13 @@ class Opener:
         finally:
             os.close(fd)
         return bytes(out) if len(out) <= max_bytes else None
+
+    def snapshot_for(self, path: str) -> str | None:
+        """options.snapshot for the top image, once; None for any other file."""
+        if path != self.top or self.snapshot_taken:
+            return None
+        self.snapshot_taken = True
+        return self.options.snapshot
 
     def close(self) -> None:
         while self.fds:
@@ -358,7 +368,11 @@ def open_chain(path: str | os.PathLike[str], options: OpenOptions | None = None)
     layers: list[Layer] = []
     seen: dict[tuple[int, int], str] = {}
     try:
+        opener.top = path
         lay = open_layer(path, options.format, opener, top=True)
+        if options.snapshot is not None and not opener.snapshot_taken:
+            lay.close()
+            raise UnsupportedImage(path, f"{lay.format} images have no internal snapshots (-l/--snapshot)")
         while True:
             ident = _identity(lay.host_files()[0].fd)
             if ident in seen:

@@ -92,6 +92,14 @@ def chain_options() -> Callable[[Command], Command]:
                 type=click.Path(file_okay=False),
                 help="Also search DIR for a parent named only by UUID (VDI snapshots); repeatable.",
             ),
+            click.option(
+                "-l",
+                "--snapshot",
+                metavar="ID|NAME",
+                default=None,
+                help="Read the top image as it was at this internal snapshot (qcow2; "
+                "or snapshot.id=ID / snapshot.name=NAME).",
+            ),
         ]
         for o in reversed(opts):
             fn = o(fn)
@@ -107,6 +115,7 @@ def chain_options() -> Callable[[Command], Command]:
             force_share: bool,
             ignore_parent_id: bool,
             search_dirs: tuple[str, ...],
+            snapshot: str | None = None,
             **kw: Any,
         ) -> Any:
             kw["options"] = OpenOptions(
@@ -118,6 +127,7 @@ def chain_options() -> Callable[[Command], Command]:
                 force_share=force_share,
                 ignore_parent_id=ignore_parent_id,
                 search_dirs=tuple(search_dirs),
+                snapshot=snapshot,
             )
             return fn(*args, **kw)
 

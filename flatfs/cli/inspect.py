@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import operator
 import sys
+import time
 from typing import TextIO
 
 import click
@@ -75,7 +76,34 @@ def info(image: str, output: str, options: OpenOptions) -> None:
             )
         if r.get("features"):
             click.echo(f"    features:      {', '.join(r['features'])}")
+        if r.get("snapshot"):
+            sn = r["snapshot"]
+            click.echo(f"    read at:       snapshot {_printable(sn['id'])} ({_printable(sn['name'])})")
         click.echo(f"    data map:      [{strips[i]}]")
+        if isinstance(r.get("snapshots"), list) and r["snapshots"]:
+            _echo_snapshots(r["snapshots"])
+
+
+def _echo_snapshots(snapshots: list[dict[str, object]]) -> None:
+    """The internal snapshots, in ``qemu-img snapshot -l``'s columns."""
+    click.echo("    Snapshot list:")
+    click.echo("    " + _SNAP_ROW % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT"))
+    for sn in snapshots:
+        secs = int(str(sn["vm-clock-sec"]))
+        ms = int(str(sn["vm-clock-nsec"])) // 1_000_000
+        clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(str(sn["date-sec"]))))
+        size = human_size(int(str(sn["vm-state-size"])))
+        ident, name = (_printable(str(sn[k])) for k in ("id", "name"))
+        click.echo("    " + _SNAP_ROW % (ident, name, size, date, clock, sn.get("icount", "")))
+
+
+def _printable(text: str) -> str:
+    """A name from an image, printable: bytes that are not UTF-8 as \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_SNAP_ROW = "%-9s %-17s %7s %19s %12s %10s"
 
 
 @click.command("map")

@@ -29,6 +29,12 @@ from .common import chain_options
     metavar="OPT[,OPT...]",
     help="Extra FUSE mount options, e.g. -o max_idle_threads=16.",
 )
+@click.option(
+    "-P",
+    "--partitions",
+    is_flag=True,
+    help="Also show each partition (MBR, GPT) as NAME-pN.raw, numbered as Linux numbers them.",
+)
 @chain_options()
 def mount(
     image: str,
@@ -37,6 +43,7 @@ def mount(
     allow_other: bool,
     debug: bool,
     fuse_options: tuple[str, ...],
+    partitions: bool,
     options: OpenOptions,
 ) -> None:
     """Show IMAGE's flattened chain as one read-only raw file at MOUNTPOINT.
@@ -56,6 +63,7 @@ def mount(
             allow_other=allow_other,
             debug=debug,
             fuse_options=fuse_options,
+            partitions=partitions,
         )
     )
 

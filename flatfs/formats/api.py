@@ -82,6 +82,15 @@ class OpenContext(Protocol):
         """
         ...
 
+    def snapshot_for(self, path: str) -> str | None:
+        """The internal snapshot (``-l ID|NAME``) the image ``path`` is to be read at, or None.
+
+        Set for the top image only, and answered once: a format with internal
+        snapshots asks while it opens and reads that snapshot's tables; the
+        chain refuses ``-l`` for a top image whose format never asked.
+        """
+        ...
+
 
 class Layer(Protocol):
     """One image file of a chain, answering only for itself."""

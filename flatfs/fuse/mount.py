@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..chain import OpenOptions, open_chain
+from ..chain import Chain, OpenOptions, open_chain
 from ..errors import FlatfsError, MountError
+from ..partitions import read_table
 from ..service import StderrCapture, daemonize, sd_notify, setup_logging
 from . import glue
 from .mountinfo import find_mount
@@ -45,6 +46,7 @@ class MountRequest:
     allow_other: bool = False
     debug: bool = False
     fuse_options: tuple[str, ...] = ()
+    partitions: bool = False  # -P: each partition as NAME-pN.raw next to NAME.raw
 
 
 _DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
@@ -196,7 +198,7 @@ class _Server:
         req: MountRequest,
         mountpoint: str,
         is_dir: bool,
-        on_ready: Callable[[], None],
+        on_ready: Callable[..., None],
         echo_stderr: bool,
     ) -> None:
         self.req = req
@@ -208,6 +210,7 @@ class _Server:
         self.error: str | None = None
         self.view_path = ""
         self._pre_dev = 0
+        self.notes: list[str] = []  # warnings for the user, sent with "ready"
 
     def run(self) -> None:
         """Serve until unmounted or signalled. Raises MountError if the mount never got live."""
@@ -215,9 +218,9 @@ class _Server:
         chain = open_chain(self.req.image, self.req.options._replace(readahead=False))
         try:
             top = chain.layers[0]
-            view = View(
-                chain, view_name(self.req.image) if self.is_dir else None, os.fstat(chain.host_files()[0].fd)
-            )
+            name = view_name(self.req.image) if self.is_dir else None
+            parts = self._partitions(chain, name) if self.req.partitions and name else []
+            view = View(chain, name, os.fstat(chain.host_files()[0].fd), partitions=parts)
             self.view_path = os.path.join(self.mountpoint, view.name) if view.name else self.mountpoint
             self._pre_dev = os.stat(self.mountpoint).st_dev
             kwargs = _fuse_kwargs(self.req, top.path)
@@ -243,6 +246,16 @@ class _Server:
         detail = self.capture.last_line() or "mount failed"
         raise MountError(f"{self.req.mountpoint}: {detail}")
 
+    def _partitions(self, chain: Chain, name: str) -> list[tuple[str, int, int]]:
+        """-P: (file name, start, length) of each partition; a table flatfs will not use is a
+        warning, and then there are none (the whole disk is always there)."""
+        table = read_table(chain.pread, chain.size)
+        if table.warning:
+            self.notes.append(f"warning: {self.req.image}: {table.warning}; no partition files")
+            log.warning("%s", self.notes[-1])
+        stem = name[: -len(".raw")]
+        return [(f"{stem}-p{p.number}.raw", p.start, p.length) for p in table.partitions]
+
     def _start_ready_check(self) -> None:
         # Called from libfuse's init(), before the kernel gets the INIT reply:
         # requests through the mount would wait for us, so check from a thread.
@@ -266,7 +279,7 @@ class _Server:
         self.capture.stop()
         self.ready.set()
         try:
-            self.on_ready()
+            self.on_ready(*self.notes)
         except Exception:
             log.exception("ready notification failed")
 
@@ -287,6 +300,10 @@ def mount(req: MountRequest) -> None:
 
 def _mount(req: MountRequest) -> None:
     mountpoint, is_dir = check_mountpoint(req.mountpoint)
+    if req.partitions and not is_dir:
+        raise MountError(
+            f"{req.mountpoint}: -P needs a directory mountpoint (the partitions are files in it)"
+        )
     glue.load_mfusepy()
     if req.options.force_share:
         print(
@@ -303,7 +320,7 @@ def _mount(req: MountRequest) -> None:
             mountpoint,
             is_dir,
             echo_stderr=req.debug,
-            on_ready=lambda: sd_notify(notify, f"READY=1\nSTATUS=serving {srv.view_path}\n"),
+            on_ready=lambda *notes: sd_notify(notify, f"READY=1\nSTATUS=serving {srv.view_path}\n"),
         )
         try:
             srv.run()
@@ -312,11 +329,13 @@ def _mount(req: MountRequest) -> None:
                 sd_notify(notify, "STOPPING=1\n")
         return
 
-    def serve(ready: Callable[[], None]) -> None:
+    def serve(ready: Callable[..., None]) -> None:
         _Server(req, mountpoint, is_dir, on_ready=ready, echo_stderr=False).run()
 
     started = daemonize(serve, undo=lambda: _detach(mountpoint), library_loggers=(glue.LOGGER,))
     if started.ready:
+        for note in started.notes:
+            print(f"flatfs: {note}", file=sys.stderr)
         return
     if started.interrupted:
         raise MountError(f"{req.mountpoint}: interrupted; nothing mounted")

@@ -86,13 +86,14 @@ def loops_missing() -> str | None:
 class LoopDevices:
     """Files attached to free loop devices for one test; :meth:`close` detaches every one."""
 
-    def __init__(self, readonly: bool) -> None:
+    def __init__(self, readonly: bool, partscan: bool = False) -> None:
         self.readonly = readonly
+        self.partscan = partscan  # losetup -P: the kernel reads the partition table
         self.attached: list[str] = []
 
     def attach(self, path: Path) -> str:
         """The device ``path`` is now attached to (``losetup`` failing is an AssertionError)."""
-        ro = ["-r"] if self.readonly else []
+        ro = (["-r"] if self.readonly else []) + (["-P"] if self.partscan else [])
         res = subprocess.run(["losetup", *ro, "-f", "--show", str(path)], capture_output=True, text=True)
         assert res.returncode == 0, f"losetup: {res.stderr.strip()}"
         self.attached.append(res.stdout.strip())
@@ -105,12 +106,12 @@ class LoopDevices:
         assert not any(dev + ":" in left for dev in self.attached), left
 
 
-def loop_devices(readonly: bool) -> Iterator[Callable[[Path], str]]:
+def loop_devices(readonly: bool, partscan: bool = False) -> Iterator[Callable[[Path], str]]:
     """The body of a loop-device fixture: ``attach(path) -> device``, all detached afterwards;
     skips without root and losetup, fails when CI=true."""
     why = loops_missing()
     require(why is None, why or "")
-    devices = LoopDevices(readonly)
+    devices = LoopDevices(readonly, partscan)
     try:
         yield devices.attach
     finally:

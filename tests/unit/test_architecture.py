@@ -29,7 +29,7 @@ from flatfs.hostio import host_size, pread_exact
 
 PKG = Path(flatfs.__file__).parent
 FORMAT_ALLOWED = {"flatfs.formats.api", "flatfs.hostio", "flatfs.extents", "flatfs.errors"}
-CORE = ("formats", "chain", "extents.py", "errors.py", "hostio.py")
+CORE = ("formats", "chain", "extents.py", "errors.py", "hostio.py", "partitions.py")
 CONSUMERS = ("convert", "fuse", "cli", "readers.py", "service.py", "nbd")
 
 

@@ -30,5 +30,5 @@ FORMAT = Format(
     probe=lambda head: head[:4] == MAGIC,
     open=_open,
     target=_writer,
-    info_rows=(("cluster-size", "cluster size"), ("compat", "compat")),
+    info_rows=(("cluster-size", "cluster size"), ("compat", "compat"), ("data-file-name", "data file")),
 )

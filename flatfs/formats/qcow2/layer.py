@@ -21,13 +21,11 @@ from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact, pread_padded
 from ..api import HostFile, HostRun, LayerBase, OpenContext, ParentRef
 from . import clusters as C
+from . import snapshots as S
 from .spec import (
     COMPRESSION_NAMES,
     COMPRESSION_ZSTD,
-    MAX_SNAPSHOT_EXTRA,
-    MAX_SNAPSHOTS_BYTES,
     OFFSET_MASK,
-    SNAPSHOT_HEADER,
     Header,
     parse_header,
 )
@@ -95,7 +93,9 @@ class Qcow2Layer(LayerBase):
         self.parent = ParentRef((hdr.backing_file,), hdr.backing_format) if hdr.backing_file else None
         # QEMU reads the snapshot table and the bitmap directory at open, and
         # refuses the image if either is broken: so does flatfs
-        self._check_snapshots()
+        snaps = self.snapshots()
+        wanted = ctx.snapshot_for(path)
+        self.snapshot = S.choose(path, snaps, wanted) if wanted is not None else None
         if hdr.bitmaps is not None:
             self._check_bitmaps()
 
@@ -107,11 +107,14 @@ class Qcow2Layer(LayerBase):
         else:
             self.data_path, self.data_fd, self.data_size = path, fd, self.file_size
 
-        # the active L1 table (snapshots keep their own; we never look at them)
-        l1_bytes = hdr.l1_size * 8
-        self._l1_raw = bytearray(l1_bytes)
-        if l1_bytes:
-            pread_exact(fd, path, memoryview(self._l1_raw), hdr.l1_table_offset)
+        # the active L1 table, or the chosen snapshot's (-l): the image as it was then
+        self.l1_offset, l1_size = hdr.l1_table_offset, hdr.l1_size
+        if self.snapshot is not None:
+            S.check_l1(path, self.snapshot, self.cluster_size, self.file_size)
+            self.l1_offset, l1_size = self.snapshot.l1_table_offset, self.snapshot.l1_size
+        self._l1_raw = bytearray(l1_size * 8)
+        if l1_size:
+            pread_exact(fd, path, memoryview(self._l1_raw), self.l1_offset)
         self._l1 = C.decode(bytes(self._l1_raw))
         self._l1_used = C.allocated_l1(bytes(self._l1_raw))
         self._cache: OrderedDict[int, _L2] = OrderedDict()
@@ -127,33 +130,10 @@ class Qcow2Layer(LayerBase):
         pread_padded(self.fd, self.path, memoryview(buf), offset, self.file_size)
         return bytes(buf)
 
-    def _check_snapshots(self) -> None:
-        """Walk the snapshot table as QEMU does at open: only its size is checked."""
+    def snapshots(self) -> list[S.Snapshot]:
+        """The internal snapshots, in table order (read again on each call: ``info`` and ``-l`` only)."""
         h = self.header
-        offset = start = h.snapshots_offset
-        length = 0
-        window, window_at = b"", 0  # the table is read 64 KiB at a time
-        for i in range(h.nb_snapshots):
-            offset = (offset + 7) & ~7
-            length = (length + 7) & ~7
-            if not window_at <= offset <= window_at + len(window) - SNAPSHOT_HEADER:
-                window, window_at = self._read(offset, 64 << 10), offset
-            rel = offset - window_at
-            id_size, name_size = struct.unpack_from(">HH", window, rel + 12)
-            extra = struct.unpack_from(">I", window, rel + 36)[0]
-            if extra > MAX_SNAPSHOT_EXTRA:
-                raise CorruptImage(
-                    self.path,
-                    f"snapshot table entry {i} has too much extra data ({extra} bytes)",
-                    offset + 36,
-                )
-            size = SNAPSHOT_HEADER + extra + id_size + name_size
-            offset += size
-            length += size
-            if length > MAX_SNAPSHOTS_BYTES or offset - start > (1 << 31) - 1:
-                raise CorruptImage(
-                    self.path, f"snapshot table is too big ({h.nb_snapshots} entries)", h.snapshots_offset
-                )
+        return list(S.walk(self.path, self._read, h.nb_snapshots, h.snapshots_offset))
 
     def _check_bitmaps(self) -> None:
         """QEMU loads every persistent dirty bitmap at open, even read-only, and
@@ -237,7 +217,7 @@ class Qcow2Layer(LayerBase):
         l2_off = entry & OFFSET_MASK
         if not l2_off:
             return None
-        at = self.header.l1_table_offset + 8 * l1_index
+        at = self.l1_offset + 8 * l1_index
         if l2_off % self.cluster_size:
             raise CorruptImage(self.path, f"L2 table offset 0x{l2_off:x} is not cluster aligned", at)
         if l2_off + self.cluster_size > self.file_size:
@@ -544,10 +524,13 @@ class Qcow2Layer(LayerBase):
             "features": h.features(),
             "compression-type": COMPRESSION_NAMES.get(h.compression_type, "?"),
             "refcount-bits": 1 << h.refcount_order,
-            "snapshots": h.nb_snapshots,
+            "snapshots": [s.info() for s in self.snapshots()],
         }
+        if self.snapshot is not None:
+            out["snapshot"] = self.snapshot.info()
         if h.has_data_file:
             out["data-file"] = self.data_path
+            out["data-file-name"] = h.data_file
         return out
 
     def close(self) -> None:
