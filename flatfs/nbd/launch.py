@@ -227,13 +227,16 @@ def _foreground(cmd: list[str], private_dir: str | None) -> int:
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, forward)
     try:
-        return proc.wait()
+        rc = proc.wait()
+        return 128 - rc if rc < 0 else rc  # killed by a signal: the shell's 128 + N
     finally:
         if private_dir is not None:
             shutil.rmtree(private_dir, ignore_errors=True)
 
 
 def _background(req: ServeRequest, cmd: list[str], socket: str | None, private_dir: str | None) -> int:
+    if req.pid_file and os.path.isfile(req.pid_file):
+        os.unlink(req.pid_file)  # an old server's: the wait below must see the new one's
     with tempfile.TemporaryFile("w+") as err:
         with open(os.devnull, "rb") as null:
             rc = subprocess.run(cmd, stdin=null, stdout=err, stderr=err, check=False).returncode

@@ -2,13 +2,15 @@
 
 nbdkit's Python plugin runs this file in its embedded interpreter (the
 system's libpython), not in flatfs's venv. ``flatfs serve`` passes, as plugin
-parameters, the directories flatfs and its dependencies live in
-(``pythonpath=``, put first on ``sys.path`` before flatfs is imported), the
-``python=X.Y`` flatfs runs under (refused if the embedded one differs), the
-``image=`` and every chain option as JSON (``options=``), and the export's
-name (``export=``), and the Unix socket and the private folder of a default
-socket, removed at exit (``socket=``, ``socket_dir=``). The chain is opened in ``get_ready``, before nbdkit
-forks, so a broken chain stops the server before it daemonises.
+parameters: the directories flatfs and its dependencies live in
+(``pythonpath=``, put first on ``sys.path`` before flatfs is imported); the
+``python=X.Y`` flatfs runs under (refused if the embedded one differs); the
+``image=`` and every chain option as JSON (``options=``); the export's name
+(``export=``); whether nbdkit stays in the foreground (``foreground=``, for
+where flatfs logs); and the Unix socket and the private folder of a default
+socket, removed at exit (``socket=``, ``socket_dir=``). The chain is opened
+in ``get_ready``, before nbdkit forks, so a broken chain stops the server
+before it daemonises.
 
 Errors reaching a client are NBD errors with an errno (``nbdkit.set_error``);
 nbdkit itself rejects requests past the end and zero-length ones.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import os
 import sys
 import threading
 from typing import Any
@@ -51,7 +54,7 @@ def config_complete() -> None:
             f"flatfs runs under Python {want} but nbdkit's Python plugin embeds Python {have}: "
             f"install flatfs for Python {have} (make install uses the system python3)"
         )
-    paths = [p for p in _params.get("pythonpath", "").split(":") if p and p not in sys.path]
+    paths = [p for p in _params.get("pythonpath", "").split(os.pathsep) if p and p not in sys.path]
     sys.path[:0] = paths
     if "image" not in _params:
         _fail("the NBD plugin needs image=PATH")
@@ -88,8 +91,6 @@ def cleanup() -> None:
         export.close()
     # nbdkit leaves its Unix socket behind (and would refuse to start on it again):
     # remove it, and the private folder flatfs serve made for a default socket.
-    import os
-
     for remove, key in ((os.unlink, "socket"), (os.rmdir, "socket_dir")):
         if _params.get(key):
             try:

@@ -133,6 +133,17 @@ def test_a_server_killed_under_its_clients(servers: Servers, tmp_path: Path) -> 
     assert "already listens" in error_line("serve", "--socket", sock, top)
 
 
+def test_an_old_pid_file_is_replaced(servers: Servers, tmp_path: Path) -> None:
+    img = tmp_path / "a.raw"
+    img.write_bytes(bytes(65536))
+    pid_file = tmp_path / "old.pid"
+    pid_file.write_text("999999999\n")
+    servers.pid_files.append(pid_file)  # stopped with the others
+    flatfs("serve", "--socket", tmp_path / "o.sock", "--pid-file", pid_file, img)
+    pid = int(pid_file.read_text())
+    assert b"nbdkit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 def test_run_exports_for_one_command_and_returns_its_status(servers: Servers, tmp_path: Path) -> None:
     q = Qemu()
     top = qemu_chain(q, tmp_path)
