@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
 import threading
 import zlib
 from array import array
@@ -25,10 +26,21 @@ from itertools import compress
 from typing import Any
 
 from ...errors import CorruptImage, ImageIOError, UnsupportedImage
-from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
-from ...hostio import data_runs, host_size, pread_exact, pread_padded
+from ...extents import ABSENT, DATA, ZERO, Runs
+from ...hostio import host_size, pread_exact, pread_padded
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
-from .descriptor import MAX_DESCRIPTOR, NO_PARENT, Descriptor, ExtentLine, parse_descriptor
+from .descriptor import (
+    DESCRIPTOR_HEAD,
+    KNOWN_TYPES,
+    MAX_DESCRIPTOR,
+    NO_PARENT,
+    Descriptor,
+    ExtentLine,
+    not_a_descriptor,
+    parse_descriptor,
+    refuse_not_vmdk,
+)
+from .flat import Extent, FlatExtent, ZeroExtent
 from .sparse import (
     COWD_MAGIC,
     GD_AT_END,
@@ -55,8 +67,8 @@ REFUSED_TYPES = {
 }
 # An embedded descriptor is read from sector 1, at most this many sectors (as QEMU does)
 EMBEDDED_SECTORS = 20
-# A flat extent answers at most this much per call (SEEK_DATA/HOLE runs)
-FLAT_WINDOW = 256 << 20
+# A compressed grain larger than this is refused (VMware and QEMU write 64 KiB ones)
+MAX_COMPRESSED_GRAIN = 1 << 20
 # Decoded grain tables kept (all extents of a layer share nothing; per extent)
 CACHE_TABLES = 512
 
@@ -94,75 +106,37 @@ class _Table:
     gt_offset: int = 0
 
 
-class _Extent:
-    """One extent of a disk: ``length`` guest bytes at ``start``."""
-
-    start = 0
-    length = 0
-    path = ""
-    fd = -1
-    line: ExtentLine | None = None
-
-    def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
-        raise NotImplementedError
-
-    def readinto(self, rel: int, buf: memoryview) -> None:
-        raise NotImplementedError
-
-    def coarse(self, out: Runs) -> None:
-        """Where data may lie, from table-level facts only (a flat file: anywhere)."""
-        out.add(self.start, self.start + self.length, DATA)
-
-    def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"virtual-size": self.length}
-        if self.line is not None:
-            d["access"] = self.line.access
-            d["type"] = self.line.type
-            if self.line.filename is not None:
-                d["filename"] = self.path
-            if self.line.type == "FLAT":
-                d["offset"] = self.line.offset * SECTOR
-        return d
-
-    def close(self) -> None:
-        pass
+def _read_gd(
+    path: str, fd: int, hdr: SparseHeader, file_size: int, ctx: OpenContext | None
+) -> tuple[array[int], array[int]]:
+    """The grain directory, read straight into its array, and the indexes of its allocated
+    grain tables; refused when it points at more grain tables than the file can hold."""
+    n = hdr.gd_entries
+    if ctx is not None:
+        ctx.charge(path, f"a grain directory of {n} entries", 8 * n)
+    gd = decode_u32(b"")
+    if not n:
+        return gd, gd
+    gd = array(gd.typecode, [0]) * n
+    pread_exact(fd, path, memoryview(gd).cast("B"), hdr.gd_offset * SECTOR)
+    if sys.byteorder == "big":  # pragma: no cover
+        gd.byteswap()
+    tables = n - gd.count(0)
+    most = file_size // (hdr.gtes_per_gt * 4)
+    if tables > most:
+        raise CorruptImage(
+            path,
+            f"grain directory points at {tables} grain tables, more than the file can hold ({most})",
+            hdr.gd_offset * SECTOR,
+        )
+    used = array(gd.typecode, compress(range(n), gd)) if tables else array(gd.typecode)
+    return gd, used
 
 
-class _ZeroExtent(_Extent):
-    def __init__(self, length: int, line: ExtentLine) -> None:
-        self.length, self.line = length, line
-
-    def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
-        out.add(base + rel, base + end, ZERO)
-
-    def coarse(self, out: Runs) -> None:
-        out.add(self.start, self.start + self.length, ABSENT)
-
-    def readinto(self, rel: int, buf: memoryview) -> None:
-        buf[:] = bytes(len(buf))
-
-
-class _FlatExtent(_Extent):
-    """A range of a host file: its holes read as zeros, past its end too."""
-
-    def __init__(self, path: str, fd: int, offset: int, length: int, line: ExtentLine) -> None:
-        self.path, self.fd, self.offset, self.length, self.line = path, fd, offset, length, line
-        self.file_size = host_size(fd, path)
-
-    def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
-        end = min(end, rel + FLAT_WINDOW)
-        h = self.offset + rel
-        for s, e, is_data in data_runs(self.fd, self.path, h, self.offset + end, self.file_size):
-            out.add(base + rel + (s - h), base + rel + (e - h), DATA if is_data else ALLOC_ZERO)
-
-    def readinto(self, rel: int, buf: memoryview) -> None:
-        pread_padded(self.fd, self.path, buf, self.offset + rel, self.file_size)
-
-
-class _SparseExtent(_Extent):
+class _SparseExtent(Extent):
     """A hosted sparse extent (KDMV): grain directory -> grain tables -> grains."""
 
-    def __init__(self, path: str, fd: int, line: ExtentLine | None) -> None:
+    def __init__(self, path: str, fd: int, line: ExtentLine | None, ctx: OpenContext | None) -> None:
         self.path, self.fd, self.line = path, fd, line
         self.file_size = host_size(fd, path)
         head = bytearray(SECTOR)
@@ -185,13 +159,14 @@ class _SparseExtent(_Extent):
         self.grain = hdr.grain_size
         self.span = hdr.gt_span
         self.gt_bytes = hdr.gtes_per_gt * 4
-        n = hdr.gd_entries
-        raw_gd = bytearray(n * 4)
-        if n:
-            pread_exact(fd, path, memoryview(raw_gd), hdr.gd_offset * SECTOR)
-        self.gd = decode_u32(bytes(raw_gd))
-        self.used = [i for i, v in enumerate(self.gd) if v] if any(raw_gd) else []
+        if hdr.compressed and self.grain > MAX_COMPRESSED_GRAIN:
+            # each reader thread inflates a whole grain: memory would grow with threads x grain
+            raise UnsupportedImage(
+                path, f"compressed grains of {self.grain} bytes are larger than flatfs inflates (1 MiB)", 20
+            )
+        self.gd, self.used = _read_gd(path, fd, hdr, self.file_size, ctx)
         self._cache: OrderedDict[int, _Table] = OrderedDict()
+        self.cache_tables = CACHE_TABLES  # shared out among a descriptor's sparse extents
         self._lock = threading.Lock()
         self._tls = threading.local()
 
@@ -215,7 +190,7 @@ class _SparseExtent(_Extent):
         t.gt_offset = gt
         with self._lock:
             self._cache[i] = t
-            while len(self._cache) > CACHE_TABLES:
+            while len(self._cache) > self.cache_tables:
                 self._cache.popitem(last=False)
         return t
 
@@ -422,51 +397,33 @@ class _SparseExtent(_Extent):
             self._cache.clear()
 
 
-def _looks_like_text(head: bytes) -> bool:
-    """A descriptor file: text up to its first NUL (QEMU pads a rewritten one with NULs)."""
-    text = head.split(b"\0", 1)[0]
-    return bool(text) and not any(b < 9 or 13 < b < 32 for b in text)
-
-
-_FOREIGN = {b"QFI\xfb": "qcow2", b"conectix": "vpc/vhd", b"vhdxfile": "vhdx", b"QED\x00": "qed"}
-
-
-def _foreign(head: bytes) -> bool:
-    return any(head.startswith(m) for m in _FOREIGN)
-
-
-def _refuse_not_vmdk(path: str, head: bytes) -> UnsupportedImage:
-    for magic, name in _FOREIGN.items():
-        if head.startswith(magic):
-            return UnsupportedImage(path, f"is a {name} image, not a VMDK (a VMDK's parent must be a VMDK)")
-    return UnsupportedImage(path, "is not a VMDK image (no KDMV header, no text descriptor)")
-
-
 class VmdkLayer(LayerBase):
     format = "vmdk"
 
     def __init__(self, path: str, fd: int, ctx: OpenContext) -> None:
         self.path, self.fd = path, fd
         self.file_size = host_size(fd, path)
-        try:
-            head = os.pread(fd, SECTOR, 0)
-        except OSError as exc:
-            raise ImageIOError.from_oserror(path, exc, 0) from None
-        self.parts: list[_Extent] = []
+        head = self._head(SECTOR)
+        self.parts: list[Extent] = []
         self.descriptor: Descriptor | None = None
         self.create_type = ""
         try:
             if head[:4] == MAGIC:
-                self.descriptor = self._open_sparse()
+                self.descriptor = self._open_sparse(ctx)
             elif head[:4] == COWD_MAGIC:
                 raise UnsupportedImage(path, "vmfsSparse (ESXi COWD) disks are not supported")
-            elif _foreign(head) or not _looks_like_text(head):
-                raise _refuse_not_vmdk(path, head)
+            elif not_a_descriptor(head, self._head(DESCRIPTOR_HEAD)):
+                # before any parsing: a text file that is not a descriptor may be any host
+                # file an image names (/etc/shadow), and its lines must never reach a message
+                raise refuse_not_vmdk(path, head)
             else:
                 self.descriptor = self._open_descriptor(ctx)
         except BaseException:
             self.close()
             raise
+        sparse = [e for e in self.parts if isinstance(e, _SparseExtent)]
+        for e in sparse:  # the layer's cache stays CACHE_TABLES, however many extents share it
+            e.cache_tables = max(4, CACHE_TABLES // len(sparse))
         self.starts = [e.start for e in self.parts]
         self.size = sum(e.length for e in self.parts)
         d = self.descriptor
@@ -478,8 +435,14 @@ class VmdkLayer(LayerBase):
                 (d.parent_hint,), "vmdk", identity=("vmdk-cid", f"{d.parent_cid:08x}"), loose=True
             )
 
-    def _open_sparse(self) -> Descriptor | None:
-        ext = _SparseExtent(self.path, self.fd, None)
+    def _head(self, n: int) -> bytes:
+        try:
+            return os.pread(self.fd, n, 0)
+        except OSError as exc:
+            raise ImageIOError.from_oserror(self.path, exc, 0) from None
+
+    def _open_sparse(self, ctx: OpenContext) -> Descriptor | None:
+        ext = _SparseExtent(self.path, self.fd, None, ctx)
         self.parts.append(ext)
         hdr = ext.header_in_file
         d = None
@@ -508,7 +471,9 @@ class VmdkLayer(LayerBase):
         if ct in REFUSED_TYPES:
             raise UnsupportedImage(self.path, f"{REFUSED_TYPES[ct]} disks are not supported")
         if ct not in DESCRIPTOR_TYPES:
-            raise UnsupportedImage(self.path, f"descriptor of createType {ct!r} is not supported")
+            # named only when it is one of VMware's: the text may be any host file's
+            name = repr(ct) if ct in KNOWN_TYPES else "(unknown)"
+            raise UnsupportedImage(self.path, f"descriptor of createType {name} is not supported")
         self.create_type = ct
         if not d.extents:
             raise CorruptImage(self.path, "descriptor has no extents")
@@ -520,7 +485,7 @@ class VmdkLayer(LayerBase):
             self.parts.append(ext)
         return d
 
-    def _open_extent(self, ctx: OpenContext, line: ExtentLine) -> _Extent:
+    def _open_extent(self, ctx: OpenContext, line: ExtentLine) -> Extent:
         where = f"descriptor line {line.line}"
         if line.access == "NOACCESS":
             raise UnsupportedImage(self.path, f"{where}: NOACCESS extents are not supported")
@@ -530,12 +495,12 @@ class VmdkLayer(LayerBase):
             )
         length = line.sectors * SECTOR
         if line.type == "ZERO":
-            return _ZeroExtent(length, line)
+            return ZeroExtent(length, line)
         assert line.filename is not None
         epath, efd = ctx.open_related(self.path, line.filename, "extent file")
         if line.type in ("FLAT", "VMFS"):
-            return _FlatExtent(epath, efd, line.offset * SECTOR, length, line)
-        ext = _SparseExtent(epath, efd, line)
+            return FlatExtent(epath, efd, line.offset * SECTOR, length, line)
+        ext = _SparseExtent(epath, efd, line, ctx)
         if ext.length != length:
             raise CorruptImage(
                 self.path,
