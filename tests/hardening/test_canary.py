@@ -102,7 +102,8 @@ def test_a_canary_named_as_parent_or_extent_never_leaks(tmp_path: Path, case: st
     write_canary(tmp_path / "canary.txt", kind)
     top = {**VMDK_CASES, **OTHER_CASES}[case](tmp_path, "canary.txt")
     target = tmp_path / "out.raw"
-    for args in (["info", top], ["map", top], ["convert", "-O", "raw", top, target]):
+    runs = (["info", top], ["map", top], ["convert", "-O", "raw", top, target], ["info", "--untrusted", top])
+    for args in runs:
         r = bounded(*args)
         assert r.returncode == 1, (args, r.stdout, r.stderr)
         assert_clean(r)
