@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+import zlib
 from array import array
 from pathlib import Path
 
@@ -180,3 +181,20 @@ def test_unicode_digits_are_one_line_errors(tmp_path: Path, line: str) -> None:
     for cmd, *rest in _commands(tmp_path / "top.vmdk", tmp_path):
         line_out = refused(cmd, "-f", "vmdk", *rest)  # probed, "version=²" first is raw, as in QEMU
         assert "descriptor line" in line_out and "²" not in line_out and "¹" not in line_out
+
+
+def test_many_compressed_extents_keep_one_grain_per_thread(tmp_path: Path) -> None:
+    """256 extents naming one streamOptimized file of 1 MiB grains: each reader thread kept the
+    last grain of every extent it read (256 MiB in all); now one grain a thread. Run under a
+    tighter limit than the others (256 MiB), which the 256 grains pass."""
+    grain = 2048  # sectors: 1 MiB, the largest compressed grain flatfs inflates
+    data = zlib.compress(bytes(range(256)) * 4096)
+    with open(tmp_path / "s.vmdk", "wb") as f:
+        f.write(sparse_header(grain, grain, 1, compress=1, flags=3 | 1 << 16 | 1 << 17, overhead=6))
+        f.write(struct.pack("<I", 2).ljust(SECTOR, b"\0"))  # the directory: one table, at sector 2
+        f.write(struct.pack("<I", 6).ljust(4 * SECTOR, b"\0"))  # the table: one grain, at sector 6
+        f.write(struct.pack("<QI", 0, len(data)) + data)
+    top = descriptor(tmp_path, "twoGbMaxExtentSparse", *[f'RW {grain} SPARSE "s.vmdk"'] * 256)
+    r = bounded("convert", "-O", "raw", top, tmp_path / "out.raw", memory=256 << 20)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "out.raw").read_bytes()[-MiB:] == bytes(range(256)) * 4096

@@ -72,11 +72,14 @@ MAX_COMPRESSED_GRAIN = 1 << 20
 # Decoded grain tables kept (all extents of a layer share nothing; per extent)
 CACHE_TABLES = 512
 
+# Empty grain tables one runs() answer may walk past
+SKIP_TABLES = 4096
 # per-grain codes of a decoded grain table
 _ABSENT, _ZERO, _DATA, _COMPRESSED, _BAD = range(5)
 # grain code -> extent kind code; a damaged entry gets a kind of its own, never merged
 _K_BAD = 255
 _KIND_OF = bytes([ABSENT, ZERO, DATA, DATA, _K_BAD]) + bytes(251)
+_ALL_ABSENT = bytes([ABSENT])  # the kinds of a table with no grain
 # A compressed grain is read with its marker in one pread of at most this much
 # (deflate adds a few bytes per 16 KiB stored block; a larger one takes a second read).
 GRAIN_READ_SLACK = 1024
@@ -87,6 +90,11 @@ GRAIN_READ_MAX = 1 << 20
 # parallel); a faster inflate (ISA-L) was measured at 2.5x but is not worth a dependency.
 _inflate = zlib
 _INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error,)
+
+
+# Each thread keeps the last grain it inflated, one for all extents and layers: memory grows
+# with threads x grain size (at most MAX_COMPRESSED_GRAIN), never with the number of extents
+_LAST_GRAIN = threading.local()
 
 
 @dataclass(slots=True)
@@ -168,7 +176,6 @@ class _SparseExtent(Extent):
         self._cache: OrderedDict[int, _Table] = OrderedDict()
         self.cache_tables = CACHE_TABLES  # shared out among a descriptor's sparse extents
         self._lock = threading.Lock()
-        self._tls = threading.local()
 
     # -- mapping -------------------------------------------------------------
     def _table(self, i: int) -> _Table | None:
@@ -203,24 +210,23 @@ class _SparseExtent(Extent):
         n = -(-span // g)
         entries = decode_u32(raw)[:n]
         data = _COMPRESSED if self.header.compressed else _DATA
-        if not any(raw):
-            codes = bytes(n)  # all _ABSENT
+        if not any(raw):  # all _ABSENT: one run (a preallocated, empty grain table)
+            return _Table(entries, bytes(n), array("Q", [tbase]), array("Q", [tbase + span]), _ALL_ABSENT)
+        present = bytes(map(bool, entries))
+        if self.header.zero_grain and entries.count(1):
+            # 0 absent, 1 data, 2 zeroed grain (the entry 1)
+            codes = bytes(map(operator.add, present, map((1).__eq__, entries))).translate(
+                bytes([_ABSENT, data, _ZERO]) + bytes(253)
+            )
         else:
-            present = bytes(map(bool, entries))
-            if self.header.zero_grain and entries.count(1):
-                # 0 absent, 1 data, 2 zeroed grain (the entry 1)
-                codes = bytes(map(operator.add, present, map((1).__eq__, entries))).translate(
-                    bytes([_ABSENT, data, _ZERO]) + bytes(253)
-                )
-            else:
-                codes = present.translate(bytes([_ABSENT, data]) + bytes(254))
-            limit = -(-self.file_size // SECTOR)  # an entry at or past it points past the end
-            if max(entries) >= limit:
-                marked = bytearray(codes)
-                for k in compress(range(n), map(limit.__le__, entries)):
-                    if marked[k] != _ZERO:
-                        marked[k] = _BAD
-                codes = bytes(marked)
+            codes = present.translate(bytes([_ABSENT, data]) + bytes(254))
+        limit = -(-self.file_size // SECTOR)  # an entry at or past it points past the end
+        if max(entries) >= limit:
+            marked = bytearray(codes)
+            for k in compress(range(n), map(limit.__le__, entries)):
+                if marked[k] != _ZERO:
+                    marked[k] = _BAD
+            codes = bytes(marked)
         kinds = codes.translate(_KIND_OF)
         if _K_BAD in kinds:
             # damaged entries: every one a run of its own
@@ -244,6 +250,26 @@ class _SparseExtent(Extent):
             pos = e
         out.add(pos, self.start + self.length, ABSENT)
 
+    def _absent_until(self, i: int, end: int) -> int:
+        """Where the hole that grain table ``i - 1`` ends continues to: past unallocated tables
+        (one jump) and empty ones (QEMU preallocates them all), at most SKIP_TABLES of those."""
+        limit = i + SKIP_TABLES
+        while i * self.span < end and i < limit:
+            if not self.gd[i]:
+                k = bisect_left(self.used, i)
+                if k == len(self.used):
+                    return end
+                i = self.used[k]
+                continue
+            try:
+                t = self._table(i)
+            except CorruptImage:
+                break  # the damage is answered for when asked from there
+            if t is not None and t.kinds != _ALL_ABSENT:
+                break
+            i += 1
+        return i * self.span
+
     def _bad(self, t: _Table, k: int) -> CorruptImage:
         return CorruptImage(
             self.path, "grain table entry points past the end of the file", t.gt_offset + 4 * k
@@ -258,11 +284,8 @@ class _SparseExtent(Extent):
         i = rel // self.span
         tbase = i * self.span
         t = self._table(i)
-        if t is None:
-            # jump to the next allocated grain table
-            k = bisect_left(self.used, i + 1)
-            nxt = self.used[k] * self.span if k < len(self.used) else end
-            out.add(base + rel, base + min(end, max(nxt, tbase + self.span)), ABSENT)
+        if t is None or t.kinds == _ALL_ABSENT:
+            out.add(base + rel, base + min(end, self._absent_until(i + 1, end)), ABSENT)
             return
         lo, hi = base + rel, base + min(end, tbase + self.span)
         a = bisect_right(t.starts, lo) - 1
@@ -338,8 +361,8 @@ class _SparseExtent(Extent):
         of 4 KiB) does not decompress it again. The decompressor is made per
         call: many threads read at once.
         """
-        tls = self._tls
-        if getattr(tls, "host", -1) == host:
+        tls = _LAST_GRAIN
+        if getattr(tls, "owner", None) is self and tls.host == host:
             last: memoryview = tls.grain
             return last
         g = self.grain
@@ -372,7 +395,7 @@ class _SparseExtent(Extent):
                 self.path, f"compressed grain for guest offset 0x{guest:x} does not decompress: {exc}", host
             ) from None
         grain = memoryview(out)
-        tls.host, tls.grain = host, grain
+        tls.owner, tls.host, tls.grain = self, host, grain
         return grain
 
     def _pread(self, at: int, n: int) -> bytes:
@@ -423,7 +446,7 @@ class VmdkLayer(LayerBase):
             raise
         sparse = [e for e in self.parts if isinstance(e, _SparseExtent)]
         for e in sparse:  # the layer's cache stays CACHE_TABLES, however many extents share it
-            e.cache_tables = max(4, CACHE_TABLES // len(sparse))
+            e.cache_tables = max(2, CACHE_TABLES // len(sparse))
         self.starts = [e.start for e in self.parts]
         self.size = sum(e.length for e in self.parts)
         d = self.descriptor
