@@ -75,6 +75,7 @@ class Opener:
         self.resolved_from: dict[str, str] = {}
         self.extents = 0  # files opened through open_related, over the whole chain
         self.tables = 0  # bytes charged by the layers, over the whole chain
+        self.by_file: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> its one fd
 
     # -- names -----------------------------------------------------------------
     @staticmethod
@@ -153,6 +154,18 @@ class Opener:
             if referrer is not None and exc.errno == errno.ENOENT:
                 raise ChainError(f"{referrer}: {what} {path!r} not found") from None
             raise ImageIOError.from_oserror(path, exc) from None
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise ImageIOError.from_oserror(path, exc) from None
+        same = self.by_file.get((st.st_dev, st.st_ino))
+        if same is not None:
+            # A file named again (4096 extents of one file): one descriptor and one set of
+            # locks, since every lock and close scans the locks a file's descriptors hold
+            os.close(fd)
+            return same
+        self.by_file[st.st_dev, st.st_ino] = fd
         self.fds.append(fd)
         os.set_blocking(fd, True)
         if not self.options.readahead:
@@ -229,6 +242,7 @@ class Opener:
         return bytes(out) if len(out) <= max_bytes else None
 
     def close(self) -> None:
+        self.by_file.clear()
         while self.fds:
             try:
                 os.close(self.fds.pop())

@@ -48,6 +48,7 @@ TYPES = ("FLAT", "SPARSE", "ZERO", "VMFS", "VMFSSPARSE", "SESPARSE", "VMFSRDM", 
 _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.]*")
 _HEX = re.compile(r"[0-9A-Fa-f]{1,8}")
 _DEC = re.compile(r"[0-9]{1,20}")
+_KEYS = frozenset(("version", "CID", "parentCID", "createType", "parentFileNameHint"))
 
 
 def decimal(text: str) -> int | None:
@@ -135,7 +136,8 @@ def parse_descriptor(path: str, raw: bytes, at: int = 0) -> Descriptor:
         key = key.strip()
         if not eq or not _KEY.fullmatch(key):
             raise bad("not a key=value or extent line")
-        keys.setdefault(key, (_unquote(value.strip()), n))
+        if key in _KEYS:  # the others (ddb.*, encoding...) are ignored, and not kept
+            keys.setdefault(key, (_unquote(value.strip()), n))
 
     def get(key: str) -> tuple[str, int] | None:
         return keys.get(key)
