@@ -37,7 +37,7 @@ MAX_DESCRIPTOR = (1 << 20) - 1
 # A disk made of more extents than this is refused: each one is an open file.
 # (A twoGbMaxExtent disk of 8 TiB has 4096.)
 MAX_EXTENTS = 4096
-# No extent or disk can be larger than this many sectors (2^63 bytes)
+# No extent or disk can be this many sectors or more (2^63 bytes: no off_t holds that size)
 MAX_SECTORS = (1 << 63) // 512
 NO_PARENT = 0xFFFFFFFF
 
@@ -167,9 +167,9 @@ def parse_descriptor(path: str, raw: bytes, at: int = 0) -> Descriptor:
     total = 0
     for e in extents:
         total += e.sectors
-        if total > MAX_SECTORS:
+        if total >= MAX_SECTORS:
             raise CorruptImage(
-                path, f"descriptor line {e.line}: the extents add up to more than 2^63 bytes", at
+                path, f"descriptor line {e.line}: the extents add up to 2^63 bytes or more", at
             )
     return Descriptor(
         version=version,
@@ -207,7 +207,7 @@ def _extent(s: str, n: int, bad: Callable[[str], CorruptImage]) -> ExtentLine:
         raise bad('malformed extent line (expected ACCESS SECTORS TYPE ["FILE" [OFFSET]])')
     access, size, etype, fname, offset = fields
     sectors = decimal(size)
-    if sectors is None or sectors == 0 or sectors > MAX_SECTORS:
+    if sectors is None or sectors == 0 or sectors >= MAX_SECTORS:
         raise bad("extent size is not a positive number of sectors")
     if etype not in TYPES:
         raise bad("unknown extent type")
