@@ -49,6 +49,20 @@ def vmdk_sparse_extent(d: Path, canary: str) -> Path:
     return _descriptor(d, f'createType="twoGbMaxExtentSparse"\nRW 2048 SPARSE "{canary}"\n')
 
 
+def vmdk_embedded_parent(d: Path, canary: str) -> Path:
+    """A monolithicSparse delta (made by qemu-img) whose embedded descriptor names the canary."""
+    require(have_qemu(), "qemu-img is not installed")
+    for cmd in (["base.vmdk", "1M"], ["-b", "base.vmdk", "-F", "vmdk", "top.vmdk", "1M"]):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", *cmd], check=True, cwd=d)
+    raw = bytearray((d / "top.vmdk").read_bytes())
+    area = raw[512 : 21 * 512]
+    text = bytes(area).split(b"\0", 1)[0].replace(b'"base.vmdk"', f'"{canary}"'.encode())
+    raw[512 : 21 * 512] = text.ljust(len(area), b"\0")
+    (d / "top.vmdk").write_bytes(raw)
+    (d / "base.vmdk").unlink()
+    return d / "top.vmdk"
+
+
 def vhd_parent(d: Path, canary: str) -> Path:
     return Vhd(MiB, disk_type=DIFFERENCING, parent_name=canary, locators=[(b"W2ru", ".\\" + canary)]).write(
         d / "top.vhd"
@@ -81,6 +95,7 @@ def qcow2_backing(fmt: str | None) -> Callable[[Path, str], Path]:
 
 VMDK_CASES = {
     "vmdk-parent": vmdk_parent,
+    "vmdk-embedded-parent": vmdk_embedded_parent,
     "vmdk-extent": vmdk_sparse_extent,
     "qcow2-over-vmdk": qcow2_backing("vmdk"),
 }
