@@ -211,3 +211,21 @@ def test_one_file_named_by_4096_extents_is_opened_once(tmp_path: Path) -> None:
         assert len({h.fd for h in chain.host_files()}) == 2  # the descriptor and d.bin
         assert chain.size == 4096 * SECTOR
     assert_clean(bounded("map", top))
+
+
+def test_the_table_budget_spans_the_layers_of_a_chain(tmp_path: Path) -> None:
+    """Two layers, each within the budget alone, over it together: refused at the parent."""
+    gd_entries = 24 << 20  # 192 MiB of budget a layer (the directory and its index)
+    capacity = gd_entries * 512
+    for name in ("base.vmdk", "delta.vmdk"):
+        with open(tmp_path / name, "wb") as f:
+            f.write(sparse_header(capacity, 1, 1))
+            f.truncate(SECTOR + 4 * gd_entries)
+    top = descriptor(tmp_path, "twoGbMaxExtentSparse", f'RW {capacity} SPARSE "delta.vmdk"')
+    top.write_text(
+        top.read_text().replace("parentCID=ffffffff", "parentCID=12345678")
+        + 'parentFileNameHint="base.vmdk"\n'
+    )
+    assert_clean(bounded("info", "--no-backing", top))
+    line = refused("info", "--ignore-parent-id", top)
+    assert "base.vmdk" in line and "MAX_CHAIN_TABLES" in line, line
