@@ -229,3 +229,16 @@ def test_the_table_budget_spans_the_layers_of_a_chain(tmp_path: Path) -> None:
     assert_clean(bounded("info", "--no-backing", top))
     line = refused("info", "--ignore-parent-id", top)
     assert "base.vmdk" in line and "MAX_CHAIN_TABLES" in line, line
+
+
+def test_the_extent_count_spans_the_layers_of_a_chain(tmp_path: Path) -> None:
+    (tmp_path / "d.bin").write_bytes(bytes(MiB))
+    lines = ['RW 1 FLAT "d.bin" 0'] * 2100
+    descriptor(tmp_path, "monolithicFlat", *lines, name="base.vmdk")
+    top = descriptor(tmp_path, "monolithicFlat", *lines)
+    top.write_text(
+        top.read_text().replace("parentCID=ffffffff", "parentCID=fedcba98")
+        + 'parentFileNameHint="base.vmdk"\n'
+    )
+    assert_clean(bounded("info", "--no-backing", top))
+    assert "MAX_CHAIN_EXTENTS" in refused("map", top)
