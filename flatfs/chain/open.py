@@ -15,6 +15,7 @@ import ntpath
 import os
 import re
 import stat
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ..errors import ChainError, FlatfsError, ImageIOError, ParentMismatch, UnsupportedImage
@@ -27,6 +28,13 @@ from .compose import Chain
 # set could otherwise make us open thousands of files; real chains made by
 # snapshot tools stay far below it.
 MAX_CHAIN_DEPTH = 64
+
+# The whole chain, all layers and extents together, holds at most this many
+# extent files and this many bytes of tables decoded at open (grain
+# directories, block tables). A hostile descriptor can name one file many
+# times; each would otherwise bring its own copy of a table it lies about.
+MAX_CHAIN_EXTENTS = 4096
+MAX_CHAIN_TABLES = 256 << 20
 
 # Files a search for a parent by identity reads the head of, per folder, at most
 MAX_SCAN_FILES = 4096
@@ -68,6 +76,9 @@ class Opener:
         self.resolved_from: dict[str, str] = {}
         self.top: str | None = None  # the top image's path, once open_chain names it
         self.snapshot_taken = False  # a format asked for options.snapshot
+        self.extents = 0  # files opened through open_related, over the whole chain
+        self.tables = 0  # bytes charged by the layers, over the whole chain
+        self.by_file: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> its one fd
 
     # -- names -----------------------------------------------------------------
     @staticmethod
@@ -125,21 +136,11 @@ class Opener:
 
     # -- files -----------------------------------------------------------------
     def open(self, path: str, *, top: bool, referrer: str | None = None, what: str = "backing file") -> int:
-        try:
-            # O_NONBLOCK: a FIFO must be refused, not waited on
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as exc:
-            if referrer is not None and exc.errno == errno.ENOENT:
-                raise ChainError(f"{referrer}: {what} {path!r} not found") from None
-            raise ImageIOError.from_oserror(path, exc) from None
-        self.fds.append(fd)
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise ImageIOError.from_oserror(path, exc) from None
-        if stat.S_ISDIR(st.st_mode):
-            raise ImageIOError(path, "is a directory")
-        if not self.options.allow_special:
+        def check(st: os.stat_result) -> None:
+            if stat.S_ISDIR(st.st_mode):
+                raise ImageIOError(path, "is a directory")
+            if self.options.allow_special:
+                return
             # The user named the top image, so a block device is fine there; a file
             # an image names must be a regular file unless explicitly allowed.
             if top and not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
@@ -149,6 +150,26 @@ class Opener:
                     f"{referrer}: {what} {path!r} is not a regular file "
                     "(use --allow-special to allow devices)"
                 )
+
+        try:
+            fd = open_checked(path, check)
+        except OSError as exc:
+            if referrer is not None and exc.errno == errno.ENOENT:
+                raise ChainError(f"{referrer}: {what} {path!r} not found") from None
+            raise ImageIOError.from_oserror(path, exc) from None
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise ImageIOError.from_oserror(path, exc) from None
+        same = self.by_file.get((st.st_dev, st.st_ino))
+        if same is not None:
+            # A file named again (4096 extents of one file): one descriptor and one set of
+            # locks, since every lock and close scans the locks a file's descriptors hold
+            os.close(fd)
+            return same
+        self.by_file[st.st_dev, st.st_ino] = fd
+        self.fds.append(fd)
         os.set_blocking(fd, True)
         if not self.options.readahead:
             # Before the first read: even the 4 KiB probe of the header would
@@ -169,7 +190,21 @@ class Opener:
         """Open a file an image refers to (its data file, an extent), under the same policy."""
         path = self.resolve(referrer, name, what)
         self.check_dir(referrer, path, what)
+        self.extents += 1
+        if self.extents > MAX_CHAIN_EXTENTS:
+            raise ChainError(
+                f"{referrer}: the chain names more than {MAX_CHAIN_EXTENTS} extent and data files "
+                "(MAX_CHAIN_EXTENTS)"
+            )
         return path, self.open(path, top=False, referrer=referrer, what=what)
+
+    def charge(self, referrer: str, what: str, nbytes: int) -> None:
+        self.tables += nbytes
+        if self.tables > MAX_CHAIN_TABLES:
+            raise ChainError(
+                f"{referrer}: {what} would take the chain's tables past "
+                f"{MAX_CHAIN_TABLES >> 20} MiB (MAX_CHAIN_TABLES)"
+            )
 
     def read_sidecar(self, referrer: str, name: str, max_bytes: int) -> bytes | None:
         """A small file an image may consult (a .vbox registry), or None if it is refused or absent.
@@ -187,20 +222,16 @@ class Opener:
             root = os.path.realpath(bdir)
             if os.path.commonpath([os.path.realpath(path), root]) != root:
                 return None
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
-            return None
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)  # it may have been swapped since the stat
+
+        def check(st: os.stat_result) -> None:
             if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
-                return None
+                raise OSError(errno.EPERM, "not a small regular file")
+
+        try:
+            fd = open_checked(path, check)
+        except OSError:
+            return None
+        try:
             out = bytearray()
             while len(out) <= max_bytes:
                 chunk = os.pread(fd, max_bytes + 1 - len(out), len(out))
@@ -221,11 +252,40 @@ class Opener:
         return self.options.snapshot
 
     def close(self) -> None:
+        self.by_file.clear()
         while self.fds:
             try:
                 os.close(self.fds.pop())
             except OSError:
                 pass
+
+
+def open_checked(path: str, check: Callable[[os.stat_result], None]) -> int:
+    """Open ``path`` for reading only once ``check`` accepted what it is.
+
+    The type is read through an ``O_PATH`` descriptor, which opens nothing
+    for reading (a FIFO does not block, a device driver's open is not
+    called); the file is then reopened through that descriptor, so the
+    check and the open see the same file even if the name is swapped in
+    between. ``check`` raises to refuse; an OSError is the caller's to map.
+    """
+    pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        st = os.fstat(pfd)
+        check(st)
+        # O_NONBLOCK: a FIFO let through by --allow-special must not block the open
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            fd = os.open(f"/proc/self/fd/{pfd}", flags)
+        except FileNotFoundError:  # no /proc: open the name, then verify it is the same file
+            fd = os.open(path, flags)
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                os.close(fd)
+                raise OSError(errno.ESTALE, "the file changed while it was opened") from None
+    finally:
+        os.close(pfd)
+    return fd
 
 
 def _identity(fd: int) -> tuple[int, int]:
@@ -315,14 +375,16 @@ def _search_by_id(child: str, ref: ParentRef, opener: Opener, what: str) -> str:
 
 def _scan_head(path: str) -> bytes | None:
     """The head of a file found by a scan; None unless it is (still) a regular file."""
+
+    def check(st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EPERM, "not a regular file")
+
     try:
-        # O_NONBLOCK: the file may have been swapped for a FIFO since the stat
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        fd = open_checked(path, check)
     except OSError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         return os.pread(fd, PROBE_SIZE, 0)
     except OSError:
         return None

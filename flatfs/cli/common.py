@@ -100,6 +100,12 @@ def chain_options() -> Callable[[Command], Command]:
                 help="Read the top image as it was at this internal snapshot (qcow2; "
                 "or snapshot.id=ID / snapshot.name=NAME).",
             ),
+            click.option(
+                "--untrusted",
+                is_flag=True,
+                help="Safe settings for an image you did not make: --backing-dir (default: the "
+                "image's folder), no devices, no raw probing, locks on.",
+            ),
         ]
         for o in reversed(opts):
             fn = o(fn)
@@ -116,8 +122,11 @@ def chain_options() -> Callable[[Command], Command]:
             ignore_parent_id: bool,
             search_dirs: tuple[str, ...],
             snapshot: str | None = None,
+            untrusted: bool = False,
             **kw: Any,
         ) -> Any:
+            if untrusted:
+                backing_dir = _untrusted_fence(backing_dir, kw, allow_special, force_share, allow_probe_raw)
             kw["options"] = OpenOptions(
                 format=fmt,
                 backing_dir=backing_dir,
@@ -134,6 +143,23 @@ def chain_options() -> Callable[[Command], Command]:
         return wrapper
 
     return deco
+
+
+def _untrusted_fence(
+    backing_dir: str | None, kw: dict[str, Any], allow_special: bool, force_share: bool, probe_raw: bool
+) -> str:
+    """--untrusted: refuse the options that loosen the policy; the fence, by default the image's folder."""
+    for given, name in (
+        (allow_special, "--allow-special"),
+        (force_share, "-U/--force-share"),
+        (probe_raw, "--allow-probe-raw"),
+    ):
+        if given:
+            raise click.UsageError(f"--untrusted and {name} contradict each other")
+    if backing_dir is not None:
+        return backing_dir
+    image = kw.get("image", kw.get("source"))
+    return os.path.dirname(os.path.abspath(str(image))) if image is not None else os.curdir
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

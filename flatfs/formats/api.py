@@ -91,6 +91,12 @@ class OpenContext(Protocol):
         """
         ...
 
+    def charge(self, referrer: str, what: str, nbytes: int) -> None:
+        """Count ``nbytes`` of tables a format is about to hold (a grain directory, a block
+        table) against the chain-wide budget, before allocating them; raises a one-line
+        error naming the limit when the chain as a whole would pass it."""
+        ...
+
 
 class Layer(Protocol):
     """One image file of a chain, answering only for itself."""

@@ -69,6 +69,8 @@ class VhdLayer(LayerBase):
         self.differencing = f.disk_type == S.DIFFERENCING
         self._hole = ABSENT if self.differencing else ZERO
         nblocks = -(-self.size // dyn.block_size)
+        if ctx is not None:
+            ctx.charge(path, f"a block table of {nblocks} entries", 8 * nblocks)
         self._bat_raw = self._read(dyn.table_offset, nblocks * 4)
         bat = array("I")
         assert bat.itemsize == 4
@@ -112,14 +114,22 @@ class VhdLayer(LayerBase):
     def _check_bat(self) -> None:
         """Every allocated block (its bitmap and data) lies inside the file, after the footer copy."""
         assert self.dyn is not None
-        used = set(self._bat)
-        used.discard(S.UNALLOCATED)
-        if not used:
+        bat = self._bat
+        allocated = len(bat) - bat.count(S.UNALLOCATED)
+        if not allocated:
             return
-        for sector in (max(used), min(used)):
+        # in C over the table, no set of its entries: a lying table may hold 16 Mi of them
+        most = max(0, self.file_size - S.FOOTER_SIZE) // (self.bitmap_size + self.block_size)
+        if allocated > most:
+            raise CorruptImage(
+                self.path,
+                f"VHD block table claims {allocated} allocated blocks, more than the file can hold ({most})",
+                self.dyn.table_offset,
+            )
+        for sector in (max(filter(S.UNALLOCATED.__ne__, bat)), min(filter(S.UNALLOCATED.__ne__, bat))):
             start = sector * S.SECTOR
             if start < S.FOOTER_SIZE or start + self.bitmap_size + self.block_size > self.file_size:
-                i = self._bat.index(sector)
+                i = bat.index(sector)
                 raise CorruptImage(
                     self.path,
                     f"VHD block {i} at 0x{start:x} lies outside the file (is the image truncated?)",

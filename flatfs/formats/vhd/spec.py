@@ -268,7 +268,9 @@ def parse_dynamic_header(
             if code == b"\0\0\0\0":
                 continue
             if code not in PLATFORMS:
-                raise CorruptImage(path, f"VHD parent locator {i} has unknown platform code {code!r}", where)
+                raise CorruptImage(
+                    path, f"VHD parent locator {i} has unknown platform code 0x{code.hex()}", where
+                )
             # The spec says the space is in sectors, Windows writes bytes: a
             # value below one sector can only be a sector count.
             space_bytes = space * SECTOR if space < SECTOR else space

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from ...errors import CorruptImage
 from ...hostio import pread_exact
-from .spec import LOG_SECTOR, REGION_TABLE_OFFSETS, Header, checksum_ok, guid
+from .spec import LOG_SECTOR, REGION_TABLE_OFFSETS, Header, crc32c, guid
 
 _ENTRY = struct.Struct("<4sIIIQII16sQQ")  # 64 bytes
 _DESC = struct.Struct("<4sI8sQQ")  # data descriptor; a zero descriptor shares the layout
@@ -32,6 +32,7 @@ ENTRY_SIGNATURE = b"loge"
 MAX_TARGET = 1 << 52  # no VHDX file is larger than 4 PiB; bounds every target offset
 MAX_HEADS = 64  # candidate heads tried when the newest entries do not form a valid sequence
 ZERO = -1  # an overlay segment that reads zeros
+CRC_PIECE = 1 << 20  # an entry is checksummed in pieces of this much
 
 
 @dataclass(slots=True)
@@ -207,6 +208,21 @@ class _Scanner:
         pread_exact(self.fd, self.path, memoryview(buf), self.h.log_offset + pos)
         return bytes(buf)
 
+    def _checksum_ok(self, pos: int, length: int, head: bytes) -> bool:
+        """The entry's CRC-32C, read in pieces of at most CRC_PIECE: an entry that claims
+        256 MiB costs one piece of memory, not copies of the whole entry."""
+        crc = crc32c(b"\0\0\0\0", crc32c(memoryview(head)[:4]))
+        piece = bytearray(min(length, CRC_PIECE))
+        view = memoryview(piece)
+        crc = crc32c(memoryview(head)[8:], crc)
+        done = len(head)
+        while done < length:
+            n = min(length - done, CRC_PIECE)
+            pread_exact(self.fd, self.path, view[:n], self.h.log_offset + pos + done)
+            crc = crc32c(view[:n], crc)
+            done += n
+        return crc == int.from_bytes(head[4:8], "little")
+
     def entry(self, pos: int) -> Entry | None:
         """The valid entry at ``pos`` of the log, or None."""
         if pos in self.cache:
@@ -233,9 +249,9 @@ class _Scanner:
             raise CorruptImage(
                 self.path, "the log is too damaged to search (too many broken entries)", h.log_offset + pos
             )
-        raw = self._read(pos, length)
-        if not checksum_ok(raw):
+        if not self._checksum_ok(pos, length, head):
             return None
+        raw = self._read(pos, desc_area)  # the header and descriptors; data sectors one at a time
         e = Entry(pos, length, tail, seq, flushed, last)
         sector = pos + desc_area
         for i in range(ndesc):
@@ -253,7 +269,7 @@ class _Scanner:
                 rel = sector - pos
                 if rel + LOG_SECTOR > length:
                     return None
-                ds = raw[rel : rel + LOG_SECTOR]
+                ds = self._read(sector, LOG_SECTOR)
                 if (
                     ds[:4] != b"data"
                     or int.from_bytes(ds[4:8], "little") != seq >> 32

@@ -26,8 +26,9 @@ from typing import Any
 
 from ...errors import CorruptImage, UnsupportedImage
 from ...hostio import pread_exact
+from ..api import OpenContext
 from .descriptor import ExtentLine
-from .grains import G_ABSENT, G_DATA, GrainExtent, GrainTable, mark_past_end
+from .grains import G_ABSENT, G_DATA, GrainExtent, GrainTable, mark_past_end, used_tables
 from .sparse import MAX_GD_ENTRIES, MAX_GRAIN_SECTORS, SECTOR, decode_u32
 
 MAGIC = b"COWD"
@@ -53,7 +54,7 @@ class CowdExtent(GrainExtent):
 
     unit = SECTOR
 
-    def __init__(self, path: str, fd: int, line: ExtentLine | None) -> None:
+    def __init__(self, path: str, fd: int, line: ExtentLine | None, ctx: OpenContext | None) -> None:
         super().__init__(path, fd)
         self.line = line
         if self.file_size < HEADER_SIZE:
@@ -84,11 +85,13 @@ class CowdExtent(GrainExtent):
         self.gd_entries = gd_entries
         if need and (gd == 0 or self.gd_offset + 4 * need > self.file_size):
             raise CorruptImage(path, f"grain directory at sector {gd} lies outside the file", 20)
+        if ctx is not None:  # the chain-wide table budget, before the directory is read
+            ctx.charge(path, f"a grain directory of {need} entries", 8 * need)
         gdraw = bytearray(4 * need)
         if need:
             pread_exact(fd, path, memoryview(gdraw), self.gd_offset)
         self.gd = decode_u32(bytes(gdraw))
-        self.used = [i for i, v in enumerate(self.gd) if v] if any(gdraw) else []
+        self.used = used_tables(path, self.gd, 4 * GTES, self.file_size, self.gd_offset)
         self.parent_name = _text(h[_PARENT])
         self.generation = _GENERATIONS.unpack_from(h, 1060)[0]
         self.saved_generation = _GENERATIONS.unpack_from(h, 1636)[0]

@@ -17,6 +17,11 @@ Extent lines give the disk's content in order: ``ACCESS SECTORS TYPE
 ["FILE" [OFFSET]]``. Every field is checked; a line that is none of the
 three kinds is an error naming its line number. Unknown keys (``ddb.*``,
 ``encoding``, ``isNativeSnapshot``...) are ignored.
+
+The text may be any host file a hostile image names, so the parser is
+linear (no regex that can backtrack on a line), numbers are ASCII digits
+only (``str.isdigit`` accepts superscripts that ``int`` refuses), and an
+error names the line and what was expected but quotes none of its bytes.
 """
 
 from __future__ import annotations
@@ -25,23 +30,30 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ...errors import CorruptImage
+from ...errors import CorruptImage, UnsupportedImage
 
 # QEMU reads at most this much of a descriptor file (1 MiB - 1)
 MAX_DESCRIPTOR = (1 << 20) - 1
 # A disk made of more extents than this is refused: each one is an open file.
 # (A twoGbMaxExtent disk of 8 TiB has 4096.)
 MAX_EXTENTS = 4096
-# No extent or disk can be larger than this many sectors (2^63 bytes)
+# No extent or disk can be this many sectors or more (2^63 bytes: no off_t holds that size)
 MAX_SECTORS = (1 << 63) // 512
 NO_PARENT = 0xFFFFFFFF
 
 ACCESS = ("RW", "RDONLY", "NOACCESS")
 TYPES = ("FLAT", "SPARSE", "ZERO", "VMFS", "VMFSSPARSE", "SESPARSE", "VMFSRDM", "VMFSRAW")
 
-_KEY = re.compile(r"^([A-Za-z][A-Za-z0-9_.]*)\s*=\s*(.*?)\s*$")
-_EXTENT = re.compile(r'^(\S+)\s+(\S+)\s+(\S+)(?:\s+"([^"]*)"(?:\s+(\S+))?)?\s*$')
-_HEX = re.compile(r"^[0-9A-Fa-f]{1,8}$")
+# Anchored, with no nested or adjacent quantifiers: linear on any line
+_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.]*")
+_HEX = re.compile(r"[0-9A-Fa-f]{1,8}")
+_DEC = re.compile(r"[0-9]{1,20}")
+_KEYS = frozenset(("version", "CID", "parentCID", "createType", "parentFileNameHint"))
+
+
+def decimal(text: str) -> int | None:
+    """An ASCII decimal of at most 20 digits, or None (never a Unicode digit)."""
+    return int(text) if _DEC.fullmatch(text) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +132,12 @@ def parse_descriptor(path: str, raw: bytes, at: int = 0) -> Descriptor:
             if len(extents) > MAX_EXTENTS:
                 raise bad(f"more than {MAX_EXTENTS} extents")
             continue
-        m = _KEY.match(s)
-        if m is None:
-            raise bad(f"not a key=value or extent line: {s[:60]!r}")
-        keys.setdefault(m.group(1), (_unquote(m.group(2)), n))
+        key, eq, value = s.partition("=")
+        key = key.strip()
+        if not eq or not _KEY.fullmatch(key):
+            raise bad("not a key=value or extent line")
+        if key in _KEYS:  # the others (ddb.*, encoding...) are ignored, and not kept
+            keys.setdefault(key, (_unquote(value.strip()), n))
 
     def get(key: str) -> tuple[str, int] | None:
         return keys.get(key)
@@ -133,8 +147,8 @@ def parse_descriptor(path: str, raw: bytes, at: int = 0) -> Descriptor:
         if v is None:
             return None
         value, n = v
-        if not _HEX.match(value):
-            raise CorruptImage(path, f"descriptor line {n}: {key} {value[:20]!r} is not 8 hex digits", at)
+        if not _HEX.fullmatch(value):
+            raise CorruptImage(path, f"descriptor line {n}: {key} is not 8 hex digits", at)
         return int(value, 16)
 
     ct = get("createType")
@@ -143,18 +157,19 @@ def parse_descriptor(path: str, raw: bytes, at: int = 0) -> Descriptor:
     version = 1
     v = get("version")
     if v is not None:
-        if not v[0].isdigit() or len(v[0]) > 3:
-            raise CorruptImage(path, f"descriptor line {v[1]}: version {v[0][:20]!r} is not a number", at)
-        version = int(v[0])
+        number = decimal(v[0]) if len(v[0]) <= 3 else None
+        if number is None:
+            raise CorruptImage(path, f"descriptor line {v[1]}: version is not a number", at)
+        version = number
     cid = hexval("CID")
     pcid = hexval("parentCID")
     hint = get("parentFileNameHint")
     total = 0
     for e in extents:
         total += e.sectors
-        if total > MAX_SECTORS:
+        if total >= MAX_SECTORS:
             raise CorruptImage(
-                path, f"descriptor line {e.line}: the extents add up to more than 2^63 bytes", at
+                path, f"descriptor line {e.line}: the extents add up to 2^63 bytes or more", at
             )
     return Descriptor(
         version=version,
@@ -166,15 +181,36 @@ def parse_descriptor(path: str, raw: bytes, at: int = 0) -> Descriptor:
     )
 
 
+def _fields(s: str) -> tuple[str, str, str, str | None, str | None] | None:
+    """``ACCESS SECTORS TYPE ["FILE" [OFFSET]]`` split in one pass, or None."""
+    parts = s.split(None, 3)
+    if len(parts) < 3:
+        return None
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2], None, None
+    rest = parts[3]
+    if rest[0] != '"':
+        return None
+    close = rest.find('"', 1)
+    if close < 0:
+        return None
+    tail = rest[close + 1 :]
+    offset = tail.strip()
+    if offset and (not tail[0].isspace() or len(offset.split()) != 1):
+        return None
+    return parts[0], parts[1], parts[2], rest[1:close], offset or None
+
+
 def _extent(s: str, n: int, bad: Callable[[str], CorruptImage]) -> ExtentLine:
-    m = _EXTENT.match(s)
-    if m is None:
-        raise bad(f"malformed extent line: {s[:80]!r}")
-    access, sectors, etype, fname, offset = m.groups()
-    if not sectors.isdigit() or len(sectors) > 20 or int(sectors) == 0 or int(sectors) > MAX_SECTORS:
-        raise bad(f"extent size {sectors[:24]!r} is not a positive number of sectors")
+    fields = _fields(s)
+    if fields is None:
+        raise bad('malformed extent line (expected ACCESS SECTORS TYPE ["FILE" [OFFSET]])')
+    access, size, etype, fname, offset = fields
+    sectors = decimal(size)
+    if sectors is None or sectors == 0 or sectors >= MAX_SECTORS:
+        raise bad("extent size is not a positive number of sectors")
     if etype not in TYPES:
-        raise bad(f"unknown extent type {etype[:24]!r}")
+        raise bad("unknown extent type")
     if etype == "ZERO":
         if fname is not None:
             raise bad("a ZERO extent names no file")
@@ -185,6 +221,40 @@ def _extent(s: str, n: int, bad: Callable[[str], CorruptImage]) -> ExtentLine:
             raise bad("a FLAT extent needs an offset")
     elif offset is not None:
         raise bad(f"a {etype} extent takes no offset")
-    if offset is not None and (not offset.isdigit() or len(offset) > 20 or int(offset) > MAX_SECTORS):
-        raise bad(f"extent offset {offset[:24]!r} is not a number of sectors")
-    return ExtentLine(access, int(sectors), etype, fname, int(offset or 0), n)
+    first = 0
+    if offset is not None:
+        number = decimal(offset)
+        if number is None or number > MAX_SECTORS:
+            raise bad("extent offset is not a number of sectors")
+        first = number
+    return ExtentLine(access, sectors, etype, fname, first, n)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """A descriptor file: text up to its first NUL (QEMU pads a rewritten one with NULs)."""
+    text = head.split(b"\0", 1)[0]
+    return bool(text) and not any(b < 9 or 13 < b < 32 for b in text)
+
+
+_FOREIGN = {b"QFI\xfb": "qcow2", b"conectix": "vpc/vhd", b"vhdxfile": "vhdx", b"QED\x00": "qed"}
+
+
+# A descriptor file is recognised by its first 2 KiB (what QEMU's probe sees)
+DESCRIPTOR_HEAD = 2048
+SIGNATURE = b"# Disk DescriptorFile"
+
+
+def not_a_descriptor(head: bytes, first: bytes) -> bool:
+    """Is a file that is not a sparse extent (``head``: its first sector; ``first``: its first
+    2 KiB) no descriptor either? It must be text and carry the signature line VMware writes
+    first, or pass QEMU's rule (``version=`` first). Checked before any parsing."""
+    if any(head.startswith(m) for m in _FOREIGN) or not _looks_like_text(head):
+        return True
+    return not (first.startswith(SIGNATURE) or looks_like_descriptor(first))
+
+
+def refuse_not_vmdk(path: str, head: bytes) -> UnsupportedImage:
+    for magic, name in _FOREIGN.items():
+        if head.startswith(magic):
+            return UnsupportedImage(path, f"is a {name} image, not a VMDK (a VMDK's parent must be a VMDK)")
+    return UnsupportedImage(path, "not a VMDK (no KDMV header, no '# Disk DescriptorFile' descriptor)")

@@ -3,7 +3,8 @@
 A flat extent is a range of a host file. Its holes are found with SEEK_DATA/SEEK_HOLE and
 never read: allocated zeros (ALLOC_ZERO, as ``qemu-img map`` shows them), or,
 for a vmfsThin disk (a thin ``-flat.vmdk`` copied off VMFS), holes (ZERO),
-which stay holes in the view and in convert.
+which stay holes in the view and in convert. Past the file's end an extent reads
+as zeros, one run however long the descriptor claims it is.
 """
 
 from __future__ import annotations
@@ -80,8 +81,13 @@ class FlatExtent(Extent):
         self.hole = ZERO if thin else ALLOC_ZERO
 
     def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
-        end = min(end, rel + FLAT_WINDOW)
         h = self.offset + rel
+        if h >= self.file_size:
+            # past the file's end: one run however long the extent claims to be
+            # (QEMU: allocated, reads as zeros)
+            out.add(base + rel, base + end, self.hole)
+            return
+        end = min(end, rel + FLAT_WINDOW, self.file_size - self.offset)
         for s, e, is_data in data_runs(self.fd, self.path, h, self.offset + end, self.file_size):
             out.add(base + rel + (s - h), base + rel + (e - h), DATA if is_data else self.hole)
 

@@ -14,7 +14,9 @@ import threading
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
+from collections.abc import Sequence
 from itertools import compress
+from typing import Protocol
 
 from ...errors import CorruptImage
 from ...extents import ABSENT, DATA, ZERO, Runs
@@ -25,7 +27,10 @@ from .extent import Extent
 G_ABSENT, G_ZERO, G_DATA, G_BAD = range(4)
 _K_BAD = 255  # a damaged entry's kind: never merged with a neighbour
 _KIND_OF = bytes([ABSENT, ZERO, DATA, _K_BAD]) + bytes(252)
-CACHE_TABLES = 256  # decoded grain tables kept per extent
+CACHE_TABLES = 256  # decoded grain tables kept per extent (shared out among a disk's extents)
+# Empty grain tables one runs() answer may walk past
+SKIP_TABLES = 4096
+ALL_ABSENT = bytes([ABSENT])  # the kinds of a table with no grain
 
 
 class GrainTable:
@@ -60,6 +65,54 @@ def mark_past_end(where: array[int], codes: bytes, limit: int) -> bytes:
     return bytes(marked)
 
 
+def used_tables(path: str, gd: array[int], table_bytes: int, file_size: int, at: int) -> array[int]:
+    """The indexes of a grain directory's allocated grain tables, in one C-level pass;
+    refused when it points at more grain tables than the file can hold."""
+    tables = len(gd) - gd.count(0)
+    most = file_size // table_bytes
+    if tables > most:
+        raise CorruptImage(
+            path, f"grain directory points at {tables} grain tables, more than the file can hold ({most})", at
+        )
+    return array("Q", compress(range(len(gd)), gd)) if tables else array("Q")
+
+
+class _Kinds(Protocol):
+    @property
+    def kinds(self) -> bytes: ...
+
+
+class _Directory(Protocol):
+    @property
+    def span(self) -> int: ...
+    @property
+    def gd(self) -> Sequence[int]: ...
+    @property
+    def used(self) -> Sequence[int]: ...
+    def _table(self, i: int) -> _Kinds | None: ...
+
+
+def absent_until(ext: _Directory, i: int, end: int) -> int:
+    """Where the hole that grain table ``i - 1`` ends continues to: past unallocated tables
+    (one jump) and empty ones (QEMU preallocates them all), at most SKIP_TABLES of those."""
+    limit = i + SKIP_TABLES
+    while i * ext.span < end and i < limit:
+        if not ext.gd[i]:
+            k = bisect_left(ext.used, i)
+            if k == len(ext.used):
+                return end
+            i = ext.used[k]
+            continue
+        try:
+            t = ext._table(i)
+        except CorruptImage:
+            break  # the damage is answered for when asked from there
+        if t is not None and t.kinds != ALL_ABSENT:
+            break
+        i += 1
+    return i * ext.span
+
+
 class GrainExtent(Extent):
     """A sparse extent whose subclass decodes grain table ``i`` in :meth:`_decode`."""
 
@@ -67,13 +120,15 @@ class GrainExtent(Extent):
     span = 0  # guest bytes per grain table
     base = 0  # file offset of grain ``where`` 0
     unit = 1  # bytes per step of ``where``
-    used: list[int]  # indices of the tables the directory points at
+    gd: array[int]  # the grain directory
+    used: array[int]  # indices of the tables the directory points at
 
     def __init__(self, path: str, fd: int) -> None:
         self.path, self.fd = path, fd
         self.file_size = host_size(fd, path)
         self._cache: OrderedDict[int, GrainTable | None] = OrderedDict()
         self._lock = threading.Lock()
+        self.cache_tables = CACHE_TABLES
 
     def _decode(self, i: int, n: int) -> GrainTable | None:
         """Table ``i`` (``n`` grains of it are inside the extent), or None: none allocated."""
@@ -92,7 +147,7 @@ class GrainExtent(Extent):
             self._runs_of(t, tbase, span, n)
         with self._lock:
             self._cache[i] = t
-            while len(self._cache) > CACHE_TABLES:
+            while len(self._cache) > self.cache_tables:
                 self._cache.popitem(last=False)
         return t
 
@@ -131,10 +186,8 @@ class GrainExtent(Extent):
         i = rel // self.span
         tbase = i * self.span
         t = self._table(i)
-        if t is None:
-            k = bisect_left(self.used, i + 1)
-            nxt = self.used[k] * self.span if k < len(self.used) else end
-            out.add(base + rel, base + min(end, max(nxt, tbase + self.span)), ABSENT)
+        if t is None or t.kinds == ALL_ABSENT:
+            out.add(base + rel, base + min(end, absent_until(self, i + 1, end)), ABSENT)
             return
         lo, hi = rel, min(end, tbase + self.span)
         a = bisect_right(t.starts, lo) - 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
 import threading
 import zlib
 from array import array
@@ -29,12 +30,19 @@ from ...extents import ABSENT, DATA, ZERO, Runs
 from ...hostio import host_size, pread_exact, pread_padded
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
 from .cowd import CowdExtent
-from .descriptor import MAX_DESCRIPTOR, NO_PARENT, Descriptor, ExtentLine, parse_descriptor
-from .esxi import DESCRIPTOR_TYPES, REFUSED_TYPES, esxi_extent
-from .extent import Extent as _Extent
-from .extent import FlatExtent as _FlatExtent
-from .extent import ZeroExtent as _ZeroExtent
-from .grains import GrainExtent
+from .descriptor import (
+    DESCRIPTOR_HEAD,
+    MAX_DESCRIPTOR,
+    NO_PARENT,
+    Descriptor,
+    ExtentLine,
+    not_a_descriptor,
+    parse_descriptor,
+    refuse_not_vmdk,
+)
+from .esxi import DESCRIPTOR_TYPES, REFUSED_TYPES, esxi_extent, unsupported_type
+from .extent import Extent, FlatExtent, ZeroExtent
+from .grains import ALL_ABSENT, GrainExtent, absent_until, used_tables
 from .sparse import (
     COWD_MAGIC,
     GD_AT_END,
@@ -50,6 +58,8 @@ from .sparse import (
 
 # An embedded descriptor is read from sector 1, at most this many sectors (as QEMU does)
 EMBEDDED_SECTORS = 20
+# A compressed grain larger than this is refused (VMware and QEMU write 64 KiB ones)
+MAX_COMPRESSED_GRAIN = 1 << 20
 # Decoded grain tables kept (all extents of a layer share nothing; per extent)
 CACHE_TABLES = 512
 
@@ -70,6 +80,11 @@ _inflate = zlib
 _INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error,)
 
 
+# Each thread keeps the last grain it inflated, one for all extents and layers: memory grows
+# with threads x grain size (at most MAX_COMPRESSED_GRAIN), never with the number of extents
+_LAST_GRAIN = threading.local()
+
+
 @dataclass(slots=True)
 class _Table:
     """One decoded grain table: per-grain codes and entries, and its kind view in bulk.
@@ -87,10 +102,28 @@ class _Table:
     gt_offset: int = 0
 
 
-class _SparseExtent(_Extent):
+def _read_gd(
+    path: str, fd: int, hdr: SparseHeader, file_size: int, ctx: OpenContext | None
+) -> tuple[array[int], array[int]]:
+    """The grain directory, read straight into its array, and the indexes of its allocated
+    grain tables; refused when it points at more grain tables than the file can hold."""
+    n = hdr.gd_entries
+    if ctx is not None:
+        ctx.charge(path, f"a grain directory of {n} entries", 8 * n)
+    gd = decode_u32(b"")
+    if not n:
+        return gd, gd
+    gd = array(gd.typecode, [0]) * n
+    pread_exact(fd, path, memoryview(gd).cast("B"), hdr.gd_offset * SECTOR)
+    if sys.byteorder == "big":  # pragma: no cover
+        gd.byteswap()
+    return gd, used_tables(path, gd, hdr.gtes_per_gt * 4, file_size, hdr.gd_offset * SECTOR)
+
+
+class _SparseExtent(Extent):
     """A hosted sparse extent (KDMV): grain directory -> grain tables -> grains."""
 
-    def __init__(self, path: str, fd: int, line: ExtentLine | None) -> None:
+    def __init__(self, path: str, fd: int, line: ExtentLine | None, ctx: OpenContext | None) -> None:
         self.path, self.fd, self.line = path, fd, line
         self.file_size = host_size(fd, path)
         head = bytearray(SECTOR)
@@ -113,15 +146,15 @@ class _SparseExtent(_Extent):
         self.grain = hdr.grain_size
         self.span = hdr.gt_span
         self.gt_bytes = hdr.gtes_per_gt * 4
-        n = hdr.gd_entries
-        raw_gd = bytearray(n * 4)
-        if n:
-            pread_exact(fd, path, memoryview(raw_gd), hdr.gd_offset * SECTOR)
-        self.gd = decode_u32(bytes(raw_gd))
-        self.used = [i for i, v in enumerate(self.gd) if v] if any(raw_gd) else []
+        if hdr.compressed and self.grain > MAX_COMPRESSED_GRAIN:
+            # each reader thread inflates a whole grain: memory would grow with threads x grain
+            raise UnsupportedImage(
+                path, f"compressed grains of {self.grain} bytes are larger than flatfs inflates (1 MiB)", 20
+            )
+        self.gd, self.used = _read_gd(path, fd, hdr, self.file_size, ctx)
         self._cache: OrderedDict[int, _Table] = OrderedDict()
+        self.cache_tables = CACHE_TABLES  # shared out among a descriptor's sparse extents
         self._lock = threading.Lock()
-        self._tls = threading.local()
 
     # -- mapping -------------------------------------------------------------
     def _table(self, i: int) -> _Table | None:
@@ -143,7 +176,7 @@ class _SparseExtent(_Extent):
         t.gt_offset = gt
         with self._lock:
             self._cache[i] = t
-            while len(self._cache) > CACHE_TABLES:
+            while len(self._cache) > self.cache_tables:
                 self._cache.popitem(last=False)
         return t
 
@@ -156,24 +189,23 @@ class _SparseExtent(_Extent):
         n = -(-span // g)
         entries = decode_u32(raw)[:n]
         data = _COMPRESSED if self.header.compressed else _DATA
-        if not any(raw):
-            codes = bytes(n)  # all _ABSENT
+        if not any(raw):  # all _ABSENT: one run (a preallocated, empty grain table)
+            return _Table(entries, bytes(n), array("Q", [tbase]), array("Q", [tbase + span]), ALL_ABSENT)
+        present = bytes(map(bool, entries))
+        if self.header.zero_grain and entries.count(1):
+            # 0 absent, 1 data, 2 zeroed grain (the entry 1)
+            codes = bytes(map(operator.add, present, map((1).__eq__, entries))).translate(
+                bytes([_ABSENT, data, _ZERO]) + bytes(253)
+            )
         else:
-            present = bytes(map(bool, entries))
-            if self.header.zero_grain and entries.count(1):
-                # 0 absent, 1 data, 2 zeroed grain (the entry 1)
-                codes = bytes(map(operator.add, present, map((1).__eq__, entries))).translate(
-                    bytes([_ABSENT, data, _ZERO]) + bytes(253)
-                )
-            else:
-                codes = present.translate(bytes([_ABSENT, data]) + bytes(254))
-            limit = -(-self.file_size // SECTOR)  # an entry at or past it points past the end
-            if max(entries) >= limit:
-                marked = bytearray(codes)
-                for k in compress(range(n), map(limit.__le__, entries)):
-                    if marked[k] != _ZERO:
-                        marked[k] = _BAD
-                codes = bytes(marked)
+            codes = present.translate(bytes([_ABSENT, data]) + bytes(254))
+        limit = -(-self.file_size // SECTOR)  # an entry at or past it points past the end
+        if max(entries) >= limit:
+            marked = bytearray(codes)
+            for k in compress(range(n), map(limit.__le__, entries)):
+                if marked[k] != _ZERO:
+                    marked[k] = _BAD
+            codes = bytes(marked)
         kinds = codes.translate(_KIND_OF)
         if _K_BAD in kinds:
             # damaged entries: every one a run of its own
@@ -211,11 +243,8 @@ class _SparseExtent(_Extent):
         i = rel // self.span
         tbase = i * self.span
         t = self._table(i)
-        if t is None:
-            # jump to the next allocated grain table
-            k = bisect_left(self.used, i + 1)
-            nxt = self.used[k] * self.span if k < len(self.used) else end
-            out.add(base + rel, base + min(end, max(nxt, tbase + self.span)), ABSENT)
+        if t is None or t.kinds == ALL_ABSENT:
+            out.add(base + rel, base + min(end, absent_until(self, i + 1, end)), ABSENT)
             return
         lo, hi = base + rel, base + min(end, tbase + self.span)
         a = bisect_right(t.starts, lo) - 1
@@ -291,8 +320,8 @@ class _SparseExtent(_Extent):
         of 4 KiB) does not decompress it again. The decompressor is made per
         call: many threads read at once.
         """
-        tls = self._tls
-        if getattr(tls, "host", -1) == host:
+        tls = _LAST_GRAIN
+        if getattr(tls, "owner", None) is self and tls.host == host:
             last: memoryview = tls.grain
             return last
         g = self.grain
@@ -325,7 +354,7 @@ class _SparseExtent(_Extent):
                 self.path, f"compressed grain for guest offset 0x{guest:x} does not decompress: {exc}", host
             ) from None
         grain = memoryview(out)
-        tls.host, tls.grain = host, grain
+        tls.owner, tls.host, tls.grain = self, host, grain
         return grain
 
     def _pread(self, at: int, n: int) -> bytes:
@@ -350,52 +379,34 @@ class _SparseExtent(_Extent):
             self._cache.clear()
 
 
-def _looks_like_text(head: bytes) -> bool:
-    """A descriptor file: text up to its first NUL (QEMU pads a rewritten one with NULs)."""
-    text = head.split(b"\0", 1)[0]
-    return bool(text) and not any(b < 9 or 13 < b < 32 for b in text)
-
-
-_FOREIGN = {b"QFI\xfb": "qcow2", b"conectix": "vpc/vhd", b"vhdxfile": "vhdx", b"QED\x00": "qed"}
-
-
-def _foreign(head: bytes) -> bool:
-    return any(head.startswith(m) for m in _FOREIGN)
-
-
-def _refuse_not_vmdk(path: str, head: bytes) -> UnsupportedImage:
-    for magic, name in _FOREIGN.items():
-        if head.startswith(magic):
-            return UnsupportedImage(path, f"is a {name} image, not a VMDK (a VMDK's parent must be a VMDK)")
-    return UnsupportedImage(path, "is not a VMDK image (no KDMV header, no text descriptor)")
-
-
 class VmdkLayer(LayerBase):
     format = "vmdk"
 
     def __init__(self, path: str, fd: int, ctx: OpenContext) -> None:
         self.path, self.fd = path, fd
         self.file_size = host_size(fd, path)
-        try:
-            head = os.pread(fd, SECTOR, 0)
-        except OSError as exc:
-            raise ImageIOError.from_oserror(path, exc, 0) from None
-        self.parts: list[_Extent] = []
+        head = self._head(SECTOR)
+        self.parts: list[Extent] = []
         self.descriptor: Descriptor | None = None
         self.create_type = ""
         try:
             if head[:4] == MAGIC:
-                self.descriptor = self._open_sparse()
+                self.descriptor = self._open_sparse(ctx)
             elif head[:4] == COWD_MAGIC:  # a vmfsSparse extent opened alone, as QEMU opens one
-                self.parts.append(CowdExtent(path, fd, None))
+                self.parts.append(CowdExtent(path, fd, None, ctx))
                 self.create_type = "vmfsSparse"
-            elif _foreign(head) or not _looks_like_text(head):
-                raise _refuse_not_vmdk(path, head)
+            elif not_a_descriptor(head, self._head(DESCRIPTOR_HEAD)):
+                # before any parsing: a text file that is not a descriptor may be any host
+                # file an image names (/etc/shadow), and its lines must never reach a message
+                raise refuse_not_vmdk(path, head)
             else:
                 self.descriptor = self._open_descriptor(ctx)
         except BaseException:
             self.close()
             raise
+        sparse = [e for e in self.parts if isinstance(e, (_SparseExtent, GrainExtent))]
+        for e in sparse:  # the layer's cache stays one extent's, however many extents share it
+            e.cache_tables = max(2, e.cache_tables // len(sparse))
         self.starts = [e.start for e in self.parts]
         self.size = sum(e.length for e in self.parts)
         d = self.descriptor
@@ -407,8 +418,14 @@ class VmdkLayer(LayerBase):
                 (d.parent_hint,), "vmdk", identity=("vmdk-cid", f"{d.parent_cid:08x}"), loose=True
             )
 
-    def _open_sparse(self) -> Descriptor | None:
-        ext = _SparseExtent(self.path, self.fd, None)
+    def _head(self, n: int) -> bytes:
+        try:
+            return os.pread(self.fd, n, 0)
+        except OSError as exc:
+            raise ImageIOError.from_oserror(self.path, exc, 0) from None
+
+    def _open_sparse(self, ctx: OpenContext) -> Descriptor | None:
+        ext = _SparseExtent(self.path, self.fd, None, ctx)
         self.parts.append(ext)
         hdr = ext.header_in_file
         d = None
@@ -434,10 +451,8 @@ class VmdkLayer(LayerBase):
         pread_exact(self.fd, self.path, memoryview(raw), 0)
         d = parse_descriptor(self.path, bytes(raw))
         ct = d.create_type
-        if ct in REFUSED_TYPES:
-            raise UnsupportedImage(self.path, f"{REFUSED_TYPES[ct]} disks are not supported")
         if ct not in DESCRIPTOR_TYPES:
-            raise UnsupportedImage(self.path, f"descriptor of createType {ct!r} is not supported")
+            raise unsupported_type(self.path, ct)
         self.create_type = ct
         if not d.extents:
             raise CorruptImage(self.path, "descriptor has no extents")
@@ -449,7 +464,7 @@ class VmdkLayer(LayerBase):
             self.parts.append(ext)
         return d
 
-    def _open_extent(self, ctx: OpenContext, line: ExtentLine) -> _Extent:
+    def _open_extent(self, ctx: OpenContext, line: ExtentLine) -> Extent:
         where = f"descriptor line {line.line}"
         if line.access == "NOACCESS":
             raise UnsupportedImage(self.path, f"{where}: NOACCESS extents are not supported")
@@ -459,12 +474,12 @@ class VmdkLayer(LayerBase):
             )
         length = line.sectors * SECTOR
         if line.type == "ZERO":
-            return _ZeroExtent(length, line)
+            return ZeroExtent(length, line)
         assert line.filename is not None
         epath, efd = ctx.open_related(self.path, line.filename, "extent file")
         if line.type in ("FLAT", "VMFS"):
-            return _FlatExtent(epath, efd, line.offset * SECTOR, length, line, self.create_type == "vmfsThin")
-        ext = esxi_extent(epath, efd, line) or _SparseExtent(epath, efd, line)
+            return FlatExtent(epath, efd, line.offset * SECTOR, length, line, self.create_type == "vmfsThin")
+        ext = esxi_extent(epath, efd, line, ctx) or _SparseExtent(epath, efd, line, ctx)
         if ext.length != length:
             raise CorruptImage(
                 self.path,

@@ -32,8 +32,9 @@ from typing import Any
 
 from ...errors import CorruptImage, UnsupportedImage
 from ...hostio import pread_exact
+from ..api import OpenContext
 from .descriptor import ExtentLine
-from .grains import G_ABSENT, G_BAD, G_DATA, G_ZERO, GrainExtent, GrainTable, mark_past_end
+from .grains import G_ABSENT, G_BAD, G_DATA, G_ZERO, GrainExtent, GrainTable, mark_past_end, used_tables
 from .sparse import MAX_CAPACITY, SECTOR
 
 CONST_MAGIC = 0xCAFEBABE
@@ -74,7 +75,7 @@ class SeSparseExtent(GrainExtent):
     unit = GRAIN_SECTORS * SECTOR
     span = GTES * GRAIN_SECTORS * SECTOR
 
-    def __init__(self, path: str, fd: int, line: ExtentLine | None) -> None:
+    def __init__(self, path: str, fd: int, line: ExtentLine | None, ctx: OpenContext | None) -> None:
         super().__init__(path, fd)
         self.line = line
         if self.file_size < SECTOR:
@@ -131,11 +132,13 @@ class SeSparseExtent(GrainExtent):
                 "flatfs, like QEMU, does not replay it: consolidate the snapshot on ESXi",
                 vol_off * SECTOR + 24,
             )
+        if ctx is not None:  # the chain-wide table budget, before the directory is read
+            ctx.charge(path, f"a grain directory of {need} entries", 16 * need)
         gdraw = bytearray(8 * need)
         if need:
             pread_exact(fd, path, memoryview(gdraw), self.gd_offset)
         self.gd = _u64(gdraw)
-        self.used = [i for i, v in enumerate(self.gd) if v] if any(gdraw) else []
+        self.used = used_tables(path, self.gd, GT_SECTORS * SECTOR, self.file_size, self.gd_offset)
 
     def _check_areas(self, f: tuple[int, ...]) -> None:
         """The volatile header, then each area after the one before it, none past 2^63 bytes."""

@@ -129,7 +129,7 @@ def parse_header(path: str, raw: bytes, file_size: int, at: int = 0, *, footer: 
         raise UnsupportedImage(path, f"compression algorithm {algo} is not supported", at + 77)
     if capacity == 0 and doff:
         raise UnsupportedImage(path, "a sparse extent holding a whole descriptor is not supported", at + 12)
-    if capacity > MAX_CAPACITY:
+    if capacity >= MAX_CAPACITY:
         raise CorruptImage(path, f"capacity of {capacity} sectors is too large", at + 12)
     if not 1 <= grain <= MAX_GRAIN_SECTORS:
         raise CorruptImage(path, f"grain size of {grain} sectors is invalid", at + 20)
