@@ -14,19 +14,30 @@ import errno
 import ntpath
 import os
 import re
+import resource
 import stat
 from typing import NamedTuple
 
-from ..errors import ChainError, FlatfsError, ImageIOError, ParentMismatch, UnsupportedImage
+from ..errors import (
+    ChainError,
+    FlatfsError,
+    ImageIOError,
+    MissingParent,
+    ParentMismatch,
+    UnsupportedImage,
+)
 from ..formats import lookup, probe
 from ..formats.api import PROBE_SIZE, Format, Layer, ParentRef
 from ..hostio import lock_shared_readonly
 from .compose import Chain
 
-# A chain deeper than this is refused. QEMU sets no limit, but a hostile image
-# set could otherwise make us open thousands of files; real chains made by
-# snapshot tools stay far below it.
-MAX_CHAIN_DEPTH = 64
+# A chain deeper than this is refused unless --max-depth says otherwise. QEMU
+# sets no limit; incremental-backup chains reach hundreds of images, and a
+# hostile image set could otherwise make us open files without end.
+MAX_CHAIN_DEPTH = 1000
+
+# File descriptors kept free beyond the chain's own (FUSE, pools, the target)
+_SPARE_FDS = 64
 
 # Files a search for a parent by identity reads the head of, per folder, at most
 MAX_SCAN_FILES = 4096
@@ -122,12 +133,17 @@ class Opener:
 
     # -- files -----------------------------------------------------------------
     def open(self, path: str, *, top: bool, referrer: str | None = None, what: str = "backing file") -> int:
+        _room_for(len(self.fds) + _SPARE_FDS)
         try:
             # O_NONBLOCK: a FIFO must be refused, not waited on
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             if referrer is not None and exc.errno == errno.ENOENT:
                 raise ChainError(f"{referrer}: {what} {path!r} not found") from None
+            if exc.errno == errno.EMFILE:
+                raise ChainError(
+                    f"{path}: too many open files after {len(self.fds)} (raise the hard limit, ulimit -Hn)"
+                ) from None
             raise ImageIOError.from_oserror(path, exc) from None
         self.fds.append(fd)
         try:
@@ -218,6 +234,21 @@ class Opener:
                 pass
 
 
+def _room_for(count: int) -> None:
+    """Raise the soft open-files limit toward the hard one when a deep chain needs ``count``
+    descriptors; past the hard limit, the open that fails says EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or count < soft:
+        return
+    want = max(count, soft * 2)
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if new > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (OSError, ValueError):
+            pass
+
+
 def _identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
@@ -295,7 +326,7 @@ def _search_by_id(child: str, ref: ParentRef, opener: Opener, what: str) -> str:
                 found.append(path)
     found = list(dict.fromkeys(os.path.realpath(p) for p in found))
     if not found:
-        raise ChainError(f"{child}: {what} with {kind} {want} not found (searched {', '.join(folders)})")
+        raise MissingParent(child, f"{what} with {kind} {want}", folders)
     if len(found) > 1:
         raise ChainError(
             f"{child}: {what} with {kind} {want} is ambiguous: both {found[0]} and {found[1]} have it"
@@ -320,29 +351,41 @@ def _scan_head(path: str) -> bytes | None:
         os.close(fd)
 
 
+def _search_paths(lay: Layer, ref: ParentRef, opener: Opener) -> list[tuple[str, str]]:
+    """Where each --search-dir would hold the parent: the file name of each recorded
+    name, in each folder, in the order given."""
+    out: list[tuple[str, str]] = []
+    for d in opener.options.search_dirs:
+        for name in ref.candidates:
+            bare = ntpath.basename(name.replace("/", "\\")) if ref.loose else os.path.basename(name)
+            if bare:
+                out.append((os.path.join(d, bare), f"{bare} (in --search-dir {d})"))
+    return out
+
+
 def _open_parent(lay: Layer, ref: ParentRef, opener: Opener) -> Layer:
+    """The parent ``ref`` names: where the child records it, else by its file name in each
+    --search-dir (its identity must then match), else, for a parent named by identity
+    only, by a scan of the folders for it."""
     what = "backing file"
     named = opener.candidates(lay.path, ref, what)
-    tried = [path for path, _ in named]
-    for i, (path, source) in enumerate(named):
-        last = i == len(tried) - 1 and ref.by_id is None
-        if not last and not os.path.lexists(path):
+    searched = _search_paths(lay, ref, opener)
+    tried = list(dict.fromkeys(p for p, _ in named + searched))
+    for i, (path, source) in enumerate(named + searched):
+        from_search = i >= len(named)
+        if not os.path.lexists(path):
             continue
         opener.check_dir(lay.path, path, what)
-        try:
-            parent = open_layer(path, ref.format, opener, top=False, referrer=lay.path)
-        except ChainError as exc:
-            if len(tried) > 1 and last and not os.path.lexists(path):
-                raise ChainError(f"{lay.path}: {what} not found (tried {', '.join(tried)})") from exc
-            raise
-        if ref.by_id is not None and parent.identity(ref.by_id[0]) != ref.by_id[1]:
+        parent = open_layer(path, ref.format, opener, top=False, referrer=lay.path)
+        want = ref.by_id or (ref.identity if from_search and not opener.options.ignore_parent_id else None)
+        if want is not None and parent.identity(want[0]) != want[1]:
             parent.close()
             continue  # a file of that name, but not the parent: keep looking
         opener.found_by[lay.path] = "name"
         opener.resolved_from[lay.path] = source
         return parent
     if ref.by_id is None:
-        raise ChainError(f"{lay.path}: {what} not found")
+        raise MissingParent(lay.path, f"{what} {ref.name!r}", tried)
     path = _search_by_id(lay.path, ref, opener, what)
     opener.check_dir(lay.path, path, what)
     parent = open_layer(path, ref.format, opener, top=False, referrer=lay.path)
@@ -352,11 +395,28 @@ def _open_parent(lay: Layer, ref: ParentRef, opener: Opener) -> Layer:
 
 def open_chain(path: str | os.PathLike[str], options: OpenOptions | None = None) -> Chain:
     """Open ``path`` and every parent below it."""
+    chain, missing = open_partial_chain(path, options)
+    if missing is not None:
+        chain.close()
+        raise missing
+    return chain
+
+
+def open_partial_chain(
+    path: str | os.PathLike[str], options: OpenOptions | None = None
+) -> tuple[Chain, MissingParent | None]:
+    """Open ``path`` and every parent below it that can be found.
+
+    A missing parent ends the chain early instead of failing it: the chain
+    of what was resolved comes back with the :class:`MissingParent` error
+    (for ``info``, which shows both). Every other error is raised.
+    """
     options = options or OpenOptions()
     path = os.fspath(path)
     opener = Opener(options)
     layers: list[Layer] = []
     seen: dict[tuple[int, int], str] = {}
+    missing: MissingParent | None = None
     try:
         lay = open_layer(path, options.format, opener, top=True)
         while True:
@@ -371,8 +431,15 @@ def open_chain(path: str | os.PathLike[str], options: OpenOptions | None = None)
             if ref is None or options.no_backing:
                 break
             if len(layers) >= options.max_depth:
-                raise ChainError(f"{path}: backing chain is deeper than {options.max_depth} images")
-            lay = _open_parent(lay, ref, opener)
+                raise ChainError(
+                    f"{path}: backing chain is deeper than {options.max_depth} images "
+                    "(--max-depth N reads deeper chains)"
+                )
+            try:
+                lay = _open_parent(lay, ref, opener)
+            except MissingParent as exc:
+                missing = exc
+                break
     except FlatfsError:
         for done in layers:
             done.close()
@@ -381,4 +448,4 @@ def open_chain(path: str | os.PathLike[str], options: OpenOptions | None = None)
     except BaseException:
         opener.close()
         raise
-    return Chain(tuple(layers), opener)
+    return Chain(tuple(layers), opener), missing

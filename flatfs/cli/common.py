@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ..chain import OpenOptions
+from ..chain import MAX_CHAIN_DEPTH, OpenOptions
 from ..errors import FlatfsError
 from ..formats import FORMATS
 
@@ -89,7 +89,16 @@ def chain_options() -> Callable[[Command], Command]:
                 "search_dirs",
                 multiple=True,
                 type=click.Path(file_okay=False),
-                help="Also search DIR for a parent named only by UUID (VDI snapshots); repeatable.",
+                help="Look for a parent not found where its child records it in DIR (by its file name, "
+                "or by UUID for VDI snapshots); repeatable, searched in order.",
+            ),
+            click.option(
+                "--max-depth",
+                type=click.IntRange(min=1),
+                default=MAX_CHAIN_DEPTH,
+                show_default=True,
+                help="Refuse backing chains deeper than N images.",
+                metavar="N",
             ),
         ]
         for o in reversed(opts):
@@ -106,6 +115,7 @@ def chain_options() -> Callable[[Command], Command]:
             force_share: bool,
             ignore_parent_id: bool,
             search_dirs: tuple[str, ...],
+            max_depth: int,
             **kw: Any,
         ) -> Any:
             kw["options"] = OpenOptions(
@@ -117,6 +127,7 @@ def chain_options() -> Callable[[Command], Command]:
                 force_share=force_share,
                 ignore_parent_id=ignore_parent_id,
                 search_dirs=tuple(search_dirs),
+                max_depth=max_depth,
             )
             return fn(*args, **kw)
 

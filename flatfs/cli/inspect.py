@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import operator
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import click
 
-from ..chain import Chain, OpenOptions, open_chain
+from ..chain import Chain, OpenOptions, open_chain, open_partial_chain
 from ..extents import KINDS, Kind
 from ..formats import lookup
 from ..units import human_size
@@ -41,15 +41,29 @@ def info(image: str, output: str, options: OpenOptions) -> None:
     # info shows a parent whose identity (a VMDK's CID...) differs from what its
     # child records, and flags it; map, mount and convert refuse such a chain
     options = options._replace(ignore_parent_id=True)
-    with open_chain(image, options) as chain:
+    # a chain with a missing link: show what was found, then the missing one, and fail
+    chain, missing = open_partial_chain(image, options)
+    with chain:
         rows = chain_info(chain)
         strips = [picture.strip(chain, d) for d in range(len(chain.layers))] if output == "human" else []
+    if missing is not None:
+        rows.append({"depth": len(rows), "missing": missing.looked_for, "looked-in": list(missing.tried)})
     if output == "json":
         click.echo(json.dumps(rows, indent=2))
-        return
+    else:
+        _echo_info(rows, strips)
+    if missing is not None:
+        raise missing
+
+
+def _echo_info(rows: list[dict[str, Any]], strips: list[str]) -> None:
     for i, r in enumerate(rows):
         if i:
             click.echo("")
+        if "missing" in r:
+            click.echo(f"[{r['depth']}] MISSING: {r['missing']}")
+            _echo_row("looked in", r["looked-in"])
+            continue
         click.echo(f"[{r['depth']}] {r['filename']}")
         click.echo(f"    format:        {r['format']}")
         click.echo(f"    virtual size:  {human_size(r['virtual-size'])} ({r['virtual-size']} bytes)")
