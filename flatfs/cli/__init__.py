@@ -56,6 +56,10 @@ def run() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`flatfs map | head`): nothing left to say
+        except BrokenPipeError:  # a closed pipe (`flatfs map | head`): nothing left to say
+            pass
+        except (OSError, ValueError) as exc:  # a full disk under `flatfs map > file`: the output is short
+            if code == 0 and stream is sys.stdout:
+                print(f"flatfs: cannot write the output: {getattr(exc, 'strerror', exc)}", file=sys.stderr)
             code = code or 1
     os._exit(code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -39,11 +40,19 @@ class FlatfsGroup(click.Group):
             click.echo(f"flatfs: {exc}", err=True)
             ctx.exit(1)
         except BrokenPipeError:
-            # `flatfs map | head`: not an error worth a traceback.
+            # `flatfs map | head`: the reader has what it wanted; end quietly with
+            # status 0, as qemu-img map does, so `set -o pipefail` scripts go on.
             try:
                 sys.stdout = open(os.devnull, "w")
             except OSError:
                 pass
+            ctx.exit(0)
+        except OSError as exc:
+            # FlatfsError covers every file flatfs opens; what is left is its own
+            # output: `flatfs map > file` on a full disk
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+                raise
+            click.echo(f"flatfs: cannot write the output: {exc.strerror}", err=True)
             ctx.exit(1)
 
 
@@ -62,7 +71,7 @@ def chain_options() -> Callable[[Command], Command]:
             ),
             click.option(
                 "--backing-dir",
-                type=click.Path(file_okay=False),
+                type=click.Path(exists=True, file_okay=False),
                 default=None,
                 help="Refuse backing and data files that resolve outside DIR.",
             ),
@@ -88,7 +97,7 @@ def chain_options() -> Callable[[Command], Command]:
                 "--search-dir",
                 "search_dirs",
                 multiple=True,
-                type=click.Path(file_okay=False),
+                type=click.Path(exists=True, file_okay=False),
                 help="Look for a parent not found where its child records it in DIR (by its file name, "
                 "or by UUID for VDI snapshots); repeatable, searched in order.",
             ),

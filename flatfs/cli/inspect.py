@@ -16,6 +16,11 @@ from ..units import human_size
 from .common import chain_options
 
 
+def _plain(value: object) -> object:
+    """A list inside a record as words ("a b"), not as Python writes it ("['a', 'b']")."""
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else value
+
+
 def _echo_row(label: str, value: object) -> None:
     """One fact of a row: a list gets one line per item (a record as "k: v, ..."), a flag yes or no."""
     items = value if isinstance(value, list) else [value]
@@ -23,7 +28,7 @@ def _echo_row(label: str, value: object) -> None:
         if isinstance(item, bool):
             text: object = "yes" if item else "no"
         elif isinstance(item, dict):
-            text = ", ".join(f"{k}: {v}" for k, v in item.items())
+            text = ", ".join(f"{k}: {_plain(v)}" for k, v in item.items())
         else:
             text = item
         click.echo(f"    {label + ':' if n == 0 else '':<14} {text}")

@@ -438,7 +438,7 @@ def _foreign(head: bytes) -> bool:
 def _refuse_not_vmdk(path: str, head: bytes) -> UnsupportedImage:
     for magic, name in _FOREIGN.items():
         if head.startswith(magic):
-            return UnsupportedImage(path, f"is a {name} image, not a VMDK (a VMDK's parent must be a VMDK)")
+            return UnsupportedImage(path, f"is a {name} image, not a VMDK")
     return UnsupportedImage(path, "is not a VMDK image (no KDMV header, no text descriptor)")
 
 
