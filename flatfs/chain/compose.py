@@ -77,6 +77,10 @@ class Chain:
         """The name layer ``depth`` records for its parent that found it, if a name did."""
         return self._opener.resolved_from.get(self.layers[depth].path)
 
+    def probe_note(self, depth: int) -> str | None:
+        """What probing layer ``depth`` saw beyond its head (a fixed VHD's footer), if anything."""
+        return self._opener.probe_notes.get(self.layers[depth].path)
+
     # -- the one composer --------------------------------------------------
     def _pieces(self, depth: int, start: int, end: int) -> Iterator[Piece]:
         """The composition of [start, end) from layer ``depth`` down, a layer's answer at a time."""

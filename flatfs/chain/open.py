@@ -26,9 +26,9 @@ from ..errors import (
     ParentMismatch,
     UnsupportedImage,
 )
-from ..formats import lookup, probe
-from ..formats.api import PROBE_SIZE, Format, Layer, ParentRef
-from ..hostio import lock_shared_readonly
+from ..formats import lookup, probe, probe_tail
+from ..formats.api import PROBE_SIZE, TAIL_SIZE, Format, Layer, ParentRef
+from ..hostio import host_size, lock_shared_readonly
 from .compose import Chain
 
 # A chain deeper than this is refused unless --max-depth says otherwise. QEMU
@@ -76,6 +76,8 @@ class Opener:
         self.found_by: dict[str, str] = {}
         # child path -> the recorded name that found its parent
         self.resolved_from: dict[str, str] = {}
+        # path -> what probing saw beyond the head (a fixed VHD's footer), for info
+        self.probe_notes: dict[str, str] = {}
 
     # -- names -----------------------------------------------------------------
     @staticmethod
@@ -269,6 +271,8 @@ def open_layer(
     if fmt is None:
         fmt = probe(path, _head(path, fd))
         if fmt is None:
+            fmt = _probe_tail(path, fd, opener)
+        if fmt is None:
             if not top and not opener.options.allow_probe_raw:
                 raise ChainError(
                     f"{referrer}: backing file {path!r} has no recorded format and does not look like "
@@ -279,6 +283,25 @@ def open_layer(
     if entry is None:
         raise UnsupportedImage(path, f"unknown or unsupported format {fmt!r}")
     return entry.open(path, fd, opener)
+
+
+def _probe_tail(path: str, fd: int, opener: Opener) -> str | None:
+    """A format known by its footer alone (a fixed VHD): taken when the file's name says so
+    (``*.vhd``), else only noted for ``info``, as QEMU, which probes it as raw, would."""
+    try:
+        size = host_size(fd, path)
+        tail = os.pread(fd, TAIL_SIZE, size - TAIL_SIZE) if size >= TAIL_SIZE else b""
+    except OSError as exc:
+        raise ImageIOError.from_oserror(path, exc) from None
+    found = probe_tail(path, tail, size) if len(tail) == TAIL_SIZE else None
+    if found is None:
+        return None
+    name, suffix = found
+    if suffix is not None:
+        opener.probe_notes[path] = f"recognised by the {name} footer at its end (its name ends in {suffix})"
+        return name
+    opener.probe_notes[path] = f"read as raw, but the file ends with a {name} footer: -f {name} reads it"
+    return None
 
 
 def _check_identity(child: Layer, parent: Layer, ref: ParentRef, options: OpenOptions) -> None:

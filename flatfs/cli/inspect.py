@@ -71,6 +71,8 @@ def _echo_info(rows: list[dict[str, Any]], strips: list[str]) -> None:
             continue
         click.echo(f"[{r['depth']}] {r['filename']}")
         click.echo(f"    format:        {r['format']}")
+        if r.get("probed"):
+            click.echo(f"    probed:        {r['probed']}")
         click.echo(f"    virtual size:  {human_size(r['virtual-size'])} ({r['virtual-size']} bytes)")
         click.echo(f"    disk size:     {human_size(r['actual-size'])}")
         fmt_entry = lookup(r["format"])

@@ -179,6 +179,9 @@ class LayerBase:
 Opener = Callable[[str, int, OpenContext], Layer]
 
 
+TAIL_SIZE = 512  # what Format.probe_tail reads from a file's end
+
+
 class Format(NamedTuple):
     """One entry of ``FORMATS``: how to recognise and open a format, and what else it offers.
 
@@ -199,3 +202,7 @@ class Format(NamedTuple):
     identify: Callable[[bytes], dict[str, str]] | None = None
     suffixes: tuple[str, ...] = ()
     info_rows: tuple[tuple[str, str], ...] = ()  # (info() key, label) lines of the human `info`
+    # does this tail (a file's last TAIL_SIZE bytes, and the file's size) end an image of ours
+    # that nothing at the head announces (a fixed VHD)? Trusted without -f only when the
+    # file name ends with one of ``suffixes``.
+    probe_tail: Callable[[bytes, int], bool] | None = None
