@@ -98,3 +98,39 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     ver = subprocess.run([str(venv / "bin/flatfs"), "--version"], capture_output=True, text=True, cwd="/")
     assert ver.returncode == 0 and ver.stdout.split()[-1] == flatfs.__version__, ver.stderr
+
+
+def test_staged_install_runs_once_moved_into_prefix(qemu, tmp_path: Path) -> None:
+    """DESTDIR staging, as a package build does: nothing in the tree names the staging folder."""
+    require(shutil.which("make") is not None, "make is not installed")
+    stage, prefix = tmp_path / "stage", tmp_path / "final" / "opt"
+    res = _make("install", f"DESTDIR={stage}", f"PREFIX={prefix}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    staged = Path(str(stage) + str(prefix))
+    named = subprocess.run(["grep", "-rlF", str(stage), str(staged)], capture_output=True, text=True)
+    assert named.stdout == "", named.stdout  # no script, config or compiled file names the stage
+    shutil.move(staged, prefix)
+    shutil.rmtree(stage)
+    ver = subprocess.run([str(prefix / "bin/flatfs"), "--version"], capture_output=True, text=True, cwd="/")
+    assert ver.returncode == 0 and ver.stdout.split()[-1] == flatfs.__version__, ver
+    img = qemu.create(tmp_path / "img.qcow2", "1M")
+    info = subprocess.run([str(prefix / "bin/flatfs"), "info", str(img)], capture_output=True, text=True)
+    assert info.returncode == 0 and "format:        qcow2" in info.stdout, info
+    res = _make("uninstall", f"PREFIX={prefix}")
+    assert res.returncode == 0 and _left(prefix) == [], res.stdout + res.stderr
+
+
+def test_uninstall_removes_the_folders_install_made_and_nothing_else(tmp_path: Path) -> None:
+    require(shutil.which("make") is not None, "make is not installed")
+    made = tmp_path / "new" / "prefix"  # install creates both folders: uninstall removes both
+    assert _make("install", f"PREFIX={made}").returncode == 0
+    assert _make("uninstall", f"PREFIX={made}").returncode == 0
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "usr"  # existing, with an unrelated file in a folder install also writes to
+    (kept / "share" / "man" / "man1").mkdir(parents=True)
+    (kept / "share" / "man" / "man1" / "other.1").write_text("keep me")
+    (kept / "lib").mkdir()
+    assert _make("install", f"PREFIX={kept}").returncode == 0
+    assert _make("uninstall", f"PREFIX={kept}").returncode == 0
+    left = sorted(str(p.relative_to(kept)) for p in kept.rglob("*"))
+    assert left == ["lib", "share", "share/man", "share/man/man1", "share/man/man1/other.1"], left
