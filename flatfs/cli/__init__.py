@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .. import __version__
+from .. import __version__, formats
 from .common import FlatfsGroup
 from .convert import convert, measure
 from .inspect import info, map_
@@ -20,13 +20,15 @@ from .mount import mount, umount
 
 @click.group(
     cls=FlatfsGroup,
+    # from FORMATS, so that a format added later is named here too
+    help=f"Inspect and flatten VM disk image chains ({', '.join(formats.names())}).",
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog="Each command's --help is short; the manual is flatfs(1), flatfs-mount(1), "
     "flatfs-convert(1), flatfs-measure(1).",
 )
 @click.version_option(version=__version__, prog_name="flatfs")
 def main() -> None:
-    """Inspect and flatten VM disk image chains (qcow2, raw)."""
+    """The flatfs command group (its help is built from FORMATS above)."""
 
 
 for _command in (info, map_, mount, umount, convert, measure):
