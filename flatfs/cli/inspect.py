@@ -50,7 +50,11 @@ def info(image: str, output: str, options: OpenOptions) -> None:
     chain, missing = open_partial_chain(image, options)
     with chain:
         rows = chain_info(chain)
-        strips = [picture.strip(chain, d) for d in range(len(chain.layers))] if output == "human" else []
+        strips = (
+            [picture.strip_and_resolution(chain, d) for d in range(len(chain.layers))]
+            if output == "human"
+            else []
+        )
     if missing is not None:
         rows.append({"depth": len(rows), "missing": missing.looked_for, "looked-in": list(missing.tried)})
     if output == "json":
@@ -61,7 +65,7 @@ def info(image: str, output: str, options: OpenOptions) -> None:
         raise missing
 
 
-def _echo_info(rows: list[dict[str, Any]], strips: list[str]) -> None:
+def _echo_info(rows: list[dict[str, Any]], strips: list[tuple[str, bool]]) -> None:
     for i, r in enumerate(rows):
         if i:
             click.echo("")
@@ -96,7 +100,8 @@ def _echo_info(rows: list[dict[str, Any]], strips: list[str]) -> None:
             )
         if r.get("features"):
             click.echo(f"    features:      {', '.join(r['features'])}")
-        click.echo(f"    data map:      [{strips[i]}]")
+        cells, exact = strips[i]
+        click.echo(f"    data map:      [{cells}]" + ("" if exact else " (coarse: from the top tables only)"))
 
 
 @click.command("map")
