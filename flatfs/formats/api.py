@@ -176,7 +176,9 @@ class LayerBase:
         pass
 
 
-Opener = Callable[[str, int, OpenContext], Layer]
+# How a format opens one of its files: (path, fd, context) -> its layer. Not to be confused with
+# the chain's Opener (chain/open.py), the OpenContext a format is handed.
+OpenLayer = Callable[[str, int, OpenContext], Layer]
 
 
 TAIL_SIZE = 512  # what Format.probe_tail reads from a file's end
@@ -196,7 +198,7 @@ class Format(NamedTuple):
 
     name: str
     probe: Callable[[bytes], bool]  # does this head (PROBE_SIZE bytes) look like ours?
-    open: Opener
+    open: OpenLayer
     aliases: tuple[str, ...] = ()
     target: Callable[[], Any] | None = None
     identify: Callable[[bytes], dict[str, str]] | None = None
