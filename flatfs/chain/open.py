@@ -29,7 +29,7 @@ from ..errors import (
 from ..formats import lookup, probe, probe_tail
 from ..formats.api import PROBE_SIZE, TAIL_SIZE, Format, Layer, ParentRef
 from ..hostio import host_size, lock_shared_readonly
-from .compose import Chain
+from .compose import Chain, LayerFacts
 
 # A chain deeper than this is refused unless --max-depth says otherwise. QEMU
 # sets no limit; incremental-backup chains reach hundreds of images, and a
@@ -471,4 +471,12 @@ def open_partial_chain(
     except BaseException:
         opener.close()
         raise
-    return Chain(tuple(layers), opener), missing
+    facts = tuple(
+        LayerFacts(
+            opener.found_by.get(lay.path),
+            opener.resolved_from.get(lay.path),
+            opener.probe_notes.get(lay.path),
+        )
+        for lay in layers
+    )
+    return Chain(tuple(layers), facts, opener.close), missing
