@@ -122,15 +122,19 @@ class Opener:
         first = dict(reversed(out))  # path -> the first name that gives it
         return [(p, first[p]) for p in dict.fromkeys(p for p, _ in out)]
 
-    def check_dir(self, referrer: str, path: str, what: str) -> None:
+    def inside_fence(self, path: str) -> bool:
+        """True when ``path`` resolves (symlinks included) inside --backing-dir, or there is none."""
         bdir = self.options.backing_dir
         if bdir is None:
-            return
-        real = os.path.realpath(path)
+            return True
         root = os.path.realpath(bdir)
-        if os.path.commonpath([real, root]) != root:
+        return os.path.commonpath([os.path.realpath(path), root]) == root
+
+    def check_dir(self, referrer: str, path: str, what: str) -> None:
+        if not self.inside_fence(path):
             raise ChainError(
-                f"{referrer}: {what} {path!r} resolves to {real!r}, outside --backing-dir {bdir!r}"
+                f"{referrer}: {what} {path!r} resolves to {os.path.realpath(path)!r}, "
+                f"outside --backing-dir {self.options.backing_dir!r}"
             )
 
     # -- files -----------------------------------------------------------------
@@ -197,24 +201,13 @@ class Opener:
             path = self.resolve(referrer, name, "registry")
         except FlatfsError:
             return None
-        bdir = self.options.backing_dir
-        if bdir is not None:
-            root = os.path.realpath(bdir)
-            if os.path.commonpath([os.path.realpath(path), root]) != root:
-                return None
-        try:
-            st = os.stat(path)
-        except OSError:
+        if not self.inside_fence(path):
             return None
-        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        fd = open_regular(path)
+        if fd is None:
             return None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)  # it may have been swapped since the stat
-            if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            if os.fstat(fd).st_size > max_bytes:
                 return None
             out = bytearray()
             while len(out) <= max_bytes:
@@ -357,16 +350,32 @@ def _search_by_id(child: str, ref: ParentRef, opener: Opener, what: str) -> str:
     return found[0]
 
 
-def _scan_head(path: str) -> bytes | None:
-    """The head of a file found by a scan; None unless it is (still) a regular file."""
+def open_regular(path: str) -> int | None:
+    """A read-only fd of ``path`` if it is a regular file, else None: the one safe open of a
+    file flatfs merely looks at (a registry, a scanned candidate). A FIFO or a device found
+    by a stat is never opened (the open could block or have side effects); one swapped in
+    after the stat is opened without blocking (O_NONBLOCK, O_NOCTTY) and refused by fstat."""
     try:
-        # O_NONBLOCK: the file may have been swapped for a FIFO since the stat
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _scan_head(path: str) -> bytes | None:
+    """The head of a file found by a scan; None unless it is (still) a regular file."""
+    fd = open_regular(path)
+    if fd is None:
+        return None
+    try:
         return os.pread(fd, PROBE_SIZE, 0)
     except OSError:
         return None
