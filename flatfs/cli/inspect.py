@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import operator
 import sys
 from typing import Any, TextIO
 
@@ -148,12 +147,12 @@ def _write_json(chain: Chain, out: TextIO) -> None:
     out.write("[")
     sep = ""
     for p in chain.pieces():
-        record = '{"start": %d, "length": %d, "depth": ' + str(p.depth) + ", %s"
-        lengths = map(operator.sub, p.ends, p.starts)
-        out.write(
-            sep
-            + ",\n".join(map(record.__mod__, zip(p.starts, lengths, map(_JSON_TAIL.__getitem__, p.kinds))))
+        d = p.depth
+        records = (
+            f'{{"start": {s}, "length": {e - s}, "depth": {d}, {_JSON_TAIL[k]}'
+            for s, e, k in zip(p.starts, p.ends, p.kinds)
         )
+        out.write(sep + ",\n".join(records))
         sep = ",\n"
     if not sep:
         # An empty disk: qemu-img prints one zero-length entry, so a
@@ -165,6 +164,9 @@ def _write_json(chain: Chain, out: TextIO) -> None:
 def _write_human(chain: Chain, out: TextIO) -> None:
     out.write(f"{'Offset':>20}  {'Length':>20}  {'Depth':>5}  Kind\n")
     for p in chain.pieces():
-        line = "%#20x  %#20x  " + f"{p.depth:>5}" + "  %s\n"
-        lengths = map(operator.sub, p.ends, p.starts)
-        out.write("".join(map(line.__mod__, zip(p.starts, lengths, map(_HUMAN_KIND.__getitem__, p.kinds)))))
+        d = p.depth
+        lines = (
+            f"{s:#20x}  {e - s:#20x}  {d:>5}  {_HUMAN_KIND[k]}\n"
+            for s, e, k in zip(p.starts, p.ends, p.kinds)
+        )
+        out.write("".join(lines))
