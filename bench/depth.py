@@ -29,14 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from timing import pair_ratios  # noqa: E402
-
-from tests.helpers.chains import deep_qcow2_chain  # noqa: E402
-from tests.helpers.qemu import Qemu  # noqa: E402
+from shared import Qemu, deep_qcow2_chain
+from timing import pair_ratios
 
 FLATFS = [sys.executable, "-m", "flatfs"]
 OPS = ("open", "map", "convert")
