@@ -436,7 +436,7 @@ MOUNT_REFUSED = [
 def test_malformed_image_is_not_mounted(qemu: Qemu, tmp_path: Path, mounter: Mounter, name: str) -> None:
     make = OPEN_CASES.get(name) or TABLE_CASES[name]
     img, words = make(qemu, tmp_path)
-    extra = ("-F", "qcow2") if name == "bad-magic" else ()
+    extra = ("-f", "qcow2") if name == "bad-magic" else ()
     mp = mounter.mountpoint()
     res = mounter.run(img, mp, *extra)
     assert res.returncode == 1, (res.returncode, res.stderr)
