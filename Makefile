@@ -19,10 +19,10 @@ INSTALL_FILES := bin/flatfs share/man/man1/flatfs.1 share/man/man1/flatfs-mount.
 all: test
 
 deps-run:
-	@sh .ci/ensure-deps run
+	@PYTHON='$(PYTHON)' sh .ci/ensure-deps run
 
 deps-test:
-	@sh .ci/ensure-deps test
+	@PYTHON='$(PYTHON)' sh .ci/ensure-deps test
 
 $(BIN)/.stamp: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
