@@ -190,3 +190,12 @@ def test_flatfs_1_lists_every_name_format_takes() -> None:
             break
     listed = set(re.findall(r"^\.BR? (\w+)", "\n".join(lines), re.M))
     assert listed == NAMES, f"flatfs.1: -f/--format lists {sorted(listed)}; it takes {sorted(NAMES)}"
+
+
+@pytest.mark.parametrize(
+    "doc", [*(f"docs/man/{p}" for p in PAGES), "README.md", "docs/security.md", "docs/qemu-compat.md"]
+)
+def test_no_doc_says_an_unrecorded_backing_is_probed_for_qcow2_only(doc: str) -> None:
+    """It is probed for every format in FORMATS (never as raw without --allow-probe-raw)."""
+    text = " ".join(plain((ROOT / doc).read_text(encoding="utf-8")).split())
+    assert "for qcow2 only" not in text, f"{doc}: says a backing file is probed for qcow2 only"
