@@ -7,6 +7,8 @@ Each failure names the option or format, and the document to fix. No qemu, no FU
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -199,3 +201,15 @@ def test_no_doc_says_an_unrecorded_backing_is_probed_for_qcow2_only(doc: str) ->
     """It is probed for every format in FORMATS (never as raw without --allow-probe-raw)."""
     text = " ".join(plain((ROOT / doc).read_text(encoding="utf-8")).split())
     assert "for qcow2 only" not in text, f"{doc}: says a backing file is probed for qcow2 only"
+
+
+def test_the_readme_already_exists_example_is_the_real_message(tmp_path: Path) -> None:
+    src, target = tmp_path / "vm.raw", tmp_path / "flat.qcow2"
+    src.write_bytes(b"\0" * 65536)
+    target.write_bytes(b"")
+    r = subprocess.run(
+        [sys.executable, "-m", "flatfs", "convert", "-f", "raw", src, target], capture_output=True, text=True
+    )
+    assert r.returncode == 1, r.stderr
+    line = r.stderr.strip().replace(str(target), "flat.qcow2")
+    assert line in README, f"README.md: the 'already exists' example is not the real message: {line}"
