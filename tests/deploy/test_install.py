@@ -127,6 +127,8 @@ def test_staged_install_runs_once_moved_into_prefix(qemu, tmp_path: Path, make) 
     staged = Path(str(stage) + str(prefix))
     named = subprocess.run(["grep", "-rlF", str(stage), str(staged)], capture_output=True, text=True)
     assert named.stdout == "", named.stdout  # no script, config or compiled file names the stage
+    cfg = (staged / "lib/flatfs/pyvenv.cfg").read_text()
+    assert "home = /usr/bin\n" in cfg, cfg  # the system interpreter, not the first python3 on PATH
     shutil.move(staged, prefix)
     shutil.rmtree(stage)
     ver = subprocess.run([str(prefix / "bin/flatfs"), "--version"], capture_output=True, text=True, cwd="/")
