@@ -1,5 +1,7 @@
 # flatfs: `make demo` and `make test` work on a fresh Debian machine as root.
-PYTHON ?= python3
+# The interpreter of the venvs: the system's, so that an installed flatfs runs for every user
+# (a pyenv or conda python3 first on root's PATH would not); PYTHON=... chooses another.
+PYTHON ?= /usr/bin/python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
@@ -19,10 +21,10 @@ INSTALL_FILES += share/man/man1/flatfs-serve.1 \
 all: test
 
 deps-run:
-	@sh .ci/ensure-deps run
+	@PYTHON='$(PYTHON)' sh .ci/ensure-deps run
 
 deps-test:
-	@sh .ci/ensure-deps test
+	@PYTHON='$(PYTHON)' sh .ci/ensure-deps test
 
 $(BIN)/.stamp: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,14 +59,34 @@ clean:
 
 # flatfs in its own venv under PREFIX/lib/flatfs (the system Python is never touched),
 # PREFIX/bin/flatfs a link to it, the man pages, and the systemd unit with PREFIX's paths.
+# With DESTDIR (staging for a package), the venv is made in DESTDIR/PREFIX and every path in it
+# that names the staging folder (scripts' #! lines, pyvenv.cfg, compiled files) is rewritten to
+# PREFIX, so the tree runs once moved into place. INSTALLED_DIRS records the folders install
+# created (PREFIX and its parents included, unless staged), so that uninstall removes them, and
+# only them, once empty.
+INSTALLED_DIRS := lib/flatfs/installed-dirs
+# Every folder install writes into, relative to PREFIX, deepest last
+install_dirs = $$(for d in $(INSTALL_DIRS) $(dir $(INSTALL_FILES)); do d=$${d%/}; \
+	  while [ "$$d" != . ]; do echo "$$d"; d=$$(dirname "$$d"); done; done | sort -u)
+
 install: deps-run
 	@case '$(PREFIX)' in *[[:space:]]*) echo "make install: PREFIX must not contain white space (the systemd unit could not name it)" >&2; exit 1;; esac
+	@case '$(PREFIX)' in /*) ;; *) echo "make install: PREFIX must be an absolute path" >&2; exit 1;; esac
 	@root='$(DESTDIR)$(PREFIX)'; set -e; \
+	created=$$(cat "$$root/$(INSTALLED_DIRS)" 2>/dev/null || true); \
+	p='$(PREFIX)'; [ -n '$(DESTDIR)' ] || while [ ! -d "$$p" ] && [ "$$p" != / ]; do created="$$created $$p"; p=$$(dirname "$$p"); done; \
+	for d in $(install_dirs); do [ -d "$$root/$$d" ] || created="$$created $(PREFIX)/$$d"; done; \
 	rm -rf "$$root/lib/flatfs"; \
 	$(PYTHON) -m venv "$$root/lib/flatfs"; \
-	"$$root/lib/flatfs/bin/python" -m pip install -q --no-cache-dir . >"$$root/lib/flatfs/install.log" 2>&1 \
+	"$$root/lib/flatfs/bin/python" -m pip install -q --no-cache-dir --no-compile . >"$$root/lib/flatfs/install.log" 2>&1 \
 	  || { cat "$$root/lib/flatfs/install.log"; exit 1; }; \
 	rm -f "$$root/lib/flatfs/install.log"; \
+	stage=$$(cd "$$root/lib/flatfs" && pwd); \
+	if [ "$$stage" != '$(PREFIX)/lib/flatfs' ]; then \
+	  grep -rlI --null -F "$$stage" "$$stage/bin" "$$stage/pyvenv.cfg" | xargs -0 -r sed -i "s|$$stage|$(PREFIX)/lib/flatfs|g"; \
+	fi; \
+	"$$root/lib/flatfs/bin/python" -m compileall -q -f -s "$${stage%/lib/flatfs}" -p '$(PREFIX)' "$$stage/lib" >/dev/null; \
+	printf '%s\n' $$created | sort -u >"$$root/$(INSTALLED_DIRS)"; \
 	install -d "$$root/bin" "$$root/share/man/man1" "$$root/lib/systemd/system" "$$root/share/doc/flatfs"; \
 	ln -sfn "$(PREFIX)/lib/flatfs/bin/flatfs" "$$root/bin/flatfs"; \
 	install -m644 docs/man/flatfs.1 docs/man/flatfs-mount.1 docs/man/flatfs-convert.1 docs/man/flatfs-measure.1 "$$root/share/man/man1/"; \
@@ -79,8 +101,8 @@ install: deps-run
 
 uninstall:
 	@root='$(DESTDIR)$(PREFIX)'; \
+	created=$$(cat "$$root/$(INSTALLED_DIRS)" 2>/dev/null); \
 	for f in $(INSTALL_FILES); do rm -f "$$root/$$f"; done; \
 	for d in $(INSTALL_DIRS); do rm -rf "$$root/$$d"; done; \
-	for d in bin share/man/man1 share/man lib/systemd/system lib/systemd lib share/doc share; do \
-	  rmdir "$$root/$$d" 2>/dev/null || true; done; \
+	for d in $$(printf '%s\n' $$created | sort -r); do rmdir "$(DESTDIR)$$d" 2>/dev/null || true; done; \
 	echo "removed flatfs from $(PREFIX)"

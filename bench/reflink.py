@@ -24,18 +24,12 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shared import filefrag_extents, loop_xfs, loop_xfs_missing
 from timing import fsync_path, pair_ratios, run_child
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.helpers.loopfs import filefrag_extents, loop_xfs, loop_xfs_missing  # noqa: E402
 
 TARGETS = {"vs_qemu": 1.5, "vs_plain": 0.2}
 TOOLS = ("flatfs-C", "qemu-C")

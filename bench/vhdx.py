@@ -19,18 +19,12 @@ from __future__ import annotations
 
 import statistics
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from timing import pair_ratios  # noqa: E402
-
-from tests.helpers.vhdx_writer import Parent, VhdxImage  # noqa: E402
+from shared import Parent, VhdxImage
+from timing import pair_ratios
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 SIZES = {"2T": 2 * TiB, "64G": 64 * GiB}

@@ -8,7 +8,7 @@ Public API::
 
 from __future__ import annotations
 
-from .chain import Chain, OpenOptions, open_chain
+from .chain import Chain, OpenOptions, open_chain, open_partial_chain
 from .errors import (
     ChainError,
     ConvertError,
@@ -16,6 +16,7 @@ from .errors import (
     FlatfsError,
     ImageError,
     ImageIOError,
+    MissingParent,
     MountError,
     ParentMismatch,
     UnsupportedImage,
@@ -28,6 +29,7 @@ __all__ = [
     "Chain",
     "OpenOptions",
     "open_chain",
+    "open_partial_chain",
     "Extent",
     "Kind",
     "FlatfsError",
@@ -37,6 +39,7 @@ __all__ = [
     "ParentMismatch",
     "ImageIOError",
     "ChainError",
+    "MissingParent",
     "MountError",
     "ConvertError",
     "__version__",

@@ -77,3 +77,20 @@ class ConvertError(FlatfsError):
 
 class ServeError(FlatfsError):
     """An NBD export cannot be started (nbdkit or its Python plugin missing, a bad option)."""
+
+
+class MissingParent(ChainError):
+    """A parent is neither where its child records it nor in any --search-dir.
+
+    ``looked_for`` says what was sought (a file name, or an identity), ``tried``
+    every path or folder looked in, in order.
+    """
+
+    def __init__(self, child: str, looked_for: str, tried: list[str] | tuple[str, ...]) -> None:
+        self.child = child
+        self.looked_for = looked_for
+        self.tried = tuple(tried)
+        super().__init__(
+            f"{child}: {looked_for} not found (looked in {', '.join(self.tried) or 'no folder'}); "
+            "name its folder with --search-dir DIR, or read this image alone with --no-backing"
+        )

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from html import escape
 
 from .chain import Chain
-from .extents import ABSENT, ALLOC_ZERO, DATA, ZERO
+from .errors import FlatfsError
+from .extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
 from .units import human_size
 
 STRIP_CELLS = 64
@@ -51,12 +52,50 @@ def cells(runs: Iterable[tuple[int, int, int, int]], size: int, n: int) -> list[
     return out
 
 
-def strip(chain: Chain, depth: int, width: int = STRIP_CELLS) -> str:
-    """Where layer ``depth`` may hold data, from its tables alone: ``#`` data, ``-`` zeros, ``.`` nothing."""
+# The exact runs of a layer are read for its strip while they number at most this many
+# (a few L2 or grain tables per run window); past it the strip stays coarse.
+EXACT_RUNS = 100_000
+
+
+def _exact_runs(chain: Chain, depth: int, budget: int) -> Runs | None:
+    """Layer ``depth``'s own runs inside where its top tables say data may be, or None once
+    they pass ``budget`` runs (reading them would no longer be cheap) or a table under them is
+    damaged (``info`` describes a damaged image; the reads that need the table fail)."""
+    layer = chain.layers[depth]
+    out = Runs()
+    count = 0
+    for s, e, k in chain.coarse_runs(depth):
+        if k == ABSENT:
+            out.add(s, e, k)
+            continue
+        pos = s
+        while pos < e:
+            try:
+                got = layer.runs(pos, e)
+            except FlatfsError:
+                return None
+            count += len(got)
+            if count > budget:
+                return None
+            for rs, re_, rk in got:
+                out.add(rs, re_, rk)
+            pos = got.ends[len(got) - 1]
+    return out
+
+
+def strip_and_resolution(chain: Chain, depth: int, width: int = STRIP_CELLS) -> tuple[str, bool]:
+    """Where layer ``depth`` holds data (``#`` data, ``-`` zeros, ``.`` nothing), and whether
+    that is exact at the strip's resolution (False: from its top tables alone, coarse)."""
     size = chain.layers[depth].size
-    runs = chain.coarse_runs(depth)
+    exact = _exact_runs(chain, depth, EXACT_RUNS)
+    runs = exact if exact is not None else chain.coarse_runs(depth)
     got = cells(((s, e, k, 0) for s, e, k in runs), size, width)
-    return "".join(STRIP_CHARS[r] for r, _ in got)
+    return "".join(STRIP_CHARS[r] for r, _ in got), exact is not None
+
+
+def strip(chain: Chain, depth: int, width: int = STRIP_CELLS) -> str:
+    """Where layer ``depth`` holds data, as :func:`strip_and_resolution` draws it."""
+    return strip_and_resolution(chain, depth, width)[0]
 
 
 def _band(out: list[str], y: int, x0: int, got: list[tuple[int, int]], by_depth: bool, h: int) -> None:

@@ -16,7 +16,9 @@ from typing import NamedTuple
 
 from .chain import Chain
 
-Piece = tuple[int, int, int]  # (guest offset, length, depth)
+# (guest offset, length, depth): one data span of a chunk. Not chain.compose.Piece, the
+# composer's bulk runs of one depth.
+Span = tuple[int, int, int]
 _Item = tuple[int, int, int, int]  # (start, end, depth, side)
 
 
@@ -28,7 +30,7 @@ class Chunk(NamedTuple):
 
     start: int
     end: int
-    pieces: list[list[Piece]]
+    pieces: list[list[Span]]
 
     @property
     def data_bytes(self) -> int:
@@ -61,7 +63,7 @@ def _chunks(items: Iterable[_Item], gran: int, limit: int, size: int, nsides: in
     look = next(it, None)
     heap: list[_Item] = []
     a = lim = end = -1
-    pieces: list[list[Piece]] = []
+    pieces: list[list[Span]] = []
     while True:
         if look is not None and (not heap or look[0] <= heap[0][0]):
             item = look
@@ -87,7 +89,7 @@ def _chunks(items: Iterable[_Item], gran: int, limit: int, size: int, nsides: in
         yield Chunk(a, end, pieces)
 
 
-def fill(chain: Chain, mv: memoryview, start: int, pieces: list[Piece], zeros: bytes) -> None:
+def fill(chain: Chain, mv: memoryview, start: int, pieces: list[Span], zeros: bytes) -> None:
     """Read ``pieces`` of ``chain`` into ``mv`` (which starts at guest ``start``); zero the gaps.
 
     ``zeros`` is at least ``len(mv)`` zero bytes (kept by the caller, so no
@@ -105,7 +107,7 @@ def fill(chain: Chain, mv: memoryview, start: int, pieces: list[Piece], zeros: b
         mv[pos:] = zeros[: len(mv) - pos]
 
 
-def coalesce_pieces(pieces: list[Piece]) -> Iterator[tuple[int, int]]:
+def coalesce_pieces(pieces: list[Span]) -> Iterator[tuple[int, int]]:
     """(guest offset, length) of ``pieces`` with adjacent ones joined (depths dropped)."""
     cur_s = cur_n = -1
     for s, n, _d in pieces:

@@ -15,15 +15,12 @@ import errno
 import operator
 import os
 from array import array
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from ..extents import ABSENT, ALLOC_ZERO, DATA, KINDS, ZERO, Extent, Runs
 from ..formats.api import HostFile, HostRun, Layer
 from . import dataindex
-
-if TYPE_CHECKING:
-    from .open import Opener
 
 SEEK_DATA = os.SEEK_DATA
 SEEK_HOLE = os.SEEK_HOLE
@@ -37,6 +34,14 @@ class Piece(NamedTuple):
     ends: array[int]
     kinds: bytes | bytearray
     depth: int
+
+
+class LayerFacts(NamedTuple):
+    """What opening the chain learnt about one layer beyond the layer itself (for ``info``)."""
+
+    found_by: str | None = None  # how its parent was found: "name", "search by <kind>"
+    resolved_from: str | None = None  # the recorded name that found its parent
+    probed: str | None = None  # what probing saw beyond its head (a fixed VHD's footer)
 
 
 _DATA_KINDS = (DATA, ALLOC_ZERO)
@@ -60,22 +65,34 @@ def _merged(runs: Runs) -> Runs:
 class Chain:
     """The flattened, read-only guest view of an image chain. Immutable; thread-safe."""
 
-    def __init__(self, layers: tuple[Layer, ...], opener: Opener) -> None:
+    def __init__(
+        self,
+        layers: tuple[Layer, ...],
+        facts: tuple[LayerFacts, ...] = (),
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        """``facts`` per layer, top first (missing ones are empty); ``on_close`` releases what
+        the opening holds (its file descriptors) once every layer is closed."""
         self.layers = layers
         self.size = layers[0].size
         self.path = layers[0].path
         self.format = layers[0].format
-        self._opener = opener
+        self._facts = facts + (LayerFacts(),) * (len(layers) - len(facts))
+        self._on_close = on_close
         self._index: dataindex.DataIndex | None = None
         self._data_bytes: int | None = None
 
     def found_by(self, depth: int) -> str | None:
         """How the parent of layer ``depth`` was found ("name", "search by <kind>"), if it has one."""
-        return self._opener.found_by.get(self.layers[depth].path)
+        return self._facts[depth].found_by
 
     def resolved_from(self, depth: int) -> str | None:
         """The name layer ``depth`` records for its parent that found it, if a name did."""
-        return self._opener.resolved_from.get(self.layers[depth].path)
+        return self._facts[depth].resolved_from
+
+    def probe_note(self, depth: int) -> str | None:
+        """What probing layer ``depth`` saw beyond its head (a fixed VHD's footer), if anything."""
+        return self._facts[depth].probed
 
     # -- the one composer --------------------------------------------------
     def _pieces(self, depth: int, start: int, end: int) -> Iterator[Piece]:
@@ -259,7 +276,8 @@ class Chain:
     def close(self) -> None:
         for lay in self.layers:
             lay.close()
-        self._opener.close()
+        if self._on_close is not None:
+            self._on_close()
 
     def __enter__(self) -> Chain:
         return self

@@ -14,20 +14,31 @@ import errno
 import ntpath
 import os
 import re
+import resource
 import stat
 from collections.abc import Callable
 from typing import NamedTuple
 
-from ..errors import ChainError, FlatfsError, ImageIOError, ParentMismatch, UnsupportedImage
-from ..formats import lookup, probe
-from ..formats.api import PROBE_SIZE, Format, Layer, ParentRef
-from ..hostio import lock_shared_readonly
-from .compose import Chain
+from ..errors import (
+    ChainError,
+    FlatfsError,
+    ImageIOError,
+    MissingParent,
+    ParentMismatch,
+    UnsupportedImage,
+)
+from ..formats import lookup, probe, probe_tail
+from ..formats.api import PROBE_SIZE, TAIL_SIZE, Format, Layer, ParentRef
+from ..hostio import host_size, lock_shared_readonly
+from .compose import Chain, LayerFacts
 
-# A chain deeper than this is refused. QEMU sets no limit, but a hostile image
-# set could otherwise make us open thousands of files; real chains made by
-# snapshot tools stay far below it.
-MAX_CHAIN_DEPTH = 64
+# A chain deeper than this is refused unless --max-depth says otherwise. QEMU
+# sets no limit; incremental-backup chains reach hundreds of images, and a
+# hostile image set could otherwise make us open files without end.
+MAX_CHAIN_DEPTH = 1000
+
+# File descriptors kept free beyond the chain's own (FUSE, pools, the target)
+_SPARE_FDS = 64
 
 # The whole chain, all layers and extents together, holds at most this many
 # extent files and this many bytes of tables decoded at open (grain
@@ -79,6 +90,8 @@ class Opener:
         self.extents = 0  # files opened through open_related, over the whole chain
         self.tables = 0  # bytes charged by the layers, over the whole chain
         self.by_file: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> its one fd
+        # path -> what probing saw beyond the head (a fixed VHD's footer), for info
+        self.probe_notes: dict[str, str] = {}
 
     # -- names -----------------------------------------------------------------
     @staticmethod
@@ -123,15 +136,19 @@ class Opener:
         first = dict(reversed(out))  # path -> the first name that gives it
         return [(p, first[p]) for p in dict.fromkeys(p for p, _ in out)]
 
-    def check_dir(self, referrer: str, path: str, what: str) -> None:
+    def inside_fence(self, path: str) -> bool:
+        """True when ``path`` resolves (symlinks included) inside --backing-dir, or there is none."""
         bdir = self.options.backing_dir
         if bdir is None:
-            return
-        real = os.path.realpath(path)
+            return True
         root = os.path.realpath(bdir)
-        if os.path.commonpath([real, root]) != root:
+        return os.path.commonpath([os.path.realpath(path), root]) == root
+
+    def check_dir(self, referrer: str, path: str, what: str) -> None:
+        if not self.inside_fence(path):
             raise ChainError(
-                f"{referrer}: {what} {path!r} resolves to {real!r}, outside --backing-dir {bdir!r}"
+                f"{referrer}: {what} {path!r} resolves to {os.path.realpath(path)!r}, "
+                f"outside --backing-dir {self.options.backing_dir!r}"
             )
 
     # -- files -----------------------------------------------------------------
@@ -151,11 +168,16 @@ class Opener:
                     "(use --allow-special to allow devices)"
                 )
 
+        _room_for(len(self.fds) + _SPARE_FDS)
         try:
             fd = open_checked(path, check)
         except OSError as exc:
             if referrer is not None and exc.errno == errno.ENOENT:
                 raise ChainError(f"{referrer}: {what} {path!r} not found") from None
+            if exc.errno == errno.EMFILE:
+                raise ChainError(
+                    f"{path}: too many open files after {len(self.fds)} (raise the hard limit, ulimit -Hn)"
+                ) from None
             raise ImageIOError.from_oserror(path, exc) from None
         try:
             st = os.fstat(fd)
@@ -217,21 +239,14 @@ class Opener:
             path = self.resolve(referrer, name, "registry")
         except FlatfsError:
             return None
-        bdir = self.options.backing_dir
-        if bdir is not None:
-            root = os.path.realpath(bdir)
-            if os.path.commonpath([os.path.realpath(path), root]) != root:
-                return None
-
-        def check(st: os.stat_result) -> None:
-            if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
-                raise OSError(errno.EPERM, "not a small regular file")
-
-        try:
-            fd = open_checked(path, check)
-        except OSError:
+        if not self.inside_fence(path):
+            return None
+        fd = open_regular(path)
+        if fd is None:
             return None
         try:
+            if os.fstat(fd).st_size > max_bytes:
+                return None
             out = bytearray()
             while len(out) <= max_bytes:
                 chunk = os.pread(fd, max_bytes + 1 - len(out), len(out))
@@ -288,6 +303,21 @@ def open_checked(path: str, check: Callable[[os.stat_result], None]) -> int:
     return fd
 
 
+def _room_for(count: int) -> None:
+    """Raise the soft open-files limit toward the hard one when a deep chain needs ``count``
+    descriptors; past the hard limit, the open that fails says EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or count < soft:
+        return
+    want = max(count, soft * 2)
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if new > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (OSError, ValueError):
+            pass
+
+
 def _identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
@@ -308,6 +338,8 @@ def open_layer(
     if fmt is None:
         fmt = probe(path, _head(path, fd))
         if fmt is None:
+            fmt = _probe_tail(path, fd, opener)
+        if fmt is None:
             if not top and not opener.options.allow_probe_raw:
                 raise ChainError(
                     f"{referrer}: backing file {path!r} has no recorded format and does not look like "
@@ -318,6 +350,25 @@ def open_layer(
     if entry is None:
         raise UnsupportedImage(path, f"unknown or unsupported format {fmt!r}")
     return entry.open(path, fd, opener)
+
+
+def _probe_tail(path: str, fd: int, opener: Opener) -> str | None:
+    """A format known by its footer alone (a fixed VHD): taken when the file's name says so
+    (``*.vhd``), else only noted for ``info``, as QEMU, which probes it as raw, would."""
+    try:
+        size = host_size(fd, path)
+        tail = os.pread(fd, TAIL_SIZE, size - TAIL_SIZE) if size >= TAIL_SIZE else b""
+    except OSError as exc:
+        raise ImageIOError.from_oserror(path, exc) from None
+    found = probe_tail(path, tail, size) if len(tail) == TAIL_SIZE else None
+    if found is None:
+        return None
+    name, suffix = found
+    if suffix is not None:
+        opener.probe_notes[path] = f"recognised by the {name} footer at its end (its name ends in {suffix})"
+        return name
+    opener.probe_notes[path] = f"read as raw, but the file ends with a {name} footer: -f {name} reads it"
+    return None
 
 
 def _check_identity(child: Layer, parent: Layer, ref: ParentRef, options: OpenOptions) -> None:
@@ -365,7 +416,7 @@ def _search_by_id(child: str, ref: ParentRef, opener: Opener, what: str) -> str:
                 found.append(path)
     found = list(dict.fromkeys(os.path.realpath(p) for p in found))
     if not found:
-        raise ChainError(f"{child}: {what} with {kind} {want} not found (searched {', '.join(folders)})")
+        raise MissingParent(child, f"{what} with {kind} {want}", folders)
     if len(found) > 1:
         raise ChainError(
             f"{child}: {what} with {kind} {want} is ambiguous: both {found[0]} and {found[1]} have it"
@@ -373,16 +424,26 @@ def _search_by_id(child: str, ref: ParentRef, opener: Opener, what: str) -> str:
     return found[0]
 
 
-def _scan_head(path: str) -> bytes | None:
-    """The head of a file found by a scan; None unless it is (still) a regular file."""
+def open_regular(path: str) -> int | None:
+    """A read-only fd of ``path`` if it is a regular file, else None: the one safe open of a
+    file flatfs merely looks at (a registry, a scanned candidate). Its type is read before
+    it is opened (open_checked): a FIFO or a device is never opened, the open could block or
+    have side effects."""
 
     def check(st: os.stat_result) -> None:
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EPERM, "not a regular file")
 
     try:
-        fd = open_checked(path, check)
+        return open_checked(path, check)
     except OSError:
+        return None
+
+
+def _scan_head(path: str) -> bytes | None:
+    """The head of a file found by a scan; None unless it is (still) a regular file."""
+    fd = open_regular(path)
+    if fd is None:
         return None
     try:
         return os.pread(fd, PROBE_SIZE, 0)
@@ -392,29 +453,41 @@ def _scan_head(path: str) -> bytes | None:
         os.close(fd)
 
 
+def _search_paths(lay: Layer, ref: ParentRef, opener: Opener) -> list[tuple[str, str]]:
+    """Where each --search-dir would hold the parent: the file name of each recorded
+    name, in each folder, in the order given."""
+    out: list[tuple[str, str]] = []
+    for d in opener.options.search_dirs:
+        for name in ref.candidates:
+            bare = ntpath.basename(name.replace("/", "\\")) if ref.loose else os.path.basename(name)
+            if bare:
+                out.append((os.path.join(d, bare), f"{bare} (in --search-dir {d})"))
+    return out
+
+
 def _open_parent(lay: Layer, ref: ParentRef, opener: Opener) -> Layer:
+    """The parent ``ref`` names: where the child records it, else by its file name in each
+    --search-dir (its identity must then match), else, for a parent named by identity
+    only, by a scan of the folders for it."""
     what = "backing file"
     named = opener.candidates(lay.path, ref, what)
-    tried = [path for path, _ in named]
-    for i, (path, source) in enumerate(named):
-        last = i == len(tried) - 1 and ref.by_id is None
-        if not last and not os.path.lexists(path):
+    searched = _search_paths(lay, ref, opener)
+    tried = list(dict.fromkeys(p for p, _ in named + searched))
+    for i, (path, source) in enumerate(named + searched):
+        from_search = i >= len(named)
+        if not os.path.lexists(path):
             continue
         opener.check_dir(lay.path, path, what)
-        try:
-            parent = open_layer(path, ref.format, opener, top=False, referrer=lay.path)
-        except ChainError as exc:
-            if len(tried) > 1 and last and not os.path.lexists(path):
-                raise ChainError(f"{lay.path}: {what} not found (tried {', '.join(tried)})") from exc
-            raise
-        if ref.by_id is not None and parent.identity(ref.by_id[0]) != ref.by_id[1]:
+        parent = open_layer(path, ref.format, opener, top=False, referrer=lay.path)
+        want = ref.by_id or (ref.identity if from_search and not opener.options.ignore_parent_id else None)
+        if want is not None and parent.identity(want[0]) != want[1]:
             parent.close()
             continue  # a file of that name, but not the parent: keep looking
         opener.found_by[lay.path] = "name"
         opener.resolved_from[lay.path] = source
         return parent
     if ref.by_id is None:
-        raise ChainError(f"{lay.path}: {what} not found")
+        raise MissingParent(lay.path, f"{what} {ref.name!r}", tried)
     path = _search_by_id(lay.path, ref, opener, what)
     opener.check_dir(lay.path, path, what)
     parent = open_layer(path, ref.format, opener, top=False, referrer=lay.path)
@@ -424,11 +497,28 @@ def _open_parent(lay: Layer, ref: ParentRef, opener: Opener) -> Layer:
 
 def open_chain(path: str | os.PathLike[str], options: OpenOptions | None = None) -> Chain:
     """Open ``path`` and every parent below it."""
+    chain, missing = open_partial_chain(path, options)
+    if missing is not None:
+        chain.close()
+        raise missing
+    return chain
+
+
+def open_partial_chain(
+    path: str | os.PathLike[str], options: OpenOptions | None = None
+) -> tuple[Chain, MissingParent | None]:
+    """Open ``path`` and every parent below it that can be found.
+
+    A missing parent ends the chain early instead of failing it: the chain
+    of what was resolved comes back with the :class:`MissingParent` error
+    (for ``info``, which shows both). Every other error is raised.
+    """
     options = options or OpenOptions()
     path = os.fspath(path)
     opener = Opener(options)
     layers: list[Layer] = []
     seen: dict[tuple[int, int], str] = {}
+    missing: MissingParent | None = None
     try:
         opener.top = path
         lay = open_layer(path, options.format, opener, top=True)
@@ -447,8 +537,15 @@ def open_chain(path: str | os.PathLike[str], options: OpenOptions | None = None)
             if ref is None or options.no_backing:
                 break
             if len(layers) >= options.max_depth:
-                raise ChainError(f"{path}: backing chain is deeper than {options.max_depth} images")
-            lay = _open_parent(lay, ref, opener)
+                raise ChainError(
+                    f"{path}: backing chain is deeper than {options.max_depth} images "
+                    "(--max-depth N reads deeper chains)"
+                )
+            try:
+                lay = _open_parent(lay, ref, opener)
+            except MissingParent as exc:
+                missing = exc
+                break
     except FlatfsError:
         for done in layers:
             done.close()
@@ -457,4 +554,12 @@ def open_chain(path: str | os.PathLike[str], options: OpenOptions | None = None)
     except BaseException:
         opener.close()
         raise
-    return Chain(tuple(layers), opener)
+    facts = tuple(
+        LayerFacts(
+            opener.found_by.get(lay.path),
+            opener.resolved_from.get(lay.path),
+            opener.probe_notes.get(lay.path),
+        )
+        for lay in layers
+    )
+    return Chain(tuple(layers), facts, opener.close), missing

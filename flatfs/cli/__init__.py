@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .. import __version__
+from .. import __version__, formats
 from .common import FlatfsGroup
 from .convert import convert, measure
 from .inspect import info, map_
@@ -21,13 +21,15 @@ from .serve import serve
 
 @click.group(
     cls=FlatfsGroup,
+    # from FORMATS, so that a format added later is named here too
+    help=f"Inspect and flatten VM disk image chains ({', '.join(formats.names())}).",
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog="Each command's --help is short; the manual is flatfs(1), flatfs-mount(1), "
     "flatfs-convert(1), flatfs-measure(1), flatfs-serve(1).",
 )
 @click.version_option(version=__version__, prog_name="flatfs")
 def main() -> None:
-    """Inspect and flatten VM disk image chains (qcow2, raw)."""
+    """The flatfs command group (its help is built from FORMATS above)."""
 
 
 for _command in (info, map_, mount, umount, convert, measure, serve):
@@ -57,6 +59,10 @@ def run() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`flatfs map | head`): nothing left to say
+        except BrokenPipeError:  # a closed pipe (`flatfs map | head`): nothing left to say
+            pass
+        except (OSError, ValueError) as exc:  # a full disk under `flatfs map > file`: the output is short
+            if code == 0 and stream is sys.stdout:
+                print(f"flatfs: cannot write the output: {getattr(exc, 'strerror', exc)}", file=sys.stderr)
             code = code or 1
     os._exit(code)

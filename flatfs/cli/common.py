@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -11,7 +12,7 @@ from typing import Any
 
 import click
 
-from ..chain import OpenOptions
+from ..chain import MAX_CHAIN_DEPTH, OpenOptions
 from ..errors import FlatfsError
 from ..formats import FORMATS
 
@@ -40,11 +41,19 @@ class FlatfsGroup(click.Group):
             click.echo(f"flatfs: {exc}", err=True)
             ctx.exit(1)
         except BrokenPipeError:
-            # `flatfs map | head`: not an error worth a traceback.
+            # `flatfs map | head`: the reader has what it wanted; end quietly with
+            # status 0, as qemu-img map does, so `set -o pipefail` scripts go on.
             try:
                 sys.stdout = open(os.devnull, "w")
             except OSError:
                 pass
+            ctx.exit(0)
+        except OSError as exc:
+            # FlatfsError covers every file flatfs opens; what is left is its own
+            # output: `flatfs map > file` on a full disk
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+                raise
+            click.echo(f"flatfs: cannot write the output: {exc.strerror}", err=True)
             ctx.exit(1)
 
 
@@ -63,7 +72,7 @@ def chain_options() -> Callable[[Command], Command]:
             ),
             click.option(
                 "--backing-dir",
-                type=click.Path(file_okay=False),
+                type=click.Path(exists=True, file_okay=False),
                 default=None,
                 help="Refuse backing and data files that resolve outside DIR.",
             ),
@@ -89,8 +98,17 @@ def chain_options() -> Callable[[Command], Command]:
                 "--search-dir",
                 "search_dirs",
                 multiple=True,
-                type=click.Path(file_okay=False),
-                help="Also search DIR for a parent named only by UUID (VDI snapshots); repeatable.",
+                type=click.Path(exists=True, file_okay=False),
+                help="Look for a parent not found where its child records it in DIR (by its file name, "
+                "or by UUID for VDI snapshots); repeatable, searched in order.",
+            ),
+            click.option(
+                "--max-depth",
+                type=click.IntRange(min=1),
+                default=MAX_CHAIN_DEPTH,
+                show_default=True,
+                help="Refuse backing chains deeper than N images.",
+                metavar="N",
             ),
             click.option(
                 "-l",
@@ -121,6 +139,7 @@ def chain_options() -> Callable[[Command], Command]:
             force_share: bool,
             ignore_parent_id: bool,
             search_dirs: tuple[str, ...],
+            max_depth: int,
             snapshot: str | None = None,
             untrusted: bool = False,
             **kw: Any,
@@ -136,6 +155,7 @@ def chain_options() -> Callable[[Command], Command]:
                 force_share=force_share,
                 ignore_parent_id=ignore_parent_id,
                 search_dirs=tuple(search_dirs),
+                max_depth=max_depth,
                 snapshot=snapshot,
             )
             return fn(*args, **kw)

@@ -25,6 +25,8 @@ def chain_info(chain: Chain) -> list[dict[str, Any]]:
             "virtual-size": lay.size,
             "actual-size": sum(_disk_usage(f.fd) for f in lay.host_files()),
         }
+        if chain.probe_note(depth):
+            row["probed"] = chain.probe_note(depth)
         if lay.parent is not None:
             row["backing-filename"] = lay.parent.name
             row["backing-filename-format"] = lay.parent.format

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
-import operator
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 import click
 
-from ..chain import Chain, OpenOptions, open_chain
+from ..chain import Chain, OpenOptions, open_chain, open_partial_chain
 from ..extents import KINDS, Kind
 from ..formats import lookup
 from ..units import human_size
 from .common import chain_options
+
+
+def _plain(value: object) -> object:
+    """A list inside a record as words ("a b"), not as Python writes it ("['a', 'b']")."""
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else value
 
 
 def _echo_row(label: str, value: object) -> None:
@@ -24,7 +28,7 @@ def _echo_row(label: str, value: object) -> None:
         if isinstance(item, bool):
             text: object = "yes" if item else "no"
         elif isinstance(item, dict):
-            text = ", ".join(f"{k}: {v}" for k, v in item.items())
+            text = ", ".join(f"{k}: {_plain(v)}" for k, v in item.items())
         else:
             text = item
         click.echo(f"    {label + ':' if n == 0 else '':<14} {text}")
@@ -42,17 +46,37 @@ def info(image: str, output: str, options: OpenOptions) -> None:
     # info shows a parent whose identity (a VMDK's CID...) differs from what its
     # child records, and flags it; map, mount and convert refuse such a chain
     options = options._replace(ignore_parent_id=True)
-    with open_chain(image, options) as chain:
+    # a chain with a missing link: show what was found, then the missing one, and fail
+    chain, missing = open_partial_chain(image, options)
+    with chain:
         rows = chain_info(chain)
-        strips = [picture.strip(chain, d) for d in range(len(chain.layers))] if output == "human" else []
+        strips = (
+            [picture.strip_and_resolution(chain, d) for d in range(len(chain.layers))]
+            if output == "human"
+            else []
+        )
+    if missing is not None:
+        rows.append({"depth": len(rows), "missing": missing.looked_for, "looked-in": list(missing.tried)})
     if output == "json":
         click.echo(json.dumps(rows, indent=2))
-        return
+    else:
+        _echo_info(rows, strips)
+    if missing is not None:
+        raise missing
+
+
+def _echo_info(rows: list[dict[str, Any]], strips: list[tuple[str, bool]]) -> None:
     for i, r in enumerate(rows):
         if i:
             click.echo("")
+        if "missing" in r:
+            click.echo(f"[{r['depth']}] MISSING: {r['missing']}")
+            _echo_row("looked in", r["looked-in"])
+            continue
         click.echo(f"[{r['depth']}] {r['filename']}")
         click.echo(f"    format:        {r['format']}")
+        if r.get("probed"):
+            click.echo(f"    probed:        {r['probed']}")
         click.echo(f"    virtual size:  {human_size(r['virtual-size'])} ({r['virtual-size']} bytes)")
         click.echo(f"    disk size:     {human_size(r['actual-size'])}")
         fmt_entry = lookup(r["format"])
@@ -79,7 +103,8 @@ def info(image: str, output: str, options: OpenOptions) -> None:
         if r.get("snapshot"):
             sn = r["snapshot"]
             click.echo(f"    read at:       snapshot {_printable(sn['id'])} ({_printable(sn['name'])})")
-        click.echo(f"    data map:      [{strips[i]}]")
+        cells, exact = strips[i]
+        click.echo(f"    data map:      [{cells}]" + ("" if exact else " (coarse: from the top tables only)"))
         if isinstance(r.get("snapshots"), list) and r["snapshots"]:
             _echo_snapshots(r["snapshots"])
 
@@ -150,12 +175,12 @@ def _write_json(chain: Chain, out: TextIO) -> None:
     out.write("[")
     sep = ""
     for p in chain.pieces():
-        record = '{"start": %d, "length": %d, "depth": ' + str(p.depth) + ", %s"
-        lengths = map(operator.sub, p.ends, p.starts)
-        out.write(
-            sep
-            + ",\n".join(map(record.__mod__, zip(p.starts, lengths, map(_JSON_TAIL.__getitem__, p.kinds))))
+        d = p.depth
+        records = (
+            f'{{"start": {s}, "length": {e - s}, "depth": {d}, {_JSON_TAIL[k]}'
+            for s, e, k in zip(p.starts, p.ends, p.kinds)
         )
+        out.write(sep + ",\n".join(records))
         sep = ",\n"
     if not sep:
         # An empty disk: qemu-img prints one zero-length entry, so a
@@ -167,6 +192,9 @@ def _write_json(chain: Chain, out: TextIO) -> None:
 def _write_human(chain: Chain, out: TextIO) -> None:
     out.write(f"{'Offset':>20}  {'Length':>20}  {'Depth':>5}  Kind\n")
     for p in chain.pieces():
-        line = "%#20x  %#20x  " + f"{p.depth:>5}" + "  %s\n"
-        lengths = map(operator.sub, p.ends, p.starts)
-        out.write("".join(map(line.__mod__, zip(p.starts, lengths, map(_HUMAN_KIND.__getitem__, p.kinds)))))
+        d = p.depth
+        lines = (
+            f"{s:#20x}  {e - s:#20x}  {d:>5}  {_HUMAN_KIND[k]}\n"
+            for s, e, k in zip(p.starts, p.ends, p.kinds)
+        )
+        out.write("".join(lines))

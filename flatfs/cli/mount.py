@@ -8,6 +8,20 @@ from ..chain import OpenOptions
 from .common import chain_options
 
 
+def _fuse_options(groups: tuple[str, ...]) -> tuple[str, ...]:
+    """-o values flatfs cannot honour are usage errors (exit 2), named before anything opens."""
+    for group in groups:
+        for opt in group.split(","):
+            key = opt.strip().partition("=")[0]
+            if key == "rw":
+                raise click.BadParameter("rw: the view is read-only", param_hint="'-o'")
+            if key in ("fsname", "subtype"):
+                raise click.BadParameter(
+                    f"{key}: flatfs sets {key} itself (umount relies on it)", param_hint="'-o'"
+                )
+    return groups
+
+
 @click.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path())
@@ -27,6 +41,7 @@ from .common import chain_options
     "fuse_options",
     multiple=True,
     metavar="OPT[,OPT...]",
+    callback=lambda ctx, param, value: _fuse_options(value),
     help="Extra FUSE mount options, e.g. -o max_idle_threads=16.",
 )
 @click.option(

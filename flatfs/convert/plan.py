@@ -14,7 +14,7 @@ import enum
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from ..readers import Piece, coalesce_pieces
+from ..readers import Span, coalesce_pieces
 
 Segment = tuple[int, int]  # (offset, length) in a buffer
 
@@ -338,7 +338,7 @@ class BlockPlanner:
         self.min_run = -(-sparse_size // self.gran) if sparse_size else 0
         self.zh = bytes(self.gran)
 
-    def plan(self, start: int, n: int, buf: bytearray, pieces: list[Piece]) -> tuple[list[Segment], int]:
+    def plan(self, start: int, n: int, buf: bytearray, pieces: list[Span]) -> tuple[list[Segment], int]:
         """-> (writes as (buffer offset, length), zero blocks of -S skipped)."""
         if self.s == 0:
             return [(s - start, ln) for s, ln in coalesce_pieces(pieces)], 0
@@ -349,7 +349,7 @@ class BlockPlanner:
         skipped = zb.count(1) * g // self.s
         return [(i * g, min(n, j * g) - i * g) for i, j in runs(zb, 0)], skipped
 
-    def _keep_short_zero_runs(self, zb: bytearray, a: int, n: int, pieces: list[Piece]) -> None:
+    def _keep_short_zero_runs(self, zb: bytearray, a: int, n: int, pieces: list[Span]) -> None:
         """Clear (write) runs of zero blocks shorter than -S that lie between data.
 
         A run is skipped (stays 1 in ``zb``) if it is at least -S long, touches

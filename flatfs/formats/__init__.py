@@ -29,6 +29,17 @@ FOREIGN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
 )
 
 
+# Containers of an image rather than images: shown as a raw disk they would
+# "work" and show nonsense, so without -f raw they are refused with what to do.
+ARCHIVE_MAGICS: tuple[tuple[int, bytes, str, str], ...] = (
+    (257, b"ustar", "a tar archive (an OVA?)", "extract it (tar -xf) and open the disk image inside"),
+    (0, b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz -k)"),
+    (0, b"\x1f\x8b\x08", "gzip-compressed", "decompress it first (gunzip -k)"),
+    (0, b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd)"),
+    (4, b"1AY&SY", "bzip2-compressed", "decompress it first (bunzip2 -k)"),  # after "BZh1".."BZh9"
+)
+
+
 def names() -> tuple[str, ...]:
     """The format names a user may pass to -f/-F (aliases not included)."""
     return tuple(f.name for f in FORMATS)
@@ -58,4 +69,19 @@ def probe(path: str, head: bytes, formats: tuple[Format, ...] | None = None) -> 
             raise UnsupportedImage(
                 path, f"image format {name} is not supported (pass -f raw to read the file as raw bytes)"
             )
+    for at, magic, what, todo in ARCHIVE_MAGICS:
+        if head[at : at + len(magic)] == magic:
+            raise UnsupportedImage(path, f"is {what}, not a disk image: {todo} (-f raw reads it as bytes)")
+    return None
+
+
+def probe_tail(
+    path: str, tail: bytes, file_size: int, formats: tuple[Format, ...] | None = None
+) -> tuple[str, str | None] | None:
+    """The format whose footer ends a file that nothing at its head announces (a fixed VHD),
+    and the suffix of that format the file's name ends with, if it does (then it is read as such)."""
+    table = FORMATS if formats is None else formats
+    for fmt in table:
+        if fmt.probe_tail is not None and fmt.probe_tail(tail, file_size):
+            return fmt.name, next((s for s in fmt.suffixes if path.lower().endswith(s.lower())), None)
     return None

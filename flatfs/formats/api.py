@@ -191,7 +191,12 @@ class LayerBase:
         pass
 
 
-Opener = Callable[[str, int, OpenContext], Layer]
+# How a format opens one of its files: (path, fd, context) -> its layer. Not to be confused with
+# the chain's Opener (chain/open.py), the OpenContext a format is handed.
+OpenLayer = Callable[[str, int, OpenContext], Layer]
+
+
+TAIL_SIZE = 512  # what Format.probe_tail reads from a file's end
 
 
 # -- writing: a target format's writer, over a sink it knows nothing about -----------
@@ -297,10 +302,14 @@ class Format(NamedTuple):
 
     name: str
     probe: Callable[[bytes], bool]  # does this head (PROBE_SIZE bytes) look like ours?
-    open: Opener
+    open: OpenLayer
     aliases: tuple[str, ...] = ()
     target: Callable[[], Any] | None = None
     identify: Callable[[bytes], dict[str, str]] | None = None
     suffixes: tuple[str, ...] = ()
     info_rows: tuple[tuple[str, str], ...] = ()  # (info() key, label) lines of the human `info`
     writer: Callable[[], TargetWriter] | None = None  # a target writer over a Sink (vpc, ...)
+    # does this tail (a file's last TAIL_SIZE bytes, and the file's size) end an image of ours
+    # that nothing at the head announces (a fixed VHD)? Trusted without -f only when the
+    # file name ends with one of ``suffixes``.
+    probe_tail: Callable[[bytes, int], bool] | None = None

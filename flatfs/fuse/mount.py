@@ -311,6 +311,12 @@ def _mount(req: MountRequest) -> None:
             "to the chain while it is mounted, the view can show a torn mix of old and new data",
             file=sys.stderr,
         )
+    if req.options.ignore_parent_id:
+        print(
+            f"flatfs: warning: --ignore-parent-id: {req.image}'s chain is read even where a parent "
+            "is not the image its child was made over; the view can show a mix of unrelated disks",
+            file=sys.stderr,
+        )
     foreground = req.foreground or req.debug
     if foreground:
         notify = os.environ.pop("NOTIFY_SOCKET", None)  # not for our children (fusermount3)

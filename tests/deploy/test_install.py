@@ -24,20 +24,38 @@ PAGES = ("flatfs.1", "flatfs-mount.1", "flatfs-convert.1", "flatfs-measure.1")
 pytestmark = pytest.mark.slow
 
 
-def _make(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["make", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=600)
+# What a build writes into its source tree (setuptools' build/ and egg-info), and what is not source
+_NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "dist"
+)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the source tree to build from: a build writes into its tree, never into ours."""
+    src = tmp_path_factory.mktemp("src") / "flatfs"
+    shutil.copytree(ROOT, src, ignore=_NOT_SOURCE, symlinks=True)
+    return src
+
+
+@pytest.fixture
+def make(source: Path):
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["make", "-C", str(source), *args], capture_output=True, text=True, timeout=600)
+
+    return run
 
 
 def _left(prefix: Path) -> list[str]:
     return sorted(str(p.relative_to(prefix)) for p in prefix.rglob("*") if not p.is_dir())
 
 
-def test_install_then_uninstall_leaves_nothing(tmp_path: Path) -> None:
+def test_install_then_uninstall_leaves_nothing(tmp_path: Path, make) -> None:
     require(shutil.which("make") is not None, "make is not installed")
-    spaced = _make("install", f"PREFIX={tmp_path / 'a b'}")
+    spaced = make("install", f"PREFIX={tmp_path / 'a b'}")
     assert spaced.returncode != 0 and "white space" in spaced.stderr and not (tmp_path / "a b").exists()
     prefix = tmp_path / "prefix"
-    res = _make("install", f"PREFIX={prefix}")
+    res = make("install", f"PREFIX={prefix}")
     assert res.returncode == 0, res.stdout + res.stderr
     flatfs_bin = prefix / "bin" / "flatfs"
     ver = subprocess.run([str(flatfs_bin), "--version"], capture_output=True, text=True, cwd="/")
@@ -63,24 +81,24 @@ def test_install_then_uninstall_leaves_nothing(tmp_path: Path) -> None:
     assert verify.returncode == 0 and "flatfs" not in verify.stdout + verify.stderr, verify
     _installed_serve(prefix, tmp_path)
 
-    res = _make("uninstall", f"PREFIX={prefix}")
+    res = make("uninstall", f"PREFIX={prefix}")
     assert res.returncode == 0, res.stdout + res.stderr
     assert _left(prefix) == []
 
 
-def test_uninstall_keeps_what_it_did_not_install(tmp_path: Path) -> None:
+def test_uninstall_keeps_what_it_did_not_install(tmp_path: Path, make) -> None:
     prefix = tmp_path / "usr"
     (prefix / "bin").mkdir(parents=True)
     (prefix / "bin" / "other").write_text("keep me")
-    res = _make("uninstall", f"PREFIX={prefix}")
+    res = make("uninstall", f"PREFIX={prefix}")
     assert res.returncode == 0, res.stderr
     assert _left(prefix) == ["bin/other"]
 
 
-def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path: Path) -> None:
+def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path: Path, source: Path) -> None:
     wheels = tmp_path / "wheels"
     res = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -114,3 +132,41 @@ def _installed_serve(prefix: Path, tmp_path: Path) -> None:
     why = have_nbd_tools()
     require(why is None, why or "")
     assert serve_runs(prefix / "bin/flatfs", tmp_path) == "65536"
+
+
+def test_staged_install_runs_once_moved_into_prefix(qemu, tmp_path: Path, make) -> None:
+    """DESTDIR staging, as a package build does: nothing in the tree names the staging folder."""
+    require(shutil.which("make") is not None, "make is not installed")
+    stage, prefix = tmp_path / "stage", tmp_path / "final" / "opt"
+    res = make("install", f"DESTDIR={stage}", f"PREFIX={prefix}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    staged = Path(str(stage) + str(prefix))
+    named = subprocess.run(["grep", "-rlF", str(stage), str(staged)], capture_output=True, text=True)
+    assert named.stdout == "", named.stdout  # no script, config or compiled file names the stage
+    cfg = (staged / "lib/flatfs/pyvenv.cfg").read_text()
+    assert "home = /usr/bin\n" in cfg, cfg  # the system interpreter, not the first python3 on PATH
+    shutil.move(staged, prefix)
+    shutil.rmtree(stage)
+    ver = subprocess.run([str(prefix / "bin/flatfs"), "--version"], capture_output=True, text=True, cwd="/")
+    assert ver.returncode == 0 and ver.stdout.split()[-1] == flatfs.__version__, ver
+    img = qemu.create(tmp_path / "img.qcow2", "1M")
+    info = subprocess.run([str(prefix / "bin/flatfs"), "info", str(img)], capture_output=True, text=True)
+    assert info.returncode == 0 and "format:        qcow2" in info.stdout, info
+    res = make("uninstall", f"PREFIX={prefix}")
+    assert res.returncode == 0 and _left(prefix) == [], res.stdout + res.stderr
+
+
+def test_uninstall_removes_the_folders_install_made_and_nothing_else(tmp_path: Path, make) -> None:
+    require(shutil.which("make") is not None, "make is not installed")
+    made = tmp_path / "new" / "prefix"  # install creates both folders: uninstall removes both
+    assert make("install", f"PREFIX={made}").returncode == 0
+    assert make("uninstall", f"PREFIX={made}").returncode == 0
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "usr"  # existing, with an unrelated file in a folder install also writes to
+    (kept / "share" / "man" / "man1").mkdir(parents=True)
+    (kept / "share" / "man" / "man1" / "other.1").write_text("keep me")
+    (kept / "lib").mkdir()
+    assert make("install", f"PREFIX={kept}").returncode == 0
+    assert make("uninstall", f"PREFIX={kept}").returncode == 0
+    left = sorted(str(p.relative_to(kept)) for p in kept.rglob("*"))
+    assert left == ["lib", "share", "share/man", "share/man/man1", "share/man/man1/other.1"], left

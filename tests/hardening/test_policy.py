@@ -8,7 +8,6 @@ import struct
 import pytest
 
 from flatfs import ChainError, OpenOptions, open_chain
-from flatfs.chain import MAX_CHAIN_DEPTH
 
 from ..helpers.cli import flatfs, one_line_error
 from ..helpers.qcow2_edits import forget_backing_format
@@ -85,15 +84,17 @@ def test_etc_shadow_as_unrecorded_backing_is_not_probed(qemu, tmp_path):
 
 
 def test_chain_depth_limit(qemu, tmp_path):
+    # the default (MAX_CHAIN_DEPTH) is read in tests/oracle/test_parents.py; --max-depth here
+    limit = 4
     prev = qemu.create(tmp_path / "l0.qcow2", "1M")
-    for i in range(1, MAX_CHAIN_DEPTH + 2):
+    for i in range(1, limit + 2):
         prev = qemu.create(tmp_path / f"l{i}.qcow2", "1M", backing=prev.name)
-    one_line_error(["map", prev], f"deeper than {MAX_CHAIN_DEPTH}")
+    one_line_error(["map", "--max-depth", str(limit), prev], f"deeper than {limit}", "--max-depth")
     with pytest.raises(ChainError):
-        open_chain(prev)
-    ok = tmp_path / f"l{MAX_CHAIN_DEPTH - 1}.qcow2"
-    with open_chain(ok) as chain:
-        assert len(chain.layers) == MAX_CHAIN_DEPTH
+        open_chain(prev, OpenOptions(max_depth=limit))
+    ok = tmp_path / f"l{limit - 1}.qcow2"
+    with open_chain(ok, OpenOptions(max_depth=limit)) as chain:
+        assert len(chain.layers) == limit
 
 
 def test_backing_name_past_header_cluster(qemu, tmp_path):

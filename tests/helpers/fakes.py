@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from flatfs.chain import Chain, Opener, OpenOptions
+from flatfs.chain import Chain
 from flatfs.extents import Extent, Kind, runs_of
 
 D, Z, A, AZ = Kind.DATA, Kind.ZERO, Kind.ABSENT, Kind.ALLOC_ZERO
@@ -53,7 +53,7 @@ class FakeLayer:
 
 
 def chain(*layers) -> Chain:
-    return Chain(tuple(layers), Opener(OpenOptions(force_share=True)))
+    return Chain(tuple(layers))
 
 
 runs_st = st.lists(

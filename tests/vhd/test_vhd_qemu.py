@@ -47,10 +47,12 @@ def test_size_rule_follows_the_creator(qemu: Qemu, tmp_path: Path):
     assert sizes[True] == 10 * M and sizes[False] != 10 * M
 
 
-def test_dynamic_vhd_is_probed_and_fixed_needs_f(qemu: Qemu, tmp_path: Path):
+def test_dynamic_vhd_is_probed_and_fixed_needs_f_unless_named_vhd(qemu: Qemu, tmp_path: Path):
     dyn = qemu.create(tmp_path / "d.vhd", "4M", fmt="vpc")
     fixed = qemu.create(tmp_path / "f.vhd", "4M", fmt="vpc", opts="subformat=fixed")
     assert "format:        vpc" in flatfs("info", dyn).stdout
     info = flatfs("info", "-f", "vhd", fixed).stdout
     assert "format:        vpc" in info and "disk type:     fixed" in info
-    assert "format:        raw" in flatfs("info", fixed).stdout  # as qemu-img probes it
+    assert "format:        vpc" in flatfs("info", fixed).stdout  # by its footer and its name
+    other = fixed.rename(tmp_path / "f.img")
+    assert "format:        raw" in flatfs("info", other).stdout  # as qemu-img probes it

@@ -12,6 +12,12 @@ from ..api import Format, Layer, OpenContext, TargetWriter
 COOKIE = b"conectix"  # a footer copy at offset 0: a dynamic or differencing disk, as QEMU probes
 
 
+def _fixed_footer(tail: bytes, file_size: int) -> bool:
+    from .spec import is_fixed_footer
+
+    return is_fixed_footer(tail, file_size)
+
+
 def _open(path: str, fd: int, ctx: OpenContext) -> Layer:
     from .layer import VhdLayer
 
@@ -41,4 +47,5 @@ FORMAT = Format(
         ("locators", "locators"),
     ),
     writer=_writer,
+    probe_tail=_fixed_footer,
 )

@@ -157,6 +157,17 @@ def parse_footer(path: str, raw: bytes, at: int) -> Footer:
     )
 
 
+def is_fixed_footer(tail: bytes, file_size: int) -> bool:
+    """``tail`` (a file's last 512 bytes) is a valid footer of a fixed disk whose sizes fit the
+    file: checksum, disk type 2, and the guest disk inside the bytes before it."""
+    try:
+        f = parse_footer("", tail, file_size - FOOTER_SIZE)
+        data = file_size - FOOTER_SIZE
+        return f.disk_type == FIXED and 0 < f.current_size <= data and virtual_size("", f) <= data
+    except (CorruptImage, UnsupportedImage):
+        return False
+
+
 def virtual_size(path: str, f: Footer) -> int:
     """The guest size in bytes, by QEMU's rule.
 

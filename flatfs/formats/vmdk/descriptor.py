@@ -256,5 +256,5 @@ def not_a_descriptor(head: bytes, first: bytes) -> bool:
 def refuse_not_vmdk(path: str, head: bytes) -> UnsupportedImage:
     for magic, name in _FOREIGN.items():
         if head.startswith(magic):
-            return UnsupportedImage(path, f"is a {name} image, not a VMDK (a VMDK's parent must be a VMDK)")
+            return UnsupportedImage(path, f"is a {name} image, not a VMDK")
     return UnsupportedImage(path, "not a VMDK (no KDMV header, no '# Disk DescriptorFile' descriptor)")
