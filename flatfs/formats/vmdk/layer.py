@@ -476,8 +476,10 @@ class VmdkLayer(LayerBase):
         if line.type == "ZERO":
             return ZeroExtent(length, line)
         assert line.filename is not None
-        epath, efd = ctx.open_related(self.path, line.filename, "extent file")
-        if line.type in ("FLAT", "VMFS"):
+        flat = line.type in ("FLAT", "VMFS")
+        raw_at = line.offset * SECTOR if flat else None
+        epath, efd = ctx.open_related(self.path, line.filename, "extent file", raw_at)
+        if flat:
             return FlatExtent(epath, efd, line.offset * SECTOR, length, line, self.create_type == "vmfsThin")
         ext = esxi_extent(epath, efd, line, ctx) or _SparseExtent(epath, efd, line, ctx)
         if ext.length != length:
