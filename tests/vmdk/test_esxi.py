@@ -96,6 +96,9 @@ def test_the_esxi_chain_as_copied_off_a_datastore(qemu: Qemu, tmp_path: Path) ->
     assert "/vmfs/volumes/datastore1/vm/vm-000002.vmdk" in text
     for t in ("SESPARSE", "VMFSSPARSE", "vmfsThin", "VMFS"):
         assert t in text
+    # measure as qemu-img measures the twin
+    ours = flatfs("measure", "-O", "qcow2", top).stdout
+    assert ours == qemu.img("measure", "-O", "qcow2", twin, cwd=tmp_path).stdout
 
 
 def test_a_qcow2_overlay_on_an_esxi_chain(qemu: Qemu, tmp_path: Path) -> None:
