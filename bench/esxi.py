@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ESXi snapshot chains: flatfs convert against qemu-img convert -O qcow2.
 
-    python bench/esxi.py [--full] [--pairs N] [--out DIR] [--warm] [--keep]
+    python bench/esxi.py [--full | --quick] [--pairs N] [--out DIR] [--warm] [--keep]
 
 * ``esxi-sesparse``: a seSparse delta holding D of data (runs of 1 MiB,
   stored in the file in shuffled order, the tables in shuffled slots) over a
@@ -193,7 +193,7 @@ def build(work: Path, data: int, size: int, cowd_size: int) -> dict[str, Path]:
     _base(d, size)
     parent = "vm.vmdk"
     for n in (1, 2, 3):
-        runs = sorted(rnd.sample(range(0, size // RUN // 2 + n * 1024), data // 4 // RUN))
+        runs = sorted(rnd.sample(range(0, size // RUN // 2 + n * (size // RUN // 16)), data // 4 // RUN))
         name = f"vm-{n:06d}"
         write_cowd_bulk(d / f"{name}-delta.vmdk", size, [r * RUN for r in runs], 10 + n)
         top = write_descriptor(
@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--full", action="store_true", help="2 GiB of delta data (default 256 MiB), a 1 TiB seSparse disk"
     )
+    ap.add_argument(
+        "--quick", action="store_true", help="1 GiB disks, 32 MiB of data, 1 pair: runs, measures nothing"
+    )
     ap.add_argument("--only", choices=("esxi-sesparse", "esxi-vmfssparse"), help="one scenario")
     ap.add_argument("--pairs", type=int, help="timed pairs after the warm-up (default 3; 1 with --full)")
     ap.add_argument("--out", default="/var/tmp/flatfs-bench-esxi", help="scratch folder (removed afterwards)")
@@ -225,11 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-    data = 2 * GiB if args.full else 256 * MiB
-    pairs = args.pairs if args.pairs is not None else (1 if args.full else 3)
+    data = 2 * GiB if args.full else 32 * MiB if args.quick else 256 * MiB
+    pairs = args.pairs if args.pairs is not None else (1 if args.full or args.quick else 3)
+    small = GiB if args.quick else 16 * GiB
     cache = Cache(not args.warm, warm_cmds=[flatfs_cmd() + ["convert", "--help"], ["qemu-img", "--version"]])
     try:
-        srcs = build(work, data, TiB if args.full else 16 * GiB, 64 * GiB if args.full else 16 * GiB)
+        srcs = build(work, data, TiB if args.full else small, 64 * GiB if args.full else small)
         if args.only:
             srcs = {args.only: srcs[args.only]}
         print(f"ESXi convert to qcow2, {data // MiB} MiB of delta data, cache {cache.mode}, {pairs} pairs")
