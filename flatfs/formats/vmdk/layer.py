@@ -35,6 +35,7 @@ from .extent import Extent as _Extent
 from .extent import FlatExtent as _FlatExtent
 from .extent import ZeroExtent as _ZeroExtent
 from .grains import GrainExtent
+from .sesparse import SeSparseExtent, magic_matches
 from .sparse import (
     COWD_MAGIC,
     GD_AT_END,
@@ -386,9 +387,10 @@ class VmdkLayer(LayerBase):
         try:
             if head[:4] == MAGIC:
                 self.descriptor = self._open_sparse()
-            elif head[:4] == COWD_MAGIC:  # a vmfsSparse extent opened alone, as QEMU opens one
-                self.parts.append(CowdExtent(path, fd, None))
-                self.create_type = "vmfsSparse"
+            elif head[:4] == COWD_MAGIC or magic_matches(head):  # an ESXi extent opened alone
+                cowd = head[:4] == COWD_MAGIC
+                self.parts.append(CowdExtent(path, fd, None) if cowd else SeSparseExtent(path, fd, None))
+                self.create_type = "vmfsSparse" if cowd else "seSparse"
             elif _foreign(head) or not _looks_like_text(head):
                 raise _refuse_not_vmdk(path, head)
             else:
