@@ -1,4 +1,4 @@
-"""VMware VMDK: hosted sparse (KDMV) and flat extents, descriptors, delta disks."""
+"""VMware VMDK: hosted sparse (KDMV) and flat extents, descriptors, delta disks, ESXi's deltas."""
 
 from __future__ import annotations
 
