@@ -21,8 +21,10 @@ from typing import Any
 
 from .glue import ATTR_TIMEOUT, PIN_MAX, load_mfusepy
 from .view import View, errno_for
+from .writable import WritableView
 
 _m: Any = load_mfusepy()
+WRITABLE_ATTR_TIMEOUT = 0.0  # st_blocks of a writable view changes with every write: never cached
 
 
 def _negative_errno(exc: Exception, offset: int) -> int:
@@ -65,6 +67,10 @@ class Operations(_m.Operations):  # type: ignore[misc]
             config.entry_timeout = ATTR_TIMEOUT
             config.attr_timeout = ATTR_TIMEOUT
             config.negative_timeout = ATTR_TIMEOUT
+            if self.view.writable:
+                # st_blocks follows the writes; the kernel asks again after this
+                config.attr_timeout = WRITABLE_ATTR_TIMEOUT
+                config.kernel_cache = 0 if getattr(self.view, "direct_io", False) else 1
         self._on_init()
 
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
@@ -111,6 +117,49 @@ class Operations(_m.Operations):  # type: ignore[misc]
         return self.view.statfs()
 
     def release(self, path: str | None, fi: Any) -> int:
+        return 0
+
+
+class WritableOperations(Operations):
+    """Operations of a writable view: writes, zero ranges and discards, fsync; never a new size."""
+
+    view: WritableView
+
+    def open(self, path: str, fi: Any) -> int:
+        ret: int = super().open(path, fi)
+        if self.view.direct_io:
+            fi.direct_io = 1  # partition files alias the disk: no page cache to go stale
+            fi.keep_cache = 0
+        return ret
+
+    def write(self, path: str | None, data: bytes, offset: int, fh: Any) -> int:
+        try:
+            return self.view.write(path or self.view.file_path, offset, data)
+        except Exception as exc:
+            raise self._fail(exc, path, offset) from None
+
+    def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: Any) -> int:
+        try:
+            self.view.fallocate(path or self.view.file_path, mode, offset, size)
+        except Exception as exc:
+            raise self._fail(exc, path, offset) from None
+        return 0
+
+    def fsync(self, path: str | None, datasync: int, fh: Any) -> int:
+        try:
+            self.view.fsync(path or self.view.file_path)
+        except Exception as exc:
+            raise self._fail(exc, path) from None
+        return 0
+
+    def flush(self, path: str | None, fh: Any) -> int:
+        return 0
+
+    def truncate(self, path: str | None, length: int, fh: Any = None) -> int:
+        try:
+            self.view.truncate(path or self.view.file_path, length)
+        except Exception as exc:
+            raise self._fail(exc, path) from None
         return 0
 
 

@@ -27,7 +27,9 @@ from ..partitions import read_table
 from ..service import StderrCapture, daemonize, sd_notify, setup_logging
 from . import glue
 from .mountinfo import find_mount
+from .scratch import Scratch
 from .view import View, view_name
+from .writable import WritableView
 
 log = logging.getLogger("flatfs.fuse")
 
@@ -47,6 +49,8 @@ class MountRequest:
     debug: bool = False
     fuse_options: tuple[str, ...] = ()
     partitions: bool = False  # -P: each partition as NAME-pN.raw next to NAME.raw
+    writable: bool = False  # --writable: writes land in a scratch layer, never in the chain
+    scratch_dir: str | None = None  # where the scratch file lives (default $TMPDIR)
 
 
 _DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
@@ -129,7 +133,7 @@ def _fuse_kwargs(req: MountRequest, image: str) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "fsname": _fuse_opt_escape(os.path.abspath(image)),
         "subtype": FSTYPE_SUBTYPE,
-        "ro": True,
+        "ro": not req.writable,
         "default_permissions": True,
         "max_read": MAX_READ,
     }
@@ -146,8 +150,8 @@ def _fuse_kwargs(req: MountRequest, image: str) -> dict[str, Any]:
             if not opt:
                 continue
             key, eq, val = opt.partition("=")
-            if key == "rw":
-                raise MountError("-o rw: the view is read-only")
+            if key == "rw" and not req.writable:
+                raise MountError("-o rw: the view is read-only (--writable makes a writable one)")
             if key in ("fsname", "subtype"):
                 raise MountError(f"-o {key}: flatfs sets {key} itself (umount relies on it)")
             kw[key] = val if eq else True
@@ -211,6 +215,7 @@ class _Server:
         self.view_path = ""
         self._pre_dev = 0
         self.notes: list[str] = []  # warnings for the user, sent with "ready"
+        self.disk: Scratch | None = None  # the writable layer, with --writable
 
     def run(self) -> None:
         """Serve until unmounted or signalled. Raises MountError if the mount never got live."""
@@ -220,7 +225,13 @@ class _Server:
             top = chain.layers[0]
             name = view_name(self.req.image) if self.is_dir else None
             parts = self._partitions(chain, name) if self.req.partitions and name else []
-            view = View(chain, name, os.fstat(chain.host_files()[0].fd), partitions=parts)
+            top_stat = os.fstat(chain.host_files()[0].fd)
+            if self.req.writable:
+                chain.build_index()
+                self.disk = Scratch(chain, self.req.scratch_dir)
+                view: View = WritableView(chain, name, top_stat, self.disk, partitions=parts)
+            else:
+                view = View(chain, name, top_stat, partitions=parts)
             self.view_path = os.path.join(self.mountpoint, view.name) if view.name else self.mountpoint
             self._pre_dev = os.stat(self.mountpoint).st_dev
             kwargs = _fuse_kwargs(self.req, top.path)
@@ -234,6 +245,8 @@ class _Server:
             finally:
                 self.capture.stop()
         finally:
+            if self.disk is not None:
+                self.disk.close()
             chain.close()
         if self.ready.is_set():
             # Unmounted, or SIGTERM/SIGINT/SIGHUP handled by libfuse (which makes
