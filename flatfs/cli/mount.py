@@ -46,6 +46,14 @@ from .common import chain_options
     default=None,
     help="Where the (nameless) scratch file of --writable lives (default: $TMPDIR).",
 )
+@click.option(
+    "--overlay",
+    "overlay",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="Keep the writes as a new qcow2 FILE over IMAGE (implies --writable; FILE must not exist).",
+)
 @chain_options()
 def mount(
     image: str,
@@ -57,6 +65,7 @@ def mount(
     partitions: bool,
     writable: bool,
     scratch_dir: str | None,
+    overlay: str | None,
     options: OpenOptions,
 ) -> None:
     """Show IMAGE's flattened chain as one read-only raw file at MOUNTPOINT.
@@ -64,6 +73,7 @@ def mount(
     A directory MOUNTPOINT holds the view as <name>.raw; a file MOUNTPOINT is
     covered by it. Manual: flatfs-mount(1).
     """
+    writable = writable or overlay is not None
     if scratch_dir is not None and not writable:
         raise click.UsageError("--scratch-dir needs --writable")
     from ..fuse.mount import MountRequest
@@ -81,6 +91,7 @@ def mount(
             partitions=partitions,
             writable=writable,
             scratch_dir=scratch_dir,
+            overlay=overlay,
         )
     )
 

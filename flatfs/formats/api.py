@@ -208,3 +208,6 @@ class Format(NamedTuple):
     identify: Callable[[bytes], dict[str, str]] | None = None
     suffixes: tuple[str, ...] = ()
     info_rows: tuple[tuple[str, str], ...] = ()  # (info() key, label) lines of the human `info`
+    # loads the class of a growing overlay (``mount --overlay``): cls(path, size, backing, backing_format)
+    # with write(offset, data, fill), zero(offset, length, fill), flush(), close()
+    overlay: Callable[[], Any] | None = None

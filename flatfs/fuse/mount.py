@@ -23,11 +23,12 @@ from typing import Any
 
 from ..chain import Chain, OpenOptions, open_chain
 from ..errors import FlatfsError, MountError
+from ..formats import lookup
 from ..partitions import read_table
 from ..service import StderrCapture, daemonize, sd_notify, setup_logging
 from . import glue
 from .mountinfo import find_mount
-from .scratch import Scratch
+from .scratch import OverlayDisk, Scratch
 from .view import View, view_name
 from .writable import WritableView
 
@@ -51,6 +52,7 @@ class MountRequest:
     partitions: bool = False  # -P: each partition as NAME-pN.raw next to NAME.raw
     writable: bool = False  # --writable: writes land in a scratch layer, never in the chain
     scratch_dir: str | None = None  # where the scratch file lives (default $TMPDIR)
+    overlay: str | None = None  # --overlay FILE: the writes also kept as a new qcow2 over IMAGE
 
 
 _DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
@@ -228,7 +230,7 @@ class _Server:
             top_stat = os.fstat(chain.host_files()[0].fd)
             if self.req.writable:
                 chain.build_index()
-                self.disk = Scratch(chain, self.req.scratch_dir)
+                self.disk = self._writable_disk(chain)
                 view: View = WritableView(chain, name, top_stat, self.disk, partitions=parts)
             else:
                 view = View(chain, name, top_stat, partitions=parts)
@@ -258,6 +260,21 @@ class _Server:
             raise MountError(f"{self.req.mountpoint}: {self.error}")
         detail = self.capture.last_line() or "mount failed"
         raise MountError(f"{self.req.mountpoint}: {detail}")
+
+    def _writable_disk(self, chain: Chain) -> Scratch:
+        if self.req.overlay is None:
+            return Scratch(chain, self.req.scratch_dir)
+        entry = lookup("qcow2")
+        if entry is None or entry.overlay is None:
+            raise MountError("--overlay: no qcow2 overlay writer")
+        top = chain.layers[0]
+        cls = entry.overlay()
+        overlay = cls(self.req.overlay, chain.size, os.path.abspath(top.path), top.format)
+        try:
+            return OverlayDisk(chain, self.req.scratch_dir, overlay)
+        except BaseException:
+            overlay.close()
+            raise
 
     def _partitions(self, chain: Chain, name: str) -> list[tuple[str, int, int]]:
         """-P: (file name, start, length) of each partition; a table flatfs will not use is a
@@ -313,6 +330,12 @@ def mount(req: MountRequest) -> None:
 
 def _mount(req: MountRequest) -> None:
     mountpoint, is_dir = check_mountpoint(req.mountpoint)
+    if req.overlay is not None:
+        if os.path.lexists(req.overlay):
+            raise MountError(f"{req.overlay}: already exists; --overlay makes a new file")
+        if req.options.snapshot is not None:
+            raise MountError("--overlay records IMAGE as its backing file, not an internal snapshot (-l)")
+        req.overlay = os.path.abspath(req.overlay)
     if req.partitions and not is_dir:
         raise MountError(
             f"{req.mountpoint}: -P needs a directory mountpoint (the partitions are files in it)"

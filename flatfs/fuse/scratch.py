@@ -27,6 +27,7 @@ import os
 import tempfile
 import threading
 from bisect import bisect_left, bisect_right
+from typing import Any
 
 from ..chain import SEEK_DATA
 from ..chain.dataindex import check_seek
@@ -259,3 +260,47 @@ def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:
             buf[done:] = bytes(len(buf) - done)  # the file is sized to the disk: never happens
             return
         done += got
+
+
+class OverlayDisk(Scratch):
+    """``--overlay FILE``: the scratch layer, with every write also kept in a growing qcow2 overlay
+    (a format capability: ``FORMATS``' qcow2 entry's ``overlay``), made valid by each fsync."""
+
+    def __init__(self, base: Disk, folder: str | None, overlay: Any) -> None:
+        super().__init__(base, folder)
+        self.overlay = overlay
+        self._order = threading.Lock()  # one write at a time: the overlay's copy-on-write reads the view
+
+    def _fill(self, offset: int, buf: memoryview) -> None:
+        self.readinto(offset, buf)
+
+    def write(self, offset: int, data: bytes) -> int:
+        n = max(0, min(len(data), self.size - offset))
+        with self._order:
+            if n and offset >= 0:
+                if data.count(0, 0, n) == n:
+                    self.overlay.zero(offset, n, self._fill)
+                else:
+                    self.overlay.write(offset, memoryview(data)[:n], self._fill)
+            return super().write(offset, data)
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        with self._order:
+            if (
+                mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)
+                and 0 <= offset < self.size
+                and length > 0
+            ):
+                self.overlay.zero(offset, min(length, self.size - offset), self._fill)
+            super().fallocate(mode, offset, length)
+
+    def flush(self) -> None:
+        with self._order:
+            self.overlay.flush()
+
+    def close(self) -> None:
+        try:
+            with self._order:
+                self.overlay.close()
+        finally:
+            super().close()

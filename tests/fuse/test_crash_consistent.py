@@ -144,3 +144,27 @@ def test_read_only_view_cannot_replay(left_behind: Path, mounter, tmp_path: Path
     if res.returncode == 0:
         subprocess.run(["umount", str(target)], check=True)
     assert res.returncode != 0
+
+
+def test_recovered_journals_kept_as_an_overlay(left_behind: Path, mounter, tmp_path: Path) -> None:
+    """--overlay: the replayed journals are kept in a new qcow2 over the copy; QEMU reads it as
+    exactly what the view showed, and finds nothing wrong with it."""
+    q = Qemu()
+    before = fingerprint(left_behind.parent)
+    kept = tmp_path / "kept" / "recovered.qcow2"
+    kept.parent.mkdir()
+    view = mounter.mount(left_behind, None, "--overlay", str(kept), "-P")
+    for part, fs in ((view.parent / "vm-p1.raw", "ext4"), (view.parent / "vm-p2.raw", "xfs")):
+        target = tmp_path / fs
+        target.mkdir()
+        subprocess.run(["mount", "-t", fs, "-o", "loop", str(part), str(target)], check=True)
+        try:
+            assert all((target / n).read_bytes() == data for n, data in FILES[fs].items())
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+    shown = tmp_path / "shown.raw"
+    shutil.copyfile(view, shown)
+    mounter.close()
+    assert q.img("check", kept, check=False).returncode == 0
+    assert q.img("compare", "-f", "raw", "-F", "qcow2", shown, kept, check=False).returncode == 0
+    assert fingerprint(left_behind.parent) == before
