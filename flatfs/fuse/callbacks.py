@@ -62,6 +62,8 @@ class Operations(_m.Operations):  # type: ignore[misc]
         if conn is not None:
             # libfuse 3 refuses INIT (EPROTO) unless this equals -o max_read.
             conn.max_read = self.max_read
+            if self.view.writable and self.max_read:
+                conn.max_write = self.max_read  # 1 MiB writes, not libfuse's 128 KiB default
         if config is not None:
             config.kernel_cache = 1  # keep the page cache across opens
             config.entry_timeout = ATTR_TIMEOUT
