@@ -134,7 +134,7 @@ class WritableOperations(Operations):
             fi.keep_cache = 0
         return ret
 
-    def write(self, path: str | None, data: bytes, offset: int, fh: Any) -> int:
+    def write(self, path: str | None, data: bytes | memoryview, offset: int, fh: Any) -> int:
         try:
             return self.view.write(path or self.view.file_path, offset, data)
         except Exception as exc:
@@ -200,7 +200,7 @@ class FlatfsFUSE(_m.FUSE):  # type: ignore[misc]
     _pinned = threading.local()  # per thread state: .on once pinned
     _pin_lock = threading.Lock()
     _pin_count = 0
-    _DIRECT = frozenset({"lseek", "read"})  # callbacks that return -errno themselves
+    _DIRECT = frozenset({"lseek", "read", "write"})  # callbacks that return -errno themselves
 
     def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not getattr(self._pinned, "on", False):
@@ -231,6 +231,20 @@ class FlatfsFUSE(_m.FUSE):  # type: ignore[misc]
             addr = ctypes.cast(buf, ctypes.c_void_p).value
             mv = memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")  # type: ignore[arg-type]
             return self.operations.readinto(self._decode(path), mv, offset, fip)
+        except Exception as exc:
+            return _negative_errno(exc, offset)
+
+    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        # Registered only for a writable view (WritableOperations has write). The stock
+        # wrapper copies the request into bytes; we hand over a memoryview of libfuse's
+        # buffer, valid for this call (the writable disk writes synchronously).
+        if size <= 0:
+            return 0
+        try:
+            addr = ctypes.cast(buf, ctypes.c_void_p).value
+            mv = memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")  # type: ignore[arg-type]
+            done: int = self.operations.write(self._decode(path), mv, offset, fip)
+            return done
         except Exception as exc:
             return _negative_errno(exc, offset)
 

@@ -39,7 +39,7 @@ class WritableDisk(Protocol):
 
     def data_bytes(self) -> int: ...
 
-    def write(self, offset: int, data: bytes) -> int: ...
+    def write(self, offset: int, data: bytes | memoryview) -> int: ...
 
     def fallocate(self, mode: int, offset: int, length: int) -> None: ...
 
@@ -93,7 +93,7 @@ class WritableView(View):
         if flags & os.O_TRUNC:
             raise OSError(errno.EPERM, "the view's size is fixed")
 
-    def write(self, path: str, offset: int, data: bytes) -> int:
+    def write(self, path: str, offset: int, data: bytes | memoryview) -> int:
         f = self._file(path)
         if offset < 0:
             raise OSError(errno.EINVAL, "negative offset")
