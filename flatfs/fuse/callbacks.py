@@ -38,6 +38,12 @@ def _negative_errno(exc: Exception, offset: int) -> int:
     return -errno_for(exc, None, offset)
 
 
+def _buffer(buf: Any, size: int) -> memoryview:
+    """libfuse's request buffer (a ctypes pointer) as a memoryview: no copy."""
+    addr = ctypes.cast(buf, ctypes.c_void_p).value
+    return memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")  # type: ignore[arg-type]
+
+
 def _gilstate_ensure() -> None:
     """One ``PyGILState_Ensure`` on the calling thread (which holds the GIL), never released."""
     ctypes.pythonapi.PyGILState_Ensure()
@@ -228,9 +234,7 @@ class FlatfsFUSE(_m.FUSE):  # type: ignore[misc]
         if size <= 0:
             return 0
         try:
-            addr = ctypes.cast(buf, ctypes.c_void_p).value
-            mv = memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")  # type: ignore[arg-type]
-            return self.operations.readinto(self._decode(path), mv, offset, fip)
+            return self.operations.readinto(self._decode(path), _buffer(buf, size), offset, fip)
         except Exception as exc:
             return _negative_errno(exc, offset)
 
@@ -241,9 +245,7 @@ class FlatfsFUSE(_m.FUSE):  # type: ignore[misc]
         if size <= 0:
             return 0
         try:
-            addr = ctypes.cast(buf, ctypes.c_void_p).value
-            mv = memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")  # type: ignore[arg-type]
-            done: int = self.operations.write(self._decode(path), mv, offset, fip)
+            done: int = self.operations.write(self._decode(path), _buffer(buf, size), offset, fip)
             return done
         except Exception as exc:
             return _negative_errno(exc, offset)
