@@ -1,6 +1,7 @@
 """A disk a running VM left behind, made for real: ext4 and XFS in a partitioned qcow2 chain are
 mounted read-write through qemu-storage-daemon's writable FUSE export, files are written and
-synced, and the chain is copied while both are still mounted (their journals need replaying).
+synced, and the chain is copied while both are still mounted (their journals need replaying);
+QEMU also writes the copy as VHDX and VMDK.
 Then ``flatfs mount --writable -P`` and ``mount -o loop`` of each partition file replay the
 journals: the synced files are there, ``fsck -n`` is clean, the chain's files are unchanged."""
 
@@ -168,3 +169,24 @@ def test_recovered_journals_kept_as_an_overlay(left_behind: Path, mounter, tmp_p
     assert q.img("check", kept, check=False).returncode == 0
     assert q.img("compare", "-f", "raw", "-F", "qcow2", shown, kept, check=False).returncode == 0
     assert fingerprint(left_behind.parent) == before
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "vmdk"])
+def test_other_formats_of_the_same_disk(left_behind: Path, mounter, tmp_path: Path, fmt: str) -> None:
+    """The same crash-consistent disk as QEMU writes it in VHDX and VMDK: the ext4 journal replays
+    through a writable view of each, the XFS one too."""
+    q = Qemu()
+    image = tmp_path / f"vm.{fmt}"
+    q.img("convert", "-O", fmt, left_behind, image)
+    before = image.read_bytes()
+    view = mounter.mount(image, None, "--writable", "-P")
+    for part, fs in ((view.parent / "vm-p1.raw", "ext4"), (view.parent / "vm-p2.raw", "xfs")):
+        target = tmp_path / fs
+        target.mkdir()
+        subprocess.run(["mount", "-t", fs, "-o", "loop", str(part), str(target)], check=True)
+        try:
+            assert all((target / n).read_bytes() == data for n, data in FILES[fs].items()), fs
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+    mounter.close()
+    assert image.read_bytes() == before
