@@ -249,6 +249,13 @@ class _Server:
         finally:
             if self.disk is not None:
                 self.disk.close()
+                if self.req.overlay is not None and not self.ready.is_set():
+                    # the mount never went live: no write reached the overlay; do not leave it
+                    # behind to block the next attempt ("already exists")
+                    try:
+                        os.unlink(self.req.overlay)
+                    except OSError:
+                        pass
             chain.close()
         if self.ready.is_set():
             # Unmounted, or SIGTERM/SIGINT/SIGHUP handled by libfuse (which makes

@@ -110,3 +110,12 @@ def test_overlay_refusals(chain: Path, tmp_path: Path) -> None:
     assert there.read_bytes() == b"keep me"
     assert "-l" in error_line("mount", "--overlay", tmp_path / "new.qcow2", "-l", "1", chain, mp)
     assert not (tmp_path / "new.qcow2").exists()
+
+
+def test_failed_mount_leaves_no_overlay(chain: Path, tmp_path: Path) -> None:
+    require(os.path.exists("/dev/fuse"), "/dev/fuse is missing")
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    new = tmp_path / "new.qcow2"
+    assert "unknown option" in error_line("mount", "--overlay", new, "-o", "no_such_option", chain, mp)
+    assert not new.exists()
