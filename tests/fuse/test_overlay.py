@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,36 @@ def test_failed_mount_leaves_no_overlay(chain: Path, tmp_path: Path) -> None:
     new = tmp_path / "new.qcow2"
     assert "unknown option" in error_line("mount", "--overlay", new, "-o", "no_such_option", chain, mp)
     assert not new.exists()
+
+
+def test_enospc_in_the_overlay_folder(mounter, chain: Path, tmp_path: Path) -> None:
+    """The overlay's file system fills up: the write fails with ENOSPC, and the overlay still
+    reads exactly as the view (which shows what was acknowledged) and checks clean."""
+    require(os.geteuid() == 0, "mounting a tmpfs needs root")
+    q = Qemu()
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        overlay = small / "keep.qcow2"
+        view = mounter.mount(chain, None, "--overlay", str(overlay), "--scratch-dir", str(tmp_path))
+        fd = os.open(view, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\x31" * 65536, 2 * M)
+            before = os.pread(fd, 2 * M, 3 * M)
+            with pytest.raises(OSError) as ei:
+                os.pwrite(fd, b"\x32" * (2 * M), 3 * M)
+            assert ei.value.errno == 28  # ENOSPC
+            assert os.pread(fd, 2 * M, 3 * M) == before  # nothing of the failed write
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _check(q, overlay)
+        _same(q, view, overlay, tmp_path)
+        pid = daemon_pid(view.parent)
+        unmount(view.parent)
+        assert pid is None or wait_gone(pid)
+        _check(q, overlay)
+    finally:
+        if subprocess.run(["umount", str(small)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(small)], check=True)

@@ -34,7 +34,16 @@ import threading
 from collections.abc import Callable
 
 from ...errors import ImageIOError
-from .spec import EXT_BACKING_FORMAT, EXT_END, HEADER_V2, HEADER_V3, MAGIC, OFLAG_COPIED, OFLAG_ZERO
+from .spec import (
+    EXT_BACKING_FORMAT,
+    EXT_END,
+    HEADER_V2,
+    HEADER_V3,
+    MAGIC,
+    OFFSET_MASK,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+)
 
 CLUSTER_BITS = 16
 CS = 1 << CLUSTER_BITS
@@ -138,10 +147,15 @@ class Overlay:
         try:
             self._write(data, c * CS)
         except ImageIOError:
-            k, i = divmod(c, REFS_PER_BLOCK)
-            struct.pack_into(">H", self.refblocks[k], i * 2, 0)  # unreferenced, refcount 0: no leak
+            self._unref(c)
             raise
         return c * CS
+
+    def _unref(self, cluster: int) -> None:
+        """Refcount 0 again: an unreferenced cluster that nothing counts, not a leak."""
+        k, i = divmod(cluster, REFS_PER_BLOCK)
+        struct.pack_into(">H", self.refblocks[k], i * 2, 0)
+        self.dirty_refs.add(k)
 
     def _table(self, l1i: int) -> bytearray:
         t = self.l2.get(l1i)
@@ -160,31 +174,45 @@ class Overlay:
 
     # -- writes ----------------------------------------------------------------
     def write(self, offset: int, data: bytes | memoryview, fill: Fill) -> None:
-        """``data`` at guest ``offset``; ``fill`` supplies the rest of a cluster newly taken."""
+        """``data`` at guest ``offset``; ``fill`` supplies the rest of a cluster newly taken.
+
+        All or nothing for what reads back: the clusters it needs anew are written first; if one
+        fails (ENOSPC), those taken are given back and no entry or held cluster has changed."""
         mv = memoryview(data)
         with self._lock:
+            plan: list[tuple[int, int, int, int]] = []  # (guest cluster, pos, end, entry)
             pos, end = offset, offset + len(mv)
             while pos < end:
                 g = pos // CS
                 c_end = min(end, (g + 1) * CS)
-                t, at, entry = self._entry(g)
-                host = entry & ~(OFLAG_COPIED | OFLAG_ZERO) & ((1 << 56) - 1)
-                piece = mv[pos - offset : c_end - offset]
-                if host and not entry & OFLAG_ZERO:
-                    self._write(piece, host + pos - g * CS)
-                else:
+                plan.append((g, pos, c_end, self._entry(g)[2]))
+                pos = c_end
+            taken: dict[int, int] = {}  # guest cluster -> new host cluster
+            try:
+                for g, pos, c_end, entry in plan:
+                    if _host(entry):
+                        continue  # a cluster we hold (data or zeroed): written in place below
                     buf = bytearray(CS)
-                    if pos > g * CS or c_end < (g + 1) * CS:
-                        if not entry & OFLAG_ZERO:
-                            fill(g * CS, memoryview(buf)[: min(CS, self.size - g * CS)])
-                    buf[pos - g * CS : c_end - g * CS] = piece
-                    if host:
-                        self._write(buf, host)  # a zero cluster that kept its offset
-                    else:
-                        host = self._alloc(buf)
+                    if (pos > g * CS or c_end < (g + 1) * CS) and not entry & OFLAG_ZERO:
+                        fill(g * CS, memoryview(buf)[: min(CS, self.size - g * CS)])
+                    buf[pos - g * CS : c_end - g * CS] = mv[pos - offset : c_end - offset]
+                    taken[g] = self._alloc(buf)
+            except ImageIOError:
+                for host in taken.values():
+                    self._unref(host // CS)
+                raise
+            for g, pos, c_end, entry in plan:
+                t, at, _ = self._entry(g)
+                host = taken.get(g) or _host(entry)
+                if g not in taken and entry & OFLAG_ZERO:
+                    buf = bytearray(CS)  # a zeroed cluster that kept its offset: zeros around the write
+                    buf[pos - g * CS : c_end - g * CS] = mv[pos - offset : c_end - offset]
+                    self._write(buf, host)
+                elif g not in taken:
+                    self._write(mv[pos - offset : c_end - offset], host + pos - g * CS)
+                if entry != host | OFLAG_COPIED:
                     struct.pack_into(">Q", t, at, host | OFLAG_COPIED)
                     self.dirty_l2.add(g // L2_ENTRIES)
-                pos = c_end
 
     def zero(self, offset: int, length: int, fill: Fill) -> None:
         """[offset, offset + length) reads as zeros: whole clusters become zero clusters."""
@@ -203,7 +231,7 @@ class Overlay:
         with self._lock:
             for g in range(first // CS, -(-last // CS)):
                 t, at, entry = self._entry(g)
-                host = entry & ~(OFLAG_COPIED | OFLAG_ZERO) & ((1 << 56) - 1)
+                host = _host(entry)
                 struct.pack_into(">Q", t, at, (host | OFLAG_COPIED if host else 0) | OFLAG_ZERO)
                 self.dirty_l2.add(g // L2_ENTRIES)
 
@@ -250,3 +278,8 @@ class Overlay:
             os.fdatasync(self.fd)
         except OSError as exc:
             raise ImageIOError.from_oserror(self.path, exc) from None
+
+
+def _host(entry: int) -> int:
+    """The host offset of a standard L2 entry (bits 9-55)."""
+    return entry & OFFSET_MASK
