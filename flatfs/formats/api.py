@@ -306,3 +306,6 @@ class Format(NamedTuple):
     suffixes: tuple[str, ...] = ()
     info_rows: tuple[tuple[str, str], ...] = ()  # (info() key, label) lines of the human `info`
     writer: Callable[[], TargetWriter] | None = None  # a target writer over a Sink (vpc, ...)
+    # loads the class of a growing overlay (``mount --overlay``): cls(path, size, backing, backing_format)
+    # with write(offset, data, fill), zero(offset, length, fill), flush(), close()
+    overlay: Callable[[], Any] | None = None

@@ -524,8 +524,9 @@ class Qcow2Layer(LayerBase):
             "features": h.features(),
             "compression-type": COMPRESSION_NAMES.get(h.compression_type, "?"),
             "refcount-bits": 1 << h.refcount_order,
-            "snapshots": [s.info() for s in self.snapshots()],
         }
+        if h.nb_snapshots:  # as qemu-img info: the list only when there is one
+            out["snapshots"] = [s.info() for s in self.snapshots()]
         if self.snapshot is not None:
             out["snapshot"] = self.snapshot.info()
         if h.has_data_file:
