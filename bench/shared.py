@@ -16,12 +16,26 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.helpers.chains import deep_qcow2_chain  # noqa: E402
+from tests.helpers.esxi_writer import (  # noqa: E402
+    SE_GRAIN,
+    SE_GTES,
+    grain_entry,
+    sesparse_layout,
+    write_descriptor,
+    write_thin_flat,
+)
 from tests.helpers.loopfs import filefrag_extents, loop_xfs, loop_xfs_missing  # noqa: E402
 from tests.helpers.qemu import Qemu  # noqa: E402
 from tests.helpers.vhdx_writer import Parent, VhdxImage  # noqa: E402
 
 __all__ = [
     "ROOT",
+    "SE_GRAIN",
+    "SE_GTES",
+    "grain_entry",
+    "sesparse_layout",
+    "write_descriptor",
+    "write_thin_flat",
     "Parent",
     "Qemu",
     "VhdxImage",

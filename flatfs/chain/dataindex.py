@@ -34,6 +34,16 @@ SEEK_HOLE = os.SEEK_HOLE
 MAX_RUNS = 1 << 20
 
 
+def check_seek(size: int, offset: int, whence: int) -> None:
+    """The arguments lseek(2) refuses before it looks at any data: EINVAL, or ENXIO at or past the end."""
+    if whence not in (SEEK_DATA, SEEK_HOLE):
+        raise OSError(errno.EINVAL, "whence must be SEEK_DATA or SEEK_HOLE")
+    if offset < 0:
+        raise OSError(errno.EINVAL, "negative offset")
+    if offset >= size:
+        raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+
+
 class DataIndex:
     """Start and end of every data run of a view of ``size`` bytes; answers like ``Chain.seek``."""
 
@@ -49,12 +59,7 @@ class DataIndex:
 
     def seek(self, offset: int, whence: int) -> int:
         """lseek(2) SEEK_DATA/SEEK_HOLE semantics, exactly as ``Chain.seek``; raises OSError."""
-        if whence not in (SEEK_DATA, SEEK_HOLE):
-            raise OSError(errno.EINVAL, "whence must be SEEK_DATA or SEEK_HOLE")
-        if offset < 0:
-            raise OSError(errno.EINVAL, "negative offset")
-        if offset >= self.size:
-            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        check_seek(self.size, offset, whence)
         ends = self.ends
         i = bisect_right(ends, offset)  # the first run that ends after offset
         if whence == SEEK_DATA:

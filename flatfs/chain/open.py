@@ -5,11 +5,14 @@ names through its :class:`ParentRef`, and each related file a format asks
 for (a qcow2 data file, a VMDK extent). One policy applies to all of them:
 the ``--backing-dir`` fence, no special files unless allowed, no URLs,
 probing (raw only when allowed), a depth limit, loop detection, parent
-identity checks, and QEMU's image locks.
+identity checks, and QEMU's image locks. A file an image names as raw data
+(a FLAT extent, a raw backing file, a qcow2 data file) must not look like a
+host text file (``--allow-text-data`` reads one).
 """
 
 from __future__ import annotations
 
+import codecs
 import errno
 import ntpath
 import os
@@ -47,6 +50,11 @@ _SPARE_FDS = 64
 MAX_CHAIN_EXTENTS = 4096
 MAX_CHAIN_TABLES = 256 << 20
 
+# How much of a file an image names as raw data is checked for text, at open
+TEXT_PROBE = 4096
+# whitespace a text file may hold besides printable characters
+_WHITESPACE = dict.fromkeys(map(ord, "\t\n\v\f\r"))
+
 # Files a search for a parent by identity reads the head of, per folder, at most
 MAX_SCAN_FILES = 4096
 
@@ -69,6 +77,7 @@ class OpenOptions(NamedTuple):
     max_depth: int = MAX_CHAIN_DEPTH
     readahead: bool = True  # False: POSIX_FADV_RANDOM on every file, before its first read
     snapshot: str | None = None  # -l: read the top image at this internal snapshot (ID or name)
+    allow_text_data: bool = False  # read raw data an image names even if it looks like a text file
 
 
 class Opener:
@@ -208,8 +217,9 @@ class Opener:
             lock_shared_readonly(fd, path)
         return fd
 
-    def open_related(self, referrer: str, name: str, what: str) -> tuple[str, int]:
-        """Open a file an image refers to (its data file, an extent), under the same policy."""
+    def open_related(self, referrer: str, name: str, what: str, raw_at: int | None = None) -> tuple[str, int]:
+        """Open a file an image refers to (its data file, an extent), under the same policy;
+        ``raw_at``: the file is raw data the image reads from that offset on."""
         path = self.resolve(referrer, name, what)
         self.check_dir(referrer, path, what)
         self.extents += 1
@@ -218,7 +228,29 @@ class Opener:
                 f"{referrer}: the chain names more than {MAX_CHAIN_EXTENTS} extent and data files "
                 "(MAX_CHAIN_EXTENTS)"
             )
-        return path, self.open(path, top=False, referrer=referrer, what=what)
+        fd = self.open(path, top=False, referrer=referrer, what=what)
+        if raw_at is not None:
+            self.check_raw_data(referrer, path, fd, what, raw_at)
+        return path, fd
+
+    def check_raw_data(self, referrer: str, path: str, fd: int, what: str, at: int) -> None:
+        """Refuse a file an image names as raw data when its first 4 KiB there look like a
+        host text file (/etc/shadow named as a FLAT extent would be the disk's bytes, as in
+        QEMU). Read once at open, before any read of the data; the message quotes nothing."""
+        if self.options.allow_text_data:
+            return
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or at >= st.st_size:
+                return  # a device let through by --allow-special; or nothing there to read
+            head = os.pread(fd, TEXT_PROBE, at)
+        except OSError as exc:
+            raise ImageIOError.from_oserror(path, exc, at) from None
+        if looks_like_text(head):
+            raise ChainError(
+                f"{referrer}: {what} {path!r} looks like a text file, not disk data (refused: "
+                "a hostile image can name a host file; --allow-text-data reads it)"
+            )
 
     def charge(self, referrer: str, what: str, nbytes: int) -> None:
         self.tables += nbytes
@@ -318,6 +350,18 @@ def _room_for(count: int) -> None:
             pass
 
 
+def looks_like_text(head: bytes) -> bool:
+    """No NUL byte, UTF-8 (a character cut at the end aside), printable or whitespace only;
+    but not one byte repeated: a fill pattern (``qemu-io -c 'write -P 0x41'``) holds no secret."""
+    if not head or b"\0" in head or head.count(head[:1]) == len(head):
+        return False
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return text.translate(_WHITESPACE).isprintable()
+
+
 def _identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
@@ -349,6 +393,8 @@ def open_layer(
     entry = lookup(fmt)
     if entry is None:
         raise UnsupportedImage(path, f"unknown or unsupported format {fmt!r}")
+    if fmt == "raw" and not top:
+        opener.check_raw_data(referrer or path, path, fd, "backing file", 0)
     return entry.open(path, fd, opener)
 
 

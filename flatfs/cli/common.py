@@ -124,6 +124,12 @@ def chain_options() -> Callable[[Command], Command]:
                 help="Safe settings for an image you did not make: --backing-dir (default: the "
                 "image's folder), no devices, no raw probing, locks on.",
             ),
+            click.option(
+                "--allow-text-data",
+                is_flag=True,
+                help="Read raw data an image names (a FLAT extent, a raw backing or data file) "
+                "even if it looks like a text file.",
+            ),
         ]
         for o in reversed(opts):
             fn = o(fn)
@@ -142,10 +148,12 @@ def chain_options() -> Callable[[Command], Command]:
             max_depth: int,
             snapshot: str | None = None,
             untrusted: bool = False,
+            allow_text_data: bool = False,
             **kw: Any,
         ) -> Any:
             if untrusted:
-                backing_dir = _untrusted_fence(backing_dir, kw, allow_special, force_share, allow_probe_raw)
+                loose = (allow_special, force_share, allow_probe_raw, allow_text_data)
+                backing_dir = _untrusted_fence(backing_dir, kw, *loose)
             kw["options"] = OpenOptions(
                 format=fmt,
                 backing_dir=backing_dir,
@@ -157,6 +165,7 @@ def chain_options() -> Callable[[Command], Command]:
                 search_dirs=tuple(search_dirs),
                 max_depth=max_depth,
                 snapshot=snapshot,
+                allow_text_data=allow_text_data,
             )
             return fn(*args, **kw)
 
@@ -166,13 +175,19 @@ def chain_options() -> Callable[[Command], Command]:
 
 
 def _untrusted_fence(
-    backing_dir: str | None, kw: dict[str, Any], allow_special: bool, force_share: bool, probe_raw: bool
+    backing_dir: str | None,
+    kw: dict[str, Any],
+    allow_special: bool,
+    force_share: bool,
+    probe_raw: bool,
+    text_data: bool,
 ) -> str:
     """--untrusted: refuse the options that loosen the policy; the fence, by default the image's folder."""
     for given, name in (
         (allow_special, "--allow-special"),
         (force_share, "-U/--force-share"),
         (probe_raw, "--allow-probe-raw"),
+        (text_data, "--allow-text-data"),
     ):
         if given:
             raise click.UsageError(f"--untrusted and {name} contradict each other")

@@ -50,6 +50,25 @@ def _fuse_options(groups: tuple[str, ...]) -> tuple[str, ...]:
     is_flag=True,
     help="Also show each partition (MBR, GPT) as NAME-pN.raw, numbered as Linux numbers them.",
 )
+@click.option(
+    "--writable",
+    is_flag=True,
+    help="Accept writes, kept in a throwaway scratch layer; the chain is never written.",
+)
+@click.option(
+    "--scratch-dir",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Where the (nameless) scratch file of --writable lives (default: $TMPDIR).",
+)
+@click.option(
+    "--overlay",
+    "overlay",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="Keep the writes as a new qcow2 FILE over IMAGE (implies --writable; FILE must not exist).",
+)
 @chain_options()
 def mount(
     image: str,
@@ -59,6 +78,9 @@ def mount(
     debug: bool,
     fuse_options: tuple[str, ...],
     partitions: bool,
+    writable: bool,
+    scratch_dir: str | None,
+    overlay: str | None,
     options: OpenOptions,
 ) -> None:
     """Show IMAGE's flattened chain as one read-only raw file at MOUNTPOINT.
@@ -66,6 +88,9 @@ def mount(
     A directory MOUNTPOINT holds the view as <name>.raw; a file MOUNTPOINT is
     covered by it. Manual: flatfs-mount(1).
     """
+    writable = writable or overlay is not None
+    if scratch_dir is not None and not writable:
+        raise click.UsageError("--scratch-dir needs --writable")
     from ..fuse.mount import MountRequest
     from ..fuse.mount import mount as do_mount
 
@@ -79,6 +104,9 @@ def mount(
             debug=debug,
             fuse_options=fuse_options,
             partitions=partitions,
+            writable=writable,
+            scratch_dir=scratch_dir,
+            overlay=overlay,
         )
     )
 

@@ -64,11 +64,13 @@ class HostFile(NamedTuple):
 class OpenContext(Protocol):
     """What the chain offers a format while it opens: related files, under the chain's policy."""
 
-    def open_related(self, referrer: str, name: str, what: str) -> tuple[str, int]:
+    def open_related(self, referrer: str, name: str, what: str, raw_at: int | None = None) -> tuple[str, int]:
         """Open a file ``referrer`` names (resolved against its folder); return (path, fd).
 
         The chain owns the fd. Refused like a backing file would be: outside
         ``--backing-dir``, a special file without ``--allow-special``, a URL.
+        ``raw_at``: the file is raw data read from that offset on (a FLAT extent,
+        a qcow2 data file): refused if it looks like a host text file there.
         """
         ...
 
@@ -313,3 +315,6 @@ class Format(NamedTuple):
     # that nothing at the head announces (a fixed VHD)? Trusted without -f only when the
     # file name ends with one of ``suffixes``.
     probe_tail: Callable[[bytes, int], bool] | None = None
+    # loads the class of a growing overlay (``mount --overlay``): cls(path, size, backing, backing_format)
+    # with write(offset, data, fill), zero(offset, length, fill), flush(), close()
+    overlay: Callable[[], Any] | None = None

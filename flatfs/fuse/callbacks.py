@@ -21,8 +21,10 @@ from typing import Any
 
 from .glue import ATTR_TIMEOUT, PIN_MAX, load_mfusepy
 from .view import View, errno_for
+from .writable import WritableView
 
 _m: Any = load_mfusepy()
+WRITABLE_ATTR_TIMEOUT = 0.0  # st_blocks of a writable view changes with every write: never cached
 
 
 def _negative_errno(exc: Exception, offset: int) -> int:
@@ -34,6 +36,12 @@ def _negative_errno(exc: Exception, offset: int) -> int:
     if isinstance(exc, OSError):
         return -(exc.errno or errno.EIO)
     return -errno_for(exc, None, offset)
+
+
+def _buffer(buf: Any, size: int) -> memoryview:
+    """libfuse's request buffer (a ctypes pointer) as a memoryview: no copy."""
+    addr = ctypes.cast(buf, ctypes.c_void_p).value
+    return memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")  # type: ignore[arg-type]
 
 
 def _gilstate_ensure() -> None:
@@ -60,11 +68,17 @@ class Operations(_m.Operations):  # type: ignore[misc]
         if conn is not None:
             # libfuse 3 refuses INIT (EPROTO) unless this equals -o max_read.
             conn.max_read = self.max_read
+            if self.view.writable and self.max_read:
+                conn.max_write = self.max_read  # 1 MiB writes, not libfuse's 128 KiB default
         if config is not None:
             config.kernel_cache = 1  # keep the page cache across opens
             config.entry_timeout = ATTR_TIMEOUT
             config.attr_timeout = ATTR_TIMEOUT
             config.negative_timeout = ATTR_TIMEOUT
+            if self.view.writable:
+                # st_blocks follows the writes; the kernel asks again after this
+                config.attr_timeout = WRITABLE_ATTR_TIMEOUT
+                config.kernel_cache = 0 if getattr(self.view, "direct_io", False) else 1
         self._on_init()
 
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
@@ -114,6 +128,49 @@ class Operations(_m.Operations):  # type: ignore[misc]
         return 0
 
 
+class WritableOperations(Operations):
+    """Operations of a writable view: writes, zero ranges and discards, fsync; never a new size."""
+
+    view: WritableView
+
+    def open(self, path: str, fi: Any) -> int:
+        ret: int = super().open(path, fi)
+        if self.view.direct_io:
+            fi.direct_io = 1  # partition files alias the disk: no page cache to go stale
+            fi.keep_cache = 0
+        return ret
+
+    def write(self, path: str | None, data: bytes | memoryview, offset: int, fh: Any) -> int:
+        try:
+            return self.view.write(path or self.view.file_path, offset, data)
+        except Exception as exc:
+            raise self._fail(exc, path, offset) from None
+
+    def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: Any) -> int:
+        try:
+            self.view.fallocate(path or self.view.file_path, mode, offset, size)
+        except Exception as exc:
+            raise self._fail(exc, path, offset) from None
+        return 0
+
+    def fsync(self, path: str | None, datasync: int, fh: Any) -> int:
+        try:
+            self.view.fsync(path or self.view.file_path)
+        except Exception as exc:
+            raise self._fail(exc, path) from None
+        return 0
+
+    def flush(self, path: str | None, fh: Any) -> int:
+        return 0
+
+    def truncate(self, path: str | None, length: int, fh: Any = None) -> int:
+        try:
+            self.view.truncate(path or self.view.file_path, length)
+        except Exception as exc:
+            raise self._fail(exc, path) from None
+        return 0
+
+
 class FlatfsFUSE(_m.FUSE):  # type: ignore[misc]
     """mfusepy's FUSE with two callbacks of our own, on worker threads that keep their Python state.
 
@@ -149,7 +206,7 @@ class FlatfsFUSE(_m.FUSE):  # type: ignore[misc]
     _pinned = threading.local()  # per thread state: .on once pinned
     _pin_lock = threading.Lock()
     _pin_count = 0
-    _DIRECT = frozenset({"lseek", "read"})  # callbacks that return -errno themselves
+    _DIRECT = frozenset({"lseek", "read", "write"})  # callbacks that return -errno themselves
 
     def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not getattr(self._pinned, "on", False):
@@ -177,9 +234,19 @@ class FlatfsFUSE(_m.FUSE):  # type: ignore[misc]
         if size <= 0:
             return 0
         try:
-            addr = ctypes.cast(buf, ctypes.c_void_p).value
-            mv = memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")  # type: ignore[arg-type]
-            return self.operations.readinto(self._decode(path), mv, offset, fip)
+            return self.operations.readinto(self._decode(path), _buffer(buf, size), offset, fip)
+        except Exception as exc:
+            return _negative_errno(exc, offset)
+
+    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        # Registered only for a writable view (WritableOperations has write). The stock
+        # wrapper copies the request into bytes; we hand over a memoryview of libfuse's
+        # buffer, valid for this call (the writable disk writes synchronously).
+        if size <= 0:
+            return 0
+        try:
+            done: int = self.operations.write(self._decode(path), _buffer(buf, size), offset, fip)
+            return done
         except Exception as exc:
             return _negative_errno(exc, offset)
 

@@ -94,5 +94,6 @@ def serve(
     load_mfusepy()
     from . import callbacks  # its classes subclass mfusepy's: import it only once mfusepy is loaded
 
-    ops = callbacks.Operations(view, on_init, int(options.get("max_read", 0)))
+    ops_class = callbacks.WritableOperations if view.writable else callbacks.Operations
+    ops = ops_class(view, on_init, int(options.get("max_read", 0)))
     callbacks.FlatfsFUSE(ops, mountpoint, foreground=True, raw_fi=True, debug=debug, **options)

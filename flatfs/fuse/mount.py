@@ -23,11 +23,14 @@ from typing import Any
 
 from ..chain import Chain, OpenOptions, open_chain
 from ..errors import FlatfsError, MountError
+from ..formats import lookup
 from ..partitions import read_table
 from ..service import StderrCapture, daemonize, sd_notify, setup_logging
 from . import glue
 from .mountinfo import find_mount
+from .scratch import OverlayDisk, Scratch
 from .view import View, view_name
+from .writable import WritableView
 
 log = logging.getLogger("flatfs.fuse")
 
@@ -47,6 +50,9 @@ class MountRequest:
     debug: bool = False
     fuse_options: tuple[str, ...] = ()
     partitions: bool = False  # -P: each partition as NAME-pN.raw next to NAME.raw
+    writable: bool = False  # --writable: writes land in a scratch layer, never in the chain
+    scratch_dir: str | None = None  # where the scratch file lives (default $TMPDIR)
+    overlay: str | None = None  # --overlay FILE: the writes also kept as a new qcow2 over IMAGE
 
 
 _DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
@@ -129,7 +135,7 @@ def _fuse_kwargs(req: MountRequest, image: str) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "fsname": _fuse_opt_escape(os.path.abspath(image)),
         "subtype": FSTYPE_SUBTYPE,
-        "ro": True,
+        "ro": not req.writable,
         "default_permissions": True,
         "max_read": MAX_READ,
     }
@@ -146,8 +152,8 @@ def _fuse_kwargs(req: MountRequest, image: str) -> dict[str, Any]:
             if not opt:
                 continue
             key, eq, val = opt.partition("=")
-            if key == "rw":
-                raise MountError("-o rw: the view is read-only")
+            if key == "rw" and not req.writable:
+                raise MountError("-o rw: the view is read-only (--writable makes a writable one)")
             if key in ("fsname", "subtype"):
                 raise MountError(f"-o {key}: flatfs sets {key} itself (umount relies on it)")
             kw[key] = val if eq else True
@@ -211,6 +217,7 @@ class _Server:
         self.view_path = ""
         self._pre_dev = 0
         self.notes: list[str] = []  # warnings for the user, sent with "ready"
+        self.disk: Scratch | None = None  # the writable layer, with --writable
 
     def run(self) -> None:
         """Serve until unmounted or signalled. Raises MountError if the mount never got live."""
@@ -220,7 +227,13 @@ class _Server:
             top = chain.layers[0]
             name = view_name(self.req.image) if self.is_dir else None
             parts = self._partitions(chain, name) if self.req.partitions and name else []
-            view = View(chain, name, os.fstat(chain.host_files()[0].fd), partitions=parts)
+            top_stat = os.fstat(chain.host_files()[0].fd)
+            if self.req.writable:
+                chain.build_index()
+                self.disk = self._writable_disk(chain)
+                view: View = WritableView(chain, name, top_stat, self.disk, partitions=parts)
+            else:
+                view = View(chain, name, top_stat, partitions=parts)
             self.view_path = os.path.join(self.mountpoint, view.name) if view.name else self.mountpoint
             self._pre_dev = os.stat(self.mountpoint).st_dev
             kwargs = _fuse_kwargs(self.req, top.path)
@@ -234,6 +247,15 @@ class _Server:
             finally:
                 self.capture.stop()
         finally:
+            if self.disk is not None:
+                self.disk.close()
+                if self.req.overlay is not None and not self.ready.is_set():
+                    # the mount never went live: no write reached the overlay; do not leave it
+                    # behind to block the next attempt ("already exists")
+                    try:
+                        os.unlink(self.req.overlay)
+                    except OSError:
+                        pass
             chain.close()
         if self.ready.is_set():
             # Unmounted, or SIGTERM/SIGINT/SIGHUP handled by libfuse (which makes
@@ -245,6 +267,21 @@ class _Server:
             raise MountError(f"{self.req.mountpoint}: {self.error}")
         detail = self.capture.last_line() or "mount failed"
         raise MountError(f"{self.req.mountpoint}: {detail}")
+
+    def _writable_disk(self, chain: Chain) -> Scratch:
+        if self.req.overlay is None:
+            return Scratch(chain, self.req.scratch_dir)
+        entry = lookup("qcow2")
+        if entry is None or entry.overlay is None:
+            raise MountError("--overlay: no qcow2 overlay writer")
+        top = chain.layers[0]
+        cls = entry.overlay()
+        overlay = cls(self.req.overlay, chain.size, os.path.abspath(top.path), top.format)
+        try:
+            return OverlayDisk(chain, self.req.scratch_dir, overlay)
+        except BaseException:
+            overlay.close()
+            raise
 
     def _partitions(self, chain: Chain, name: str) -> list[tuple[str, int, int]]:
         """-P: (file name, start, length) of each partition; a table flatfs will not use is a
@@ -300,6 +337,12 @@ def mount(req: MountRequest) -> None:
 
 def _mount(req: MountRequest) -> None:
     mountpoint, is_dir = check_mountpoint(req.mountpoint)
+    if req.overlay is not None:
+        if os.path.lexists(req.overlay):
+            raise MountError(f"{req.overlay}: already exists; --overlay makes a new file")
+        if req.options.snapshot is not None:
+            raise MountError("--overlay records IMAGE as its backing file, not an internal snapshot (-l)")
+        req.overlay = os.path.abspath(req.overlay)
     if req.partitions and not is_dir:
         raise MountError(
             f"{req.mountpoint}: -P needs a directory mountpoint (the partitions are files in it)"

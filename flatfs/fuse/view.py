@@ -172,9 +172,10 @@ class View:
         uid: int | None = None,
         gid: int | None = None,
         partitions: Sequence[tuple[str, int, int]] = (),
+        disk: Disk | None = None,
     ) -> None:
         self.chain = chain
-        self.disk: Disk = chain
+        self.disk: Disk = chain if disk is None else disk
         self.name = name
         self.file_path = "/" if name is None else "/" + name
         self.size = chain.size
@@ -195,7 +196,7 @@ class View:
         }
         self._attrs = {path: self._file_attrs(f) for path, f in self.files.items()}
         self._dir_attrs = {
-            "st_mode": stat.S_IFDIR | 0o555,
+            "st_mode": stat.S_IFDIR | self.dir_mode,
             "st_nlink": 2,
             "st_size": 0,
             "st_blocks": 0,
@@ -204,10 +205,14 @@ class View:
             **self._owner,
         }
 
+    writable = False
+    file_mode = 0o444
+    dir_mode = 0o555
+
     def _file_attrs(self, f: _File) -> dict[str, int]:
         data = self.data_bytes if f == (0, self.size) else window_data_bytes(self.disk, f.start, f.length)
         return {
-            "st_mode": stat.S_IFREG | 0o444,
+            "st_mode": stat.S_IFREG | self.file_mode,
             "st_nlink": 1,
             "st_size": f.length,
             "st_blocks": (data + 511) // 512,

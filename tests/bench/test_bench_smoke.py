@@ -97,3 +97,19 @@ def test_quick_benchmark_reports_every_figure_and_comparison(tmp_path: Path) -> 
         for check, verdict in scen["checks"].items():
             assert not verdict.startswith("DIFFERENT"), f"{check}: {verdict}"
     assert not any("reflink-mnt" in line for line in open("/proc/self/mounts"))
+
+
+def test_quick_esxi_benchmark_compares_identical_outputs(tmp_path: Path) -> None:
+    require(have_qemu(), "qemu-img is not installed")
+    out = tmp_path / "esxi"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "esxi.py"), "--quick", "--warm", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "Traceback" not in res.stderr, res.stderr
+    for case in ("esxi-sesparse", "esxi-vmfssparse"):
+        assert f"{case:16} outputs: identical" in res.stdout, res.stdout
+        assert f"{case:16} flatfs " in res.stdout and "qemu-img" in res.stdout
+    assert not out.exists()

@@ -154,3 +154,28 @@ def test_partitions_need_a_folder(tmp_path: Path) -> None:
     over.write_bytes(b"")
     line = error_line("mount", "-P", img, over)
     assert "-P needs a directory mountpoint" in line
+
+
+def test_edited_table_through_a_writable_view(mounter, tmp_path: Path) -> None:
+    """Decided: the partition files keep the layout the table had at mount (the disk file shows the
+    edit at once); with --overlay the edit is kept, and a new mount of the overlay has the new
+    partition files."""
+    raw = write_at(tmp_path / "d.img", {0: mbr(mbr_entry(0x83, 2048, 4096))}, 16 * M)
+    kept = tmp_path / "kept" / "d2.qcow2"
+    kept.parent.mkdir()
+    view = mounter.mount(raw, None, "-P", "--overlay", str(kept))
+    assert sorted(os.listdir(view.parent)) == ["d-p1.raw", "d.raw"]
+    new_table = mbr(mbr_entry(0x83, 2048, 2048), mbr_entry(0x83, 8192, 8192))
+    fd = os.open(view, os.O_RDWR)
+    try:
+        os.pwrite(fd, new_table, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(view.parent)) == ["d-p1.raw", "d.raw"]
+    assert (view.parent / "d-p1.raw").stat().st_size == 4096 * SECTOR  # as at mount
+    assert view.read_bytes()[:SECTOR] == new_table
+    again = mounter.mount(kept, None, "-P")
+    names = sorted(os.listdir(again.parent))
+    assert names == ["d2-p1.raw", "d2-p2.raw", "d2.raw"]
+    assert (again.parent / "d2-p2.raw").stat().st_size == 8192 * SECTOR

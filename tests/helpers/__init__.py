@@ -5,4 +5,4 @@ only: those modules are listed here, and must stay importable outside pytest's r
 fixtures, no conftest), since the benchmark runs them as a plain script.
 """
 
-BENCH_SHARED = ("chains", "images", "loopfs", "needs", "qemu", "vhdx_writer")
+BENCH_SHARED = ("chains", "esxi_writer", "images", "loopfs", "needs", "qemu", "vhdx_writer")

@@ -19,6 +19,12 @@ def _open(path: str, fd: int, ctx: OpenContext) -> Layer:
     return Qcow2Layer(path, fd, ctx)
 
 
+def _overlay() -> Any:
+    from .overlay import Overlay
+
+    return Overlay
+
+
 def _writer() -> Any:
     from .writer import Qcow2Writer
 
@@ -30,5 +36,6 @@ FORMAT = Format(
     probe=lambda head: head[:4] == MAGIC,
     open=_open,
     target=_writer,
+    overlay=_overlay,
     info_rows=(("cluster-size", "cluster size"), ("compat", "compat"), ("data-file-name", "data file")),
 )

@@ -102,7 +102,7 @@ class Qcow2Layer(LayerBase):
         # the file holding guest clusters
         if hdr.has_data_file:
             assert hdr.data_file is not None
-            self.data_path, self.data_fd = ctx.open_related(path, hdr.data_file, "data file")
+            self.data_path, self.data_fd = ctx.open_related(path, hdr.data_file, "data file", raw_at=0)
             self.data_size = host_size(self.data_fd, self.data_path)
         else:
             self.data_path, self.data_fd, self.data_size = path, fd, self.file_size
@@ -524,8 +524,9 @@ class Qcow2Layer(LayerBase):
             "features": h.features(),
             "compression-type": COMPRESSION_NAMES.get(h.compression_type, "?"),
             "refcount-bits": 1 << h.refcount_order,
-            "snapshots": [s.info() for s in self.snapshots()],
         }
+        if h.nb_snapshots:  # as qemu-img info: the list only when there is one
+            out["snapshots"] = [s.info() for s in self.snapshots()]
         if self.snapshot is not None:
             out["snapshot"] = self.snapshot.info()
         if h.has_data_file:

@@ -1,10 +1,11 @@
-"""VMware VMDK: hosted sparse (KDMV) and flat extents, descriptors, delta disks."""
+"""VMware VMDK: hosted sparse (KDMV) and flat extents, descriptors, delta disks, ESXi's deltas."""
 
 from __future__ import annotations
 
 from ..api import Format, Layer, OpenContext
 
 MAGICS = (b"KDMV", b"COWD")  # a hosted sparse extent; an ESXi vmfsSparse extent
+SESPARSE_MAGIC = (0xCAFEBABE).to_bytes(8, "little")  # an ESXi seSparse extent (read alone too)
 
 
 def _open(path: str, fd: int, ctx: OpenContext) -> Layer:
@@ -14,7 +15,7 @@ def _open(path: str, fd: int, ctx: OpenContext) -> Layer:
 
 
 def _probe(head: bytes) -> bool:
-    if head[:4] in MAGICS:
+    if head[:4] in MAGICS or head[:8] == SESPARSE_MAGIC:
         return True
     if head[:1] not in (b"#", b" ", b"v"):  # a text descriptor starts with a comment or version=
         return False

@@ -43,6 +43,7 @@ from .descriptor import (
 from .esxi import DESCRIPTOR_TYPES, REFUSED_TYPES, esxi_extent, unsupported_type
 from .extent import Extent, FlatExtent, ZeroExtent
 from .grains import ALL_ABSENT, GrainExtent, absent_until, used_tables
+from .sesparse import SeSparseExtent, magic_matches
 from .sparse import (
     COWD_MAGIC,
     GD_AT_END,
@@ -392,9 +393,11 @@ class VmdkLayer(LayerBase):
         try:
             if head[:4] == MAGIC:
                 self.descriptor = self._open_sparse(ctx)
-            elif head[:4] == COWD_MAGIC:  # a vmfsSparse extent opened alone, as QEMU opens one
-                self.parts.append(CowdExtent(path, fd, None, ctx))
-                self.create_type = "vmfsSparse"
+            elif head[:4] == COWD_MAGIC or magic_matches(head):  # an ESXi extent opened alone
+                cowd = head[:4] == COWD_MAGIC
+                alone = CowdExtent if cowd else SeSparseExtent
+                self.parts.append(alone(path, fd, None, ctx))
+                self.create_type = "vmfsSparse" if cowd else "seSparse"
             elif not_a_descriptor(head, self._head(DESCRIPTOR_HEAD)):
                 # before any parsing: a text file that is not a descriptor may be any host
                 # file an image names (/etc/shadow), and its lines must never reach a message
@@ -476,8 +479,10 @@ class VmdkLayer(LayerBase):
         if line.type == "ZERO":
             return ZeroExtent(length, line)
         assert line.filename is not None
-        epath, efd = ctx.open_related(self.path, line.filename, "extent file")
-        if line.type in ("FLAT", "VMFS"):
+        flat = line.type in ("FLAT", "VMFS")
+        raw_at = line.offset * SECTOR if flat else None
+        epath, efd = ctx.open_related(self.path, line.filename, "extent file", raw_at)
+        if flat:
             return FlatExtent(epath, efd, line.offset * SECTOR, length, line, self.create_type == "vmfsThin")
         ext = esxi_extent(epath, efd, line, ctx) or _SparseExtent(epath, efd, line, ctx)
         if ext.length != length:
