@@ -11,7 +11,7 @@ import pytest
 from ..helpers.cli import flatfs, one_line_error
 from ..helpers.images import M, pattern, write_sparse_raw
 from ..helpers.qemu import Qemu
-from ..helpers.targets import big_sparse_source, check_output, convert_checked
+from ..helpers.targets import assert_cost_follows_data, check_output, convert_checked
 from ..helpers.vhd_writer import checksum
 from ..helpers.vhdx_images import pyvhdi
 
@@ -105,14 +105,7 @@ def test_size_is_never_rounded_to_a_geometry(tmp_path, qemu: Qemu):
 
 
 def test_cost_grows_with_data_not_size(tmp_path, qemu: Qemu):
-    src = big_sparse_source(tmp_path / "big.raw", pattern(M, 5), 123 * M)
-    out = tmp_path / "big.vhd"
-    res = json.loads(flatfs("convert", "--output=json", "-O", "vpc", src, out).stdout)
-    assert res["data-read"] == M and res["virtual-size"] == 1 << 40
-    assert out.stat().st_blocks * 512 < 8 * M  # the 2 MiB BAT, one block, the headers
-    assert qemu.img("compare", "-f", "raw", "-F", "vpc", src, out, check=False).returncode == 0
-    m = json.loads(flatfs("measure", "--output=json", "-O", "vpc", src).stdout)
-    assert m["required"] >= out.stat().st_size and m["fully-allocated"] > 1 << 40
+    assert_cost_follows_data(qemu, tmp_path, "vpc")
 
 
 @pytest.mark.parametrize(

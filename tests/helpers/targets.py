@@ -85,3 +85,25 @@ def convert_checked(q: Qemu, chain: tuple[Path, Path], out: Path, fmt: str, *arg
     top, flat = chain
     flatfs("convert", "-O", fmt, *args, top, out)
     return flat, check_output(q, flat, top, out, fmt)
+
+
+def assert_cost_follows_data(q: Qemu, d: Path, fmt: str, *args: str) -> Path:
+    """A 1 TiB source with 1 MiB of data: only that MiB is read and stored, the image says 1 TiB
+    (qemu-img info), flatfs maps only that MiB as data, and ``measure`` bounds the file.
+    (No qemu-img compare: some of QEMU's drivers report no block status and would read the TiB.)"""
+    import json
+
+    from .cli import flatfs
+    from .images import M, pattern
+
+    at = 700 * M
+    src = big_sparse_source(d / "big.raw", pattern(M, 6), at)
+    out = d / f"big.{fmt}"
+    res = json.loads(flatfs("convert", "--output=json", "-O", fmt, *args, src, out).stdout)
+    assert res["data-read"] == M and out.stat().st_blocks * 512 < 8 * M
+    info = json.loads(q.img("info", "--output=json", "-f", fmt, out).stdout)
+    assert info["virtual-size"] == 1 << 40
+    assert data_ranges(out, fmt) == [(at, at + M)]
+    m = json.loads(flatfs("measure", "--output=json", "-O", fmt, *args, src).stdout)
+    assert m["required"] >= out.stat().st_size and m["fully-allocated"] > 1 << 40
+    return out
