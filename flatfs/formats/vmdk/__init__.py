@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..api import Format, Layer, OpenContext
+from ..api import Format, Layer, OpenContext, TargetWriter
 
 MAGICS = (b"KDMV", b"COWD")  # a hosted sparse extent; ESXi vmfsSparse (ours to refuse by name)
 
@@ -23,6 +23,12 @@ def _probe(head: bytes) -> bool:
     return looks_like_descriptor(head)
 
 
+def _writer() -> TargetWriter:
+    from . import writer
+
+    return TargetWriter(writer.OPTIONS, writer.open_writer, writer.measure, check=writer.check)
+
+
 FORMAT = Format(
     "vmdk",
     probe=_probe,
@@ -35,4 +41,5 @@ FORMAT = Format(
         ("parent-cid", "parent CID"),
         ("extents", "extents"),
     ),
+    writer=_writer,
 )
