@@ -29,7 +29,10 @@ from typing import Any
 
 from ..chain import Chain, OpenOptions, open_chain
 from ..errors import ConvertError, FlatfsError, ImageIOError
+from ..formats.api import ImageWriter, Sink
+from ..units import human_size
 from . import pipeline
+from .archive import SparseTarGzWriter
 from .layouts import LayoutTarget
 from .measure import Measure, measure_chain
 from .options import ConvertOptions, Summary, UsageError, target_writer, validate, writer_values
@@ -111,8 +114,19 @@ def convert_chain(
     if options.backing and backing is None:
         raise ConvertError("-B/--backing given but no backing chain opened")
     summary = Summary(
-        source=source.path, target=target, target_format=options.target_format, virtual_size=source.size
+        source=source.path,
+        target=target,
+        target_format=options.target_format,
+        virtual_size=target_size(source, options),
     )
+    if summary.virtual_size != source.size:
+        say = warn or _stderr
+        note = (
+            f"the virtual size is rounded up from {source.size} to {summary.virtual_size} bytes "
+            f"(a whole {human_size(options.size_align)}), as the platform requires"
+        )
+        summary.warnings.append(note)
+        say(note)
     if options.no_create:
         _convert_in_place(source, target, options, backing, summary, progress, warn or _stderr)
         summary.seconds = time.monotonic() - t0
@@ -142,10 +156,30 @@ def _open_target(
 ) -> Target[Any]:
     """The target ``options.target_format`` asks for: convert's own (qcow2, raw) or a format's writer."""
     writer = target_writer(options.target_format)
-    if writer is None:
+    size = summary.virtual_size
+    make: Callable[[Sink], ImageWriter]
+    if options.package == "tar.gz":
+        runs = [(e.start, e.start + e.length) for e in source.extents() if e.kind.must_read]
+
+        def make(sink: Sink) -> ImageWriter:
+            return SparseTarGzWriter(sink, size, runs)
+
+    elif writer is not None:
+        values = writer_values(options.target_format, writer, options.target_options)
+
+        def make(sink: Sink) -> ImageWriter:
+            assert writer is not None
+            return writer.open(sink, size, values, target)
+
+    else:
         return open_target(source, backing, fd, target, options, summary)
-    values = writer_values(options.target_format, writer, options.target_options)
-    return LayoutTarget(source, writer, values, fd, target, options.sparse_size, summary)
+    return LayoutTarget(source, make, fd, target, options.sparse_size, summary)
+
+
+def target_size(source: Chain, options: ConvertOptions) -> int:
+    """The target's virtual size: the source's, rounded up as ``--for`` asks."""
+    a = options.size_align
+    return -(-source.size // a) * a
 
 
 def _progress_bar(source: Chain, backing: Chain | None, progress: bool | Progress) -> Progress | None:

@@ -17,12 +17,12 @@ in one place.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from ..chain import Chain
 from ..errors import ImageIOError
-from ..formats.api import ImageWriter, OptionValue, TargetWriter
+from ..formats.api import ImageWriter, Sink
 from ..readers import Chunk
 from .options import DEFAULT_SPARSE_SIZE, Summary
 from .pipeline import Slot
@@ -53,8 +53,7 @@ class LayoutTarget:
     def __init__(
         self,
         source: Chain,
-        writer: TargetWriter,
-        values: Mapping[str, OptionValue],
+        open_writer: Callable[[Sink], ImageWriter],
         fd: int,
         path: str,
         sparse_size: int,
@@ -69,7 +68,7 @@ class LayoutTarget:
         self.fd = fd
         self.path = path
         self.sink = CountingSink(WritebackIO(fd, path))
-        self.writer: ImageWriter = writer.open(self.sink, source.size, values, path)
+        self.writer = open_writer(self.sink)
         summary.granularity = sparse_size
         self.summary = summary
 
