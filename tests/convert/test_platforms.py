@@ -19,7 +19,7 @@ from ..helpers.qemu import Qemu
 from ..helpers.targets import check_output, data_ranges
 from ..helpers.vhd_writer import checksum
 from ..helpers.vhdx_images import libvhdi_read, three_layers
-from .test_target_vmdk import GRAIN, libvmdk, walk_stream
+from ..helpers.vmdk_target import GRAIN, libvmdk, walk_stream
 
 GiB = 1 << 30
 

@@ -11,7 +11,7 @@ from ..helpers.cli import flatfs, one_line_error
 from ..helpers.images import M, pattern, write_sparse_raw
 from ..helpers.qemu import Qemu
 from ..helpers.targets import assert_cost_follows_data, check_output, convert_checked
-from ..vdi.test_chains import dissect_read, snapshot_chain
+from ..helpers.vdi_chains import dissect_read, snapshot_chain
 
 
 def header_facts(raw: bytes, data: bytes) -> dict[str, object]:
