@@ -6,9 +6,7 @@ imported when an image is opened or written.
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..api import Format, Layer, OpenContext
+from ..api import ClusterWriterClass, Format, Layer, OpenContext
 
 MAGIC = b"QFI\xfb"
 
@@ -19,7 +17,7 @@ def _open(path: str, fd: int, ctx: OpenContext) -> Layer:
     return Qcow2Layer(path, fd, ctx)
 
 
-def _writer() -> Any:
+def _writer() -> ClusterWriterClass:
     from .writer import Qcow2Writer
 
     return Qcow2Writer
