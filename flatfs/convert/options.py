@@ -153,22 +153,30 @@ def writer_values(fmt: str, writer: TargetWriter, pairs: Sequence[tuple[str, str
 
 
 def options_help(fmt: str) -> list[str]:
-    """The lines ``-o help`` prints for target format ``fmt``."""
+    """The lines ``-o help`` prints for target format ``fmt``: each key and its values, then what it does."""
     writer = target_writer(fmt)
     if writer is None:
-        if fmt == "qcow2":
-            return [
-                "compat=0.10|1.1          qcow2 version (default 1.1; also --compat)",
-                "cluster_size=SIZE        512 to 2M (default 64k; also --cluster-size)",
-                "extended_l2=on|off       32 subclusters per cluster (also --extended-l2)",
-                "compression_type=zlib|zstd  with -c (also --compression-type)",
-            ]
-        return [f"-O {fmt} has no -o options"]
-    out = []
-    for o in writer.options:
-        kind = "|".join(o.choices) if o.choices else ("SIZE" if o.size else "on|off")
-        out.append(f"{o.key}={kind:<16} {o.help}")
-    return out
+        if fmt != "qcow2":
+            return [f"-O {fmt} has no -o options"]
+        keys = [
+            ("compat=0.10|1.1", "qcow2 version (default 1.1; also --compat)"),
+            ("cluster_size=SIZE", "512 to 2M (default 64k; also --cluster-size)"),
+            ("extended_l2=on|off", "32 subclusters per cluster (also --extended-l2)"),
+            ("compression_type=zlib|zstd", "with -c (also --compression-type)"),
+        ]
+    else:
+        keys = []
+        for o in writer.options:
+            if o.choices:
+                kind = "|".join(o.choices)
+            elif o.size:
+                kind = "SIZE"
+            elif isinstance(o.default, bool):
+                kind = "on|off"
+            else:
+                kind = "TEXT"
+            keys.append((f"{o.key}={kind}", o.help))
+    return [line for key, what in keys for line in (key, f"    {what}")]
 
 
 def with_platform(opts: ConvertOptions) -> ConvertOptions:
