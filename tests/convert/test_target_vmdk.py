@@ -68,3 +68,17 @@ def test_cost_grows_with_data_not_size(tmp_path, qemu: Qemu, sub):
 def test_bad_options_are_usage_errors(tmp_path, args, words):
     src = write_sparse_raw(tmp_path / "src.raw", M, [(0, pattern(4096, 1))])
     one_line_error(["convert", "-O", "vmdk", *args, src, tmp_path / "o.vmdk"], words, status=2)
+
+
+@pytest.mark.parametrize("fmt", ["vmdk", "vhdx"])
+def test_an_empty_source_is_refused_in_one_line(tmp_path, fmt):
+    src = tmp_path / "empty.raw"
+    src.write_bytes(b"")
+    one_line_error(["convert", "-O", fmt, src, tmp_path / "out"], "the source is empty")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_name_the_descriptor_cannot_hold_is_refused(tmp_path):
+    src = write_sparse_raw(tmp_path / "src.raw", M, [(0, pattern(4096, 1))])
+    one_line_error(["convert", "-O", "vmdk", src, tmp_path / 'a"b.vmdk'], "quotes or line breaks")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.raw"]

@@ -120,6 +120,8 @@ def descriptor(path: str, sectors: int, o: VmdkOptions) -> bytes:
         f'ddb.adapterType = "{o.adapter_type}"',
         "",
     ]
+    if any(c in os.path.basename(path) for c in '"\n\r'):
+        raise ConvertError(f"{path}: a VMDK descriptor cannot name a file with quotes or line breaks")
     text = "\n".join(lines).encode()
     if len(text) > DESC_SECTORS * SECTOR:
         raise ConvertError(f"{path}: the VMDK descriptor is too long (the file name?)")
@@ -161,6 +163,10 @@ class VmdkWriter:
         self.o = options
         self.path = path
         self.sectors = -(-size // SECTOR)
+        if not self.sectors:
+            raise ConvertError(
+                "the source is empty: flatfs writes no VMDK of 0 bytes (QEMU refuses to open one)"
+            )
         self.stream = options.subformat == "streamOptimized"
         self.gd = array("I", [0]) * -(-self.sectors * SECTOR // GT_SPAN)
         gd_sectors = -(-len(self.gd) * 4 // SECTOR)
