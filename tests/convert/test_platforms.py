@@ -129,3 +129,16 @@ def test_a_contradicting_option_is_refused(tmp_path, args, words):
     src = write_sparse_raw(tmp_path / "src.raw", M, [(0, pattern(4096, 1))])
     one_line_error(["convert", *args, src, tmp_path / "out"], words, status=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_progress_and_json_summary_of_a_writer_format(tmp_path):
+    src = write_sparse_raw(
+        tmp_path / "src.raw", 9 * M + 512, [(0, pattern(3 * M, 1)), (8 * M, pattern(K, 2))]
+    )
+    out = tmp_path / "out.vhdx"
+    res = flatfs("convert", "-p", "--output=json", "--for", "hyperv", src, out)
+    s = json.loads(res.stdout)
+    assert s["format"] == "vhdx" and s["virtual-size"] == 9 * M + 512 and s["data-read"] == 3 * M + 4 * K
+    assert s["file-size"] == out.stat().st_size and s["bytes-written"] >= 3 * M + K
+    assert "data-clusters" not in s  # qcow2's figures only for qcow2
+    assert "100.0%" in res.stderr.splitlines()[-1] and "\r" not in res.stderr
