@@ -99,14 +99,16 @@ def test_vsphere_from_a_vmdk_delta_chain(tmp_path, qemu: Qemu):
     assert b'ddb.adapterType = "pvscsi"' in out.read_bytes()[512 : 21 * 512]
 
 
-@pytest.mark.parametrize("platform, fmt", [("aws", "vmdk"), ("hyperv", "vhdx"), ("virtualbox", "vdi")])
+@pytest.mark.parametrize(
+    "platform, fmt", [("aws", "vmdk"), ("hyperv", "vhdx"), ("virtualbox", "vdi"), ("azure", "vpc")]
+)
 def test_qcow2_chain_for_every_other_platform(tmp_path, qemu: Qemu, qcow2_chain, platform, fmt):
     top, flat = qcow2_chain
     out = tmp_path / f"out.{fmt}"
     flatfs("convert", "--for", platform, top, out)
     check_output(qemu, flat, top, out, fmt, GRAIN)
     info = json.loads(qemu.img("info", "--output=json", "-f", fmt, out).stdout)
-    sub = {"aws": "streamOptimized", "hyperv": None, "virtualbox": None}[platform]
+    sub = {"aws": "streamOptimized"}.get(platform)
     if sub:
         assert info["format-specific"]["data"]["create-type"] == sub
     m = json.loads(flatfs("measure", "--output=json", "--for", platform, top).stdout)
@@ -142,3 +144,15 @@ def test_progress_and_json_summary_of_a_writer_format(tmp_path):
     assert s["file-size"] == out.stat().st_size and s["bytes-written"] >= 3 * M + K
     assert "data-clusters" not in s  # qcow2's figures only for qcow2
     assert "100.0%" in res.stderr.splitlines()[-1] and "\r" not in res.stderr
+
+
+def test_qcow2_chain_for_gcp(tmp_path, qcow2_chain):
+    top, flat = qcow2_chain
+    out = tmp_path / "disk.tar.gz"
+    flatfs("convert", "--for", "gcp", top, out)
+    subprocess.run(["tar", "--sparse", "-xzf", out, "-C", tmp_path], check=True)
+    disk = tmp_path / "disk.raw"
+    want = flat.read_bytes()
+    assert disk.stat().st_size == GiB and disk.stat().st_blocks * 512 < len(want) + 4 * M
+    with open(disk, "rb") as f:
+        assert f.read(len(want)) == want
