@@ -12,7 +12,8 @@ from ..helpers.cli import flatfs, one_line_error
 from ..helpers.images import M, pattern, write_sparse_raw
 from ..helpers.qemu import Qemu
 from ..helpers.targets import assert_cost_follows_data, check_output, convert_checked
-from ..helpers.vhd_writer import checksum
+from ..helpers.vhd_images import SIZE, base_bytes, child, qemu_base
+from ..helpers.vhd_writer import checksum, compose
 from ..helpers.vhdx_images import pyvhdi
 
 BLOCK = 2 * M
@@ -130,3 +131,19 @@ def test_options_help_lists_the_keys():
     assert "subformat=dynamic|fixed" in res.stdout
     res = flatfs("measure", "-O", "qcow2", "-o", "help", "x")
     assert "cluster_size" in res.stdout
+
+
+def test_differencing_vhd_chain_to_vpc(tmp_path, qemu: Qemu):
+    # a chain QEMU silently misreads (it ignores the parent); flattened, one VHD everyone reads
+    base = qemu_base(qemu, tmp_path)
+    mid = child(base, [(0, b"\x21" * 8192), (5 * M, b"\x23" * (2 * M))])
+    mid.write(tmp_path / "mid.vhd")
+    top = child(tmp_path / "mid.vhd", [(4096, b"\x31" * 4096), (SIZE - 4096, b"\x33" * 4096)])
+    top.write(tmp_path / "top.vhd")
+    want = compose(SIZE, base_bytes(), mid, top)
+    expected = tmp_path / "expected.raw"
+    expected.write_bytes(want)
+    out = tmp_path / "flat.vhd"
+    flatfs("convert", "-O", "vpc", tmp_path / "top.vhd", out)
+    check_output(qemu, expected, tmp_path / "top.vhd", out, "vpc")
+    assert libvhdi(out) == want
