@@ -29,11 +29,11 @@ from typing import Any
 
 from ..chain import Chain, OpenOptions, open_chain
 from ..errors import ConvertError, FlatfsError, ImageIOError
-from ..formats.api import ImageWriter, Sink
+from ..formats.api import FileSink, ImageWriter
 from ..units import human_size
 from . import pipeline
 from .archive import SparseTarGzWriter
-from .layouts import LayoutTarget
+from .layouts import Companions, LayoutTarget
 from .measure import Measure, measure_chain
 from .options import ConvertOptions, Summary, UsageError, target_writer, validate, writer_values
 from .progress import Progress
@@ -136,15 +136,22 @@ def convert_chain(
     summary.removed_stale = remove_stale_temps(dest)
     bar = _progress_bar(source, backing, progress)
 
+    companions = Companions(
+        target, dest, options.force, [source] + ([backing] if backing is not None else [])
+    )
+
     def write(fd: int) -> None:
-        job = _open_target(source, backing, fd, target, options, summary)
+        job = _open_target(source, backing, fd, target, options, summary, companions)
         pipeline.run(job, summary, bar)
         job.finish()
 
+    ok = False
     with SignalGuard(target) as guard:
         try:
             write_into_place(target, dest, guard, write, replace=options.force)
+            ok = True
         finally:
+            companions.close(ok)
             if bar is not None:
                 bar.close()
     summary.seconds = time.monotonic() - t0
@@ -152,28 +159,34 @@ def convert_chain(
 
 
 def _open_target(
-    source: Chain, backing: Chain | None, fd: int, target: str, options: ConvertOptions, summary: Summary
+    source: Chain,
+    backing: Chain | None,
+    fd: int,
+    target: str,
+    options: ConvertOptions,
+    summary: Summary,
+    companions: Companions | None = None,
 ) -> Target[Any]:
     """The target ``options.target_format`` asks for: convert's own (qcow2, raw) or a format's writer."""
     writer = target_writer(options.target_format)
     size = summary.virtual_size
-    make: Callable[[Sink], ImageWriter]
+    make: Callable[[FileSink], ImageWriter]
     if options.package == "tar.gz":
         runs = [(e.start, e.start + e.length) for e in source.extents() if e.kind.must_read]
 
-        def make(sink: Sink) -> ImageWriter:
+        def make(sink: FileSink) -> ImageWriter:
             return SparseTarGzWriter(sink, size, runs)
 
     elif writer is not None:
         values = writer_values(options.target_format, writer, options.target_options)
 
-        def make(sink: Sink) -> ImageWriter:
+        def make(sink: FileSink) -> ImageWriter:
             assert writer is not None
             return writer.open(sink, size, values, target)
 
     else:
         return open_target(source, backing, fd, target, options, summary)
-    return LayoutTarget(source, make, fd, target, options.sparse_size, summary)
+    return LayoutTarget(source, make, fd, target, options.sparse_size, summary, companions)
 
 
 def target_size(source: Chain, options: ConvertOptions) -> int:

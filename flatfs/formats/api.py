@@ -195,6 +195,15 @@ class Sink(Protocol):
     def write(self, bufs: list[memoryview], offset: int) -> None: ...
 
 
+class FileSink(Sink, Protocol):
+    """The sink of a new TARGET, which can also make files that go with it (a VMDK's flat extent)."""
+
+    def companion(self, name: str, size: int) -> Sink:
+        """A new file ``name`` (a bare name) next to TARGET, ``size`` bytes, sparse: it appears,
+        whole, just before TARGET does, and never without it."""
+        ...
+
+
 class ImageWriter(Protocol):
     """One target image being written: the source's data in ascending guest order, then finish.
 
@@ -233,7 +242,7 @@ class TargetWriter(NamedTuple):
     """
 
     options: tuple[WriterOption, ...]
-    open: Callable[[Sink, int, Mapping[str, OptionValue], str], ImageWriter]
+    open: Callable[[FileSink, int, Mapping[str, OptionValue], str], ImageWriter]
     measure: Callable[[int, Iterable[tuple[int, int]], Mapping[str, OptionValue]], tuple[int, int]]
     in_place: bool = False
     backing: bool = False

@@ -62,7 +62,7 @@ def test_cost_grows_with_data_not_size(tmp_path, qemu: Qemu, sub):
         (["-c"], "-c/--compress"),
         (["-o", "adapter_type=scsi"], "-o adapter_type"),
         (["-o", "hwversion=new"], "-o hwversion"),
-        (["-o", "subformat=monolithicFlat"], "-o subformat"),
+        (["-o", "subformat=twoGbMaxExtentSparse"], "-o subformat"),
     ],
 )
 def test_bad_options_are_usage_errors(tmp_path, args, words):
@@ -82,3 +82,43 @@ def test_a_name_the_descriptor_cannot_hold_is_refused(tmp_path):
     src = write_sparse_raw(tmp_path / "src.raw", M, [(0, pattern(4096, 1))])
     one_line_error(["convert", "-O", "vmdk", src, tmp_path / 'a"b.vmdk'], "quotes or line breaks")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.raw"]
+
+
+def test_qcow2_chain_to_monolithic_flat(tmp_path, qemu: Qemu, qcow2_chain):
+    top, flat = qcow2_chain
+    out = tmp_path / "disk.vmdk"
+    flatfs("convert", "-O", "vmdk", "-o", "subformat=monolithicFlat,adapter_type=ide", top, out)
+    extent = tmp_path / "disk-flat.vmdk"
+    want = flat.read_bytes()
+    assert qemu.img("compare", "-F", "vmdk", flat, out, check=False).returncode == 0
+    assert libvmdk(out) == want
+    text = out.read_text()
+    assert 'createType="monolithicFlat"' in text and "parentCID=ffffffff" in text
+    assert f'RW {len(want) // 512} FLAT "disk-flat.vmdk" 0' in text and 'ddb.adapterType = "ide"' in text
+    assert extent.read_bytes() == want and extent.stat().st_blocks * 512 < len(want)  # sparse
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk-flat.vmdk", "disk.vmdk"]
+
+
+def test_monolithic_flat_extent_is_never_replaced_without_force(tmp_path, qcow2_chain):
+    top = qcow2_chain[0]
+    (tmp_path / "disk-flat.vmdk").write_bytes(b"keep")
+    args = ["convert", "-O", "vmdk", "-o", "subformat=monolithicFlat", top, tmp_path / "disk.vmdk"]
+    one_line_error(args, "disk-flat.vmdk: already exists")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk-flat.vmdk"]
+    assert (tmp_path / "disk-flat.vmdk").read_bytes() == b"keep"
+    flatfs(*args[:-2], "--force", *args[-2:])
+    assert (tmp_path / "disk-flat.vmdk").stat().st_size == qcow2_chain[1].stat().st_size
+    # a flat extent the source reads is refused even with --force
+    one_line_error(
+        [
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            "--force",
+            tmp_path / "disk.vmdk",
+            tmp_path / "disk.vmdk",
+        ],
+        "part of the chain",
+    )

@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 from ...errors import ConvertError
-from ..api import ImageWriter, OptionValue, Sink, WriterOption, blocks_touched
+from ..api import FileSink, ImageWriter, OptionValue, Sink, WriterOption, blocks_touched
 from .sparse import (
     FLAG_COMPRESSED,
     FLAG_MARKERS,
@@ -62,12 +62,17 @@ DESC_OFFSET, DESC_SECTORS = 1, 20
 MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
 DEFLATE = 1
 ADAPTERS = ("lsilogic", "ide", "buslogic", "lsisas1068", "pvscsi", "legacyESX")
-SUBFORMATS = ("monolithicSparse", "streamOptimized")
+SUBFORMATS = ("monolithicSparse", "streamOptimized", "monolithicFlat")
 BATCH_GRAINS = 16  # grains per compression task (1 MiB)
 MAX_THREADS = 8
 
 OPTIONS = (
-    WriterOption("subformat", "monolithicSparse (default) or streamOptimized", SUBFORMATS[0], SUBFORMATS),
+    WriterOption(
+        "subformat",
+        "monolithicSparse (default), streamOptimized, monolithicFlat (+ NAME-flat.vmdk)",
+        SUBFORMATS[0],
+        SUBFORMATS,
+    ),
     WriterOption("adapter_type", "ddb.adapterType (default lsilogic)", "lsilogic", ADAPTERS),
     WriterOption("hwversion", "ddb.virtualHWVersion, a number (default 4)", "4"),
 )
@@ -94,8 +99,14 @@ def check(values: Mapping[str, OptionValue]) -> None:
     VmdkOptions.of(values)
 
 
-def descriptor(path: str, sectors: int, o: VmdkOptions) -> bytes:
-    """The embedded text descriptor, naming TARGET's own file as its only extent."""
+def flat_name(path: str) -> str:
+    """The flat extent of a monolithicFlat TARGET: disk.vmdk -> disk-flat.vmdk (VMware's naming)."""
+    stem, dot, ext = os.path.basename(path).rpartition(".")
+    return f"{stem}-flat.{ext}" if dot and stem else f"{os.path.basename(path)}-flat.vmdk"
+
+
+def descriptor(path: str, sectors: int, o: VmdkOptions, pad: bool = True) -> bytes:
+    """The text descriptor, naming its one extent: TARGET's own file, or the flat extent."""
     heads = 16 if o.adapter_type == "ide" else 255
     cylinders = min(sectors // (heads * 63), 65535)
     cid = random.getrandbits(32) or 1
@@ -108,7 +119,11 @@ def descriptor(path: str, sectors: int, o: VmdkOptions) -> bytes:
         f'createType="{o.subformat}"',
         "",
         "# Extent description",
-        f'RW {sectors} SPARSE "{os.path.basename(path)}"',
+        (
+            f'RW {sectors} FLAT "{flat_name(path)}" 0'
+            if o.subformat == "monolithicFlat"
+            else f'RW {sectors} SPARSE "{os.path.basename(path)}"'
+        ),
         "",
         "# The Disk Data Base",
         "#DDB",
@@ -123,6 +138,8 @@ def descriptor(path: str, sectors: int, o: VmdkOptions) -> bytes:
     if any(c in os.path.basename(path) for c in '"\n\r'):
         raise ConvertError(f"{path}: a VMDK descriptor cannot name a file with quotes or line breaks")
     text = "\n".join(lines).encode()
+    if not pad:
+        return text
     if len(text) > DESC_SECTORS * SECTOR:
         raise ConvertError(f"{path}: the VMDK descriptor is too long (the file name?)")
     return text + bytes(DESC_SECTORS * SECTOR - len(text))
@@ -308,12 +325,33 @@ class VmdkWriter:
         return self.next * SECTOR
 
 
+class FlatWriter:
+    """monolithicFlat: the guest's bytes at their own offsets in NAME-flat.vmdk (sparse), and
+    TARGET, the descriptor naming it, written last."""
+
+    def __init__(self, sink: FileSink, size: int, options: VmdkOptions, path: str) -> None:
+        self.sink = sink
+        self.sectors = -(-size // SECTOR)
+        self.desc = descriptor(path, self.sectors, options, pad=False)
+        self.extent = sink.companion(flat_name(path), self.sectors * SECTOR)
+
+    def write_data(self, offset: int, data: memoryview) -> None:
+        self.extent.write([data], offset)
+
+    def finish(self) -> int:
+        self.sink.write([memoryview(self.desc)], 0)
+        return len(self.desc)
+
+
 def _deflate(grains: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
     return [(g, zlib.compress(data)) for g, data in grains]
 
 
-def open_writer(sink: Sink, size: int, values: Mapping[str, OptionValue], path: str) -> ImageWriter:
-    return VmdkWriter(sink, size, VmdkOptions.of(values), path)
+def open_writer(sink: FileSink, size: int, values: Mapping[str, OptionValue], path: str) -> ImageWriter:
+    o = VmdkOptions.of(values)
+    if o.subformat == "monolithicFlat":
+        return FlatWriter(sink, size, o, path)
+    return VmdkWriter(sink, size, o, path)
 
 
 def measure(
@@ -324,6 +362,8 @@ def measure(
     o = VmdkOptions.of(values)
     sectors = -(-size // SECTOR)
     size = sectors * SECTOR
+    if o.subformat == "monolithicFlat":  # the flat extent; the descriptor is a few hundred bytes
+        return size + SECTOR, size + SECTOR
     runs = list(data_runs)
     grains = blocks_touched(runs, GRAIN, size)
     tables = blocks_touched(runs, GT_SPAN, size)
