@@ -1,4 +1,4 @@
-"""`flatfs convert`: a chain (or any sparse raw file) -> a new qcow2 or sparse raw image.
+"""`flatfs convert`: a chain (or any sparse raw file) -> a new qcow2, raw, VDI, VHD, VMDK or VHDX image.
 
 Only the DATA extents of the source are ever read: ZERO, ALLOC_ZERO and
 ABSENT ranges are known to read as zeros and cost nothing, so the work is
@@ -11,8 +11,10 @@ source's flattened content differs from the backing chain's (both sides
 read only where they have DATA); where the source reads zeros over backing
 data, a zero cluster is written.
 
-The parts: :mod:`.options` (what is asked, what was done), :mod:`.targets`
-(qcow2 and raw behind one protocol), :mod:`.plan` (what to store),
+The parts: :mod:`.options` (what is asked, what was done; ``--for`` applied
+from :mod:`.profiles`), :mod:`.targets` (qcow2 and raw behind one protocol),
+:mod:`.layouts` (every other format's writer, from its ``Format.writer``, over
+a sink), :mod:`.archive` (GCP's sparse tar.gz), :mod:`.plan` (what to store),
 :mod:`.pipeline` (the threads), :mod:`.compress`, :mod:`.safety` (TARGET
 appears whole or not at all), :mod:`.progress`; the data is read by
 :mod:`flatfs.readers`.
