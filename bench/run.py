@@ -53,6 +53,7 @@ import reflink  # noqa: E402
 import tmpfs  # noqa: E402
 import vhdx  # noqa: E402
 import vmdk  # noqa: E402
+import writers  # noqa: E402
 from report import Figure, spread_markdown, table_markdown, table_text  # noqa: E402
 from timing import Cache, busy_seconds, fsync_path, pair_ratios, proc_cpu, run_child, summary  # noqa: E402
 from views import FlatfsView, QsdView, View, flatfs_cmd, read_sequential, seek_once, seek_walk  # noqa: E402
@@ -669,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--only",
-        choices=("convert", "vmdk", "vhdx", "views", "fragmented", "tmpfs", "reflink"),
+        choices=("convert", "vmdk", "vhdx", "views", "fragmented", "tmpfs", "reflink", "writers"),
         default=None,
         help="run one phase only (the other's figures show as —)",
     )
@@ -821,6 +822,9 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: compare_outputs(work),
                 log,
             )
+        if args.only in (None, "writers"):
+            log("writers (flatfs convert -O FORMAT vs qemu-img convert -O FORMAT, like-for-like options)")
+            res["writers"] = writers.run(imgs.top_small, work, pairs, flatfs_cmd(), cache, log)
         mem_pairs = args.tmpfs_pairs if args.tmpfs_pairs is not None else (1 if args.quick else 11)
         if args.only in (None, "tmpfs"):
             log("tmpfs (flatfs convert vs qemu-img convert -O qcow2, images and target in memory)")
@@ -868,6 +872,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(vmdk.lines(res["vmdk"])))
     if res.get("vhdx"):
         print("\n".join(vhdx.lines(res["vhdx"])))
+    if res.get("writers"):
+        print("\n".join(writers.lines(res["writers"])))
     for name, mod in (("tmpfs", tmpfs), ("reflink", reflink)):
         if res.get(name):
             print("\n".join(mod.lines(res[name])))
@@ -880,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "bench.md").write_text(markdown(res, figs))
     print(f"\nwrote {out / 'bench.json'} and {out / 'bench.md'}")
-    for name in ("tmpfs", "reflink"):
+    for name in ("tmpfs", "reflink", "writers"):
         checks.update(res.get(name, {}).get("checks", {}))
     bad = [k for k, v in checks.items() if str(v).startswith("DIFFERENT")]
     return 1 if bad else 0

@@ -10,6 +10,14 @@ import click
 from ..chain import OpenOptions
 from .common import SIZE, chain_options, format_names, target_format_names
 
+PLATFORMS = ("azure", "aws", "vsphere", "hyperv", "virtualbox", "gcp")  # convert/profiles.py's, in order
+FOR_PLATFORM = click.option(
+    "--for",
+    "platform",
+    type=click.Choice(PLATFORMS),
+    default=None,
+    help="Apply the platform's import rules (format, options, size); manual: flatfs-convert(1).",
+)
 TARGET_OPTIONS = click.option(
     "-o",
     "--options",
@@ -27,11 +35,11 @@ TARGET_OPTIONS = click.option(
     "-O",
     "--target-format",
     type=click.Choice(target_format_names()),
-    default="qcow2",
-    show_default=True,
-    help="Format of TARGET.",
+    default=None,
+    help="Format of TARGET (default qcow2, or the --for platform's).",
 )
 @TARGET_OPTIONS
+@FOR_PLATFORM
 @click.option(
     "-S",
     "--sparse-size",
@@ -110,8 +118,9 @@ def convert(
     ctx: click.Context,
     source: str,
     target: str,
-    target_format: str,
+    target_format: str | None,
     target_options: tuple[str, ...],
+    platform: str | None,
     sparse_size: int,
     compat: str | None,
     cluster_size: int | None,
@@ -135,6 +144,7 @@ def convert(
     from ..convert import ConvertOptions, Interrupted, UsageError
     from ..convert import convert as do_convert
 
+    target_format = _target_format(ctx, target_format, platform)
     pairs = _pairs(target_format, target_options)
     opts = ConvertOptions(
         target_format=target_format,
@@ -151,6 +161,7 @@ def convert(
         target_is_zero=target_is_zero,
         copy_offload=copy_offload,
         target_options=pairs,
+        platform=platform,
     )
     try:
         summary = do_convert(source, target, opts, options, progress=progress)
@@ -171,11 +182,11 @@ def convert(
     "-O",
     "--target-format",
     type=click.Choice(target_format_names()),
-    default="qcow2",
-    show_default=True,
-    help="Format of the target to measure.",
+    default=None,
+    help="Format of the target to measure (default qcow2, or the --for platform's).",
 )
 @TARGET_OPTIONS
+@FOR_PLATFORM
 @click.option(
     "-S",
     "--sparse-size",
@@ -202,8 +213,9 @@ def convert(
 def measure(
     ctx: click.Context,
     source: str,
-    target_format: str,
+    target_format: str | None,
     target_options: tuple[str, ...],
+    platform: str | None,
     sparse_size: int,
     compat: str | None,
     cluster_size: int | None,
@@ -220,6 +232,7 @@ def measure(
     from ..chain import open_chain
     from ..convert import ConvertOptions, UsageError, measure_chain, validate
 
+    target_format = _target_format(ctx, target_format, platform)
     pairs = _pairs(target_format, target_options)
     opts = ConvertOptions(
         target_format=target_format,
@@ -230,6 +243,7 @@ def measure(
         compression_type=compression_type,
         extended_l2=extended_l2,
         target_options=pairs,
+        platform=platform,
     )
     try:
         opts = validate(opts)
@@ -263,3 +277,16 @@ def _usage(ctx: click.Context, message: str) -> NoReturn:
     """A usage error: one line, exit status 2."""
     click.echo(f"flatfs: {message}", err=True)
     ctx.exit(2)
+
+
+def _target_format(ctx: click.Context, given: str | None, platform: str | None) -> str:
+    """-O as given; without it, qcow2 or the --for platform's format (an -O qcow2 given with
+    --for contradicts every platform)."""
+    from ..convert.profiles import lookup
+
+    prof = lookup(platform) if platform else None
+    if prof is None:
+        return given or "qcow2"
+    if given is not None and given != prof.format:
+        _usage(ctx, f"--for {prof.name} writes -O {prof.format}; it contradicts -O {given}")
+    return prof.format

@@ -1,4 +1,4 @@
-"""`flatfs convert`: a chain (or any sparse raw file) -> a new qcow2 or sparse raw image.
+"""`flatfs convert`: a chain (or any sparse raw file) -> a new qcow2, raw, VDI, VHD, VMDK or VHDX image.
 
 Only the DATA extents of the source are ever read: ZERO, ALLOC_ZERO and
 ABSENT ranges are known to read as zeros and cost nothing, so the work is
@@ -11,8 +11,10 @@ source's flattened content differs from the backing chain's (both sides
 read only where they have DATA); where the source reads zeros over backing
 data, a zero cluster is written.
 
-The parts: :mod:`.options` (what is asked, what was done), :mod:`.targets`
-(qcow2 and raw behind one protocol), :mod:`.plan` (what to store),
+The parts: :mod:`.options` (what is asked, what was done; ``--for`` applied
+from :mod:`.profiles`), :mod:`.targets` (qcow2 and raw behind one protocol),
+:mod:`.layouts` (every other format's writer, from its ``Format.writer``, over
+a sink), :mod:`.archive` (GCP's sparse tar.gz), :mod:`.plan` (what to store),
 :mod:`.pipeline` (the threads), :mod:`.compress`, :mod:`.safety` (TARGET
 appears whole or not at all), :mod:`.progress`; the data is read by
 :mod:`flatfs.readers`.
@@ -29,8 +31,11 @@ from typing import Any
 
 from ..chain import Chain, OpenOptions, open_chain
 from ..errors import ConvertError, FlatfsError, ImageIOError
+from ..formats.api import FileSink, ImageWriter
+from ..units import human_size
 from . import pipeline
-from .layouts import LayoutTarget
+from .archive import SparseTarGzWriter
+from .layouts import Companions, LayoutTarget
 from .measure import Measure, measure_chain
 from .options import ConvertOptions, Summary, UsageError, target_writer, validate, writer_values
 from .progress import Progress
@@ -111,8 +116,19 @@ def convert_chain(
     if options.backing and backing is None:
         raise ConvertError("-B/--backing given but no backing chain opened")
     summary = Summary(
-        source=source.path, target=target, target_format=options.target_format, virtual_size=source.size
+        source=source.path,
+        target=target,
+        target_format=options.target_format,
+        virtual_size=target_size(source, options),
     )
+    if summary.virtual_size != source.size:
+        say = warn or _stderr
+        note = (
+            f"the virtual size is rounded up from {source.size} to {summary.virtual_size} bytes "
+            f"(a whole {human_size(options.size_align)}), as the platform requires"
+        )
+        summary.warnings.append(note)
+        say(note)
     if options.no_create:
         _convert_in_place(source, target, options, backing, summary, progress, warn or _stderr)
         summary.seconds = time.monotonic() - t0
@@ -122,15 +138,22 @@ def convert_chain(
     summary.removed_stale = remove_stale_temps(dest)
     bar = _progress_bar(source, backing, progress)
 
+    companions = Companions(
+        target, dest, options.force, [source] + ([backing] if backing is not None else [])
+    )
+
     def write(fd: int) -> None:
-        job = _open_target(source, backing, fd, target, options, summary)
+        job = _open_target(source, backing, fd, target, options, summary, companions)
         pipeline.run(job, summary, bar)
         job.finish()
 
+    ok = False
     with SignalGuard(target) as guard:
         try:
             write_into_place(target, dest, guard, write, replace=options.force)
+            ok = True
         finally:
+            companions.close(ok)
             if bar is not None:
                 bar.close()
     summary.seconds = time.monotonic() - t0
@@ -138,14 +161,40 @@ def convert_chain(
 
 
 def _open_target(
-    source: Chain, backing: Chain | None, fd: int, target: str, options: ConvertOptions, summary: Summary
+    source: Chain,
+    backing: Chain | None,
+    fd: int,
+    target: str,
+    options: ConvertOptions,
+    summary: Summary,
+    companions: Companions | None = None,
 ) -> Target[Any]:
     """The target ``options.target_format`` asks for: convert's own (qcow2, raw) or a format's writer."""
     writer = target_writer(options.target_format)
-    if writer is None:
+    size = summary.virtual_size
+    make: Callable[[FileSink], ImageWriter]
+    if options.package == "tar.gz":
+        runs = [(e.start, e.start + e.length) for e in source.extents() if e.kind.must_read]
+
+        def make(sink: FileSink) -> ImageWriter:
+            return SparseTarGzWriter(sink, size, runs)
+
+    elif writer is not None:
+        values = writer_values(options.target_format, writer, options.target_options)
+
+        def make(sink: FileSink) -> ImageWriter:
+            assert writer is not None
+            return writer.open(sink, size, values, target)
+
+    else:
         return open_target(source, backing, fd, target, options, summary)
-    values = writer_values(options.target_format, writer, options.target_options)
-    return LayoutTarget(source, writer, values, fd, target, options.sparse_size, summary)
+    return LayoutTarget(source, make, fd, target, options.sparse_size, summary, companions)
+
+
+def target_size(source: Chain, options: ConvertOptions) -> int:
+    """The target's virtual size: the source's, rounded up as ``--for`` asks."""
+    a = options.size_align
+    return -(-source.size // a) * a
 
 
 def _progress_bar(source: Chain, backing: Chain | None, progress: bool | Progress) -> Progress | None:

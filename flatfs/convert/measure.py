@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..chain import Chain
+from .archive import archive_size
 from .capability import qcow2_writer
 from .options import ConvertOptions, target_writer, validate, writer_values
 
@@ -69,10 +70,14 @@ def measure_chain(source: Chain, options: ConvertOptions, backing: Chain | None 
     """What converting ``source`` with ``options`` (over ``backing``) needs; reads metadata only."""
     options = validate(options)
     writer = target_writer(options.target_format)
+    size = -(-source.size // options.size_align) * options.size_align
+    if options.package == "tar.gz":
+        stored = list(_merged((e.start, e.start + e.length) for e in source.extents() if e.kind.must_read))
+        return Measure(archive_size(stored, size), archive_size([(0, size)], size))
     if writer is not None:
         runs = _merged((e.start, e.start + e.length) for e in source.extents() if e.kind.must_read)
         values = writer_values(options.target_format, writer, options.target_options)
-        return Measure(*writer.measure(source.size, runs, values))
+        return Measure(*writer.measure(size, runs, values))
     if options.target_format == "raw":
         return Measure(source.size, source.size)
     qcow2 = qcow2_writer()

@@ -44,6 +44,9 @@ class ConvertOptions(NamedTuple):
     target_is_zero: bool = False  # with -n: the target already reads as zeros; zero nothing
     copy_offload: bool = False  # -C: data runs copied by the kernel (copy_file_range), not read
     target_options: tuple[tuple[str, str], ...] = ()  # -o KEY=VALUE of a writer format, as given
+    platform: str | None = None  # --for: a profile (convert/profiles.py) fixing format, options, size
+    size_align: int = 1  # the target's virtual size rounded up to a multiple of this (from --for)
+    package: str | None = None  # "tar.gz": disk.raw in a GNU sparse tar, gzipped (from --for gcp)
 
 
 @dataclass
@@ -150,22 +153,60 @@ def writer_values(fmt: str, writer: TargetWriter, pairs: Sequence[tuple[str, str
 
 
 def options_help(fmt: str) -> list[str]:
-    """The lines ``-o help`` prints for target format ``fmt``."""
+    """The lines ``-o help`` prints for target format ``fmt``: each key and its values, then what it does."""
     writer = target_writer(fmt)
     if writer is None:
-        if fmt == "qcow2":
-            return [
-                "compat=0.10|1.1          qcow2 version (default 1.1; also --compat)",
-                "cluster_size=SIZE        512 to 2M (default 64k; also --cluster-size)",
-                "extended_l2=on|off       32 subclusters per cluster (also --extended-l2)",
-                "compression_type=zlib|zstd  with -c (also --compression-type)",
-            ]
-        return [f"-O {fmt} has no -o options"]
-    out = []
-    for o in writer.options:
-        kind = "|".join(o.choices) if o.choices else ("SIZE" if o.size else "on|off")
-        out.append(f"{o.key}={kind:<16} {o.help}")
-    return out
+        if fmt != "qcow2":
+            return [f"-O {fmt} has no -o options"]
+        keys = [
+            ("compat=0.10|1.1", "qcow2 version (default 1.1; also --compat)"),
+            ("cluster_size=SIZE", "512 to 2M (default 64k; also --cluster-size)"),
+            ("extended_l2=on|off", "32 subclusters per cluster (also --extended-l2)"),
+            ("compression_type=zlib|zstd", "with -c (also --compression-type)"),
+        ]
+    else:
+        keys = []
+        for o in writer.options:
+            if o.choices:
+                kind = "|".join(o.choices)
+            elif o.size:
+                kind = "SIZE"
+            elif isinstance(o.default, bool):
+                kind = "on|off"
+            else:
+                kind = "TEXT"
+            keys.append((f"{o.key}={kind}", o.help))
+    return [line for key, what in keys for line in (key, f"    {what}")]
+
+
+def with_platform(opts: ConvertOptions) -> ConvertOptions:
+    """``--for``'s profile applied: its format, its ``-o`` options, its size rule and packaging.
+
+    ``-O`` left at its default (qcow2, never a profile's format) takes the profile's; any other
+    ``-O``, or an ``-o`` key the profile fixes to another value, is refused.
+    """
+    if opts.platform is None:
+        return opts
+    from .profiles import lookup, names
+
+    prof = lookup(opts.platform)
+    if prof is None:
+        raise UsageError(f"--for {opts.platform}: not a platform (one of {', '.join(names())})")
+    if opts.target_format not in ("qcow2", prof.format):
+        raise UsageError(f"--for {prof.name} writes -O {prof.format}; it contradicts -O {opts.target_format}")
+    fixed = dict(prof.options)
+    for key, value in opts.target_options:
+        if key in fixed and fixed[key] != value:
+            raise UsageError(f"--for {prof.name} sets -o {key}={fixed[key]}; it contradicts -o {key}={value}")
+    given = {k for k, _ in opts.target_options}
+    extra = tuple(kv for kv in prof.options if kv[0] not in given)
+    return opts._replace(
+        target_format=prof.format,
+        target_options=extra + opts.target_options,
+        size_align=prof.align,
+        package=prof.package,
+        platform=None,
+    )
 
 
 def with_qcow2_keys(opts: ConvertOptions) -> ConvertOptions:
@@ -196,7 +237,7 @@ def validate(opts: ConvertOptions) -> ConvertOptions:
     Returns the options to convert with (qcow2's ``-o`` keys folded into their flags).
     """
     try:
-        opts = with_qcow2_keys(opts)
+        opts = with_qcow2_keys(with_platform(opts))
         _validate(opts)
         return opts
     except UsageError:
@@ -216,6 +257,10 @@ def _validate(opts: ConvertOptions) -> None:
         return
     if opts.target_options and fmt == "raw":
         raise UsageError(f"-o {opts.target_options[0][0]}: -O raw has no -o options")
+    if opts.package is not None:
+        for what, asked in (("-n/--no-create", opts.no_create), ("-C/--copy-offload", opts.copy_offload)):
+            if asked:
+                raise UsageError(f"{what}: --for gcp writes a new archive; it cannot do it")
     if fmt == "raw":
         for flag, given in (
             ("-c/--compress", opts.compress),

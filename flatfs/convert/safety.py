@@ -257,6 +257,21 @@ def rename_noreplace(src: str, dst: str) -> None:
         raise
 
 
+def place(tmp: str, dest: str, target: str, replace: bool) -> None:
+    """Rename ``tmp`` to ``dest``: never over an existing file unless ``replace`` (--force)."""
+    try:
+        if replace:
+            os.rename(tmp, dest)
+        else:
+            rename_noreplace(tmp, dest)
+    except FileExistsError:
+        raise ConvertError(
+            f"{target}: appeared while the conversion ran; not replaced (use --force to overwrite)"
+        ) from None
+    except OSError as exc:
+        raise ImageIOError.from_oserror(target, exc) from None
+
+
 def write_into_place(
     target: str, dest: str, guard: SignalGuard, write: Callable[[int], None], replace: bool = False
 ) -> None:
@@ -277,17 +292,7 @@ def write_into_place(
         write(fd)
         blocked = _block_signals()
         try:
-            try:
-                if replace:
-                    os.rename(tmp, dest)
-                else:
-                    rename_noreplace(tmp, dest)
-            except FileExistsError:
-                raise ConvertError(
-                    f"{target}: appeared while the conversion ran; not replaced (use --force to overwrite)"
-                ) from None
-            except OSError as exc:
-                raise ImageIOError.from_oserror(target, exc) from None
+            place(tmp, dest, target, replace)
             renamed = True
             guard.finished = True
         finally:

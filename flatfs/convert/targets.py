@@ -219,6 +219,7 @@ class Qcow2Prepared(NamedTuple):
     compressed: list[bytes | None] | None  # per cluster of the data ops, when compressing
     zero_skipped: int
     same_as_backing: int
+    copies: list[CopyRun] | None = None  # copy offload: the runs to copy (no ops then)
 
 
 class Qcow2Target:
@@ -289,9 +290,11 @@ class Qcow2Target:
             sides.append((self.backing, min(self.backing.size, self.size)))
         return data_chunks(sides, self.cs, self.chunk_bytes, self.size)
 
-    def prepare(self, chunk: Chunk, slot: Slot) -> Qcow2Prepared | list[CopyRun]:
+    def prepare(self, chunk: Chunk, slot: Slot) -> Qcow2Prepared:
         if self.offload:
-            return plan_copies(self.source, self.files, chunk, slot, self.chunk_bytes)
+            return Qcow2Prepared(
+                [], None, 0, 0, plan_copies(self.source, self.files, chunk, slot, self.chunk_bytes)
+            )
         a, b, pieces = chunk
         n = b - a
         if slot.buf is None:
@@ -319,11 +322,11 @@ class Qcow2Target:
             compressed = compress_clusters(self.ctype, cs, todo)
         return Qcow2Prepared(plan.ops, compressed, plan.zero_skipped, plan.same_as_backing)
 
-    def apply(self, chunk: Chunk, slot: Slot, prepared: Qcow2Prepared | list[CopyRun]) -> None:
-        if isinstance(prepared, list):
-            self._store_copies(chunk, slot, prepared)
+    def apply(self, chunk: Chunk, slot: Slot, prepared: Qcow2Prepared) -> None:
+        ops, compressed, zskip, same, copies = prepared
+        if copies is not None:
+            self._store_copies(chunk, slot, copies)
             return
-        ops, compressed, zskip, same = prepared
         self.summary.zero_clusters_skipped += zskip
         self.summary.same_as_backing += same
         assert slot.buf is not None

@@ -13,7 +13,7 @@ A format module imports only this module, ``flatfs.hostio``,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from ..extents import Extent, Runs
@@ -217,6 +217,15 @@ class Sink(Protocol):
     def write(self, bufs: list[memoryview], offset: int) -> None: ...
 
 
+class FileSink(Sink, Protocol):
+    """The sink of a new TARGET, which can also make files that go with it (a VMDK's flat extent)."""
+
+    def companion(self, name: str, size: int) -> Sink:
+        """A new file ``name`` (a bare name) next to TARGET, ``size`` bytes, sparse: it appears,
+        whole, just before TARGET does, and never without it."""
+        ...
+
+
 class ImageWriter(Protocol):
     """One target image being written: the source's data in ascending guest order, then finish.
 
@@ -255,7 +264,7 @@ class TargetWriter(NamedTuple):
     """
 
     options: tuple[WriterOption, ...]
-    open: Callable[[Sink, int, Mapping[str, OptionValue], str], ImageWriter]
+    open: Callable[[FileSink, int, Mapping[str, OptionValue], str], ImageWriter]
     measure: Callable[[int, Iterable[tuple[int, int]], Mapping[str, OptionValue]], tuple[int, int]]
     in_place: bool = False
     backing: bool = False
@@ -289,6 +298,80 @@ def blocks_touched(data_runs: Iterable[tuple[int, int]], block: int, size: int) 
     return count
 
 
+# -- the qcow2 target: a cluster writer that convert's qcow2 target drives -------------------
+
+
+class ClusterWriter(Protocol):
+    """A qcow2 writer: guest clusters fed in ascending order, metadata written as it becomes final."""
+
+    cs: int  # cluster size
+    size: int  # virtual size
+    extended_l2: bool
+    bytes_written: int
+    data_clusters: int
+    compressed_clusters: int
+    zero_clusters: int
+
+    @property
+    def file_size(self) -> int: ...
+
+    def write_clusters(
+        self,
+        guest_cluster: int,
+        data: memoryview,
+        segments: Iterable[tuple[int, int]] | None = None,
+        bitmaps: Sequence[int] | None = None,
+    ) -> None: ...
+
+    def write_compressed(self, guest_cluster: int, payload: bytes) -> None: ...
+
+    def place_clusters(
+        self, guest_cluster: int, n: int, fill: Callable[[int], None] | None = None
+    ) -> int: ...
+
+    def write_zero(
+        self, guest_cluster: int, count: int = 1, bitmaps: Sequence[int] | None = None
+    ) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class ClusterWriterClass(Protocol):
+    """The writer class itself: its facts, and its constructor."""
+
+    DEFAULT_CLUSTER_SIZE: int
+    SUBCLUSTERS: int  # per cluster, with extended L2 entries
+    ALL_ALLOCATED: int  # the extended L2 bitmap with every subcluster allocated
+
+    def check_cluster_size(self, cluster_size: int) -> int: ...
+
+    def check_options(
+        self, cluster_size: int, version: int, extended_l2: bool, compression_type: str, path: str = ...
+    ) -> None: ...
+
+    def entries_per_l2(self, cluster_size: int, extended_l2: bool) -> int: ...
+
+    def layout_bytes(
+        self, size: int, cluster_size: int, extended_l2: bool, data_clusters: int, l2_tables: int
+    ) -> int: ...
+
+    def __call__(
+        self,
+        fd: int,
+        size: int,
+        *,
+        path: str,
+        cluster_size: int,
+        version: int,
+        backing_file: str | None,
+        backing_format: str | None,
+        extended_l2: bool,
+        compression_type: str,
+        io: Sink,
+        resize: bool = True,
+    ) -> ClusterWriter: ...
+
+
 class Format(NamedTuple):
     """One entry of ``FORMATS``: how to recognise and open a format, and what else it offers.
 
@@ -306,7 +389,7 @@ class Format(NamedTuple):
     probe: Callable[[bytes], bool]  # does this head (PROBE_SIZE bytes) look like ours?
     open: OpenLayer
     aliases: tuple[str, ...] = ()
-    target: Callable[[], Any] | None = None
+    target: Callable[[], ClusterWriterClass] | None = None
     identify: Callable[[bytes], dict[str, str]] | None = None
     suffixes: tuple[str, ...] = ()
     info_rows: tuple[tuple[str, str], ...] = ()  # (info() key, label) lines of the human `info`

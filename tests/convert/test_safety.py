@@ -30,13 +30,20 @@ def wait_inside(folder: Path, proc: subprocess.Popen[str]) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("fmt", ["qcow2", "raw", "vmdk", "vmdk-flat", "gcp"])
 def test_signal_midway_leaves_nothing(tmp_path, sig, fmt):
     src = many_chunks_raw(tmp_path / "src.raw")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "target.img"
-    proc = background_convert("-O", fmt, "-c" if fmt == "qcow2" else "-S4k", src, out, delay=DELAY)
+    args = {
+        "qcow2": ["-O", "qcow2", "-c"],
+        "raw": ["-O", "raw", "-S4k"],
+        "vmdk": ["-O", "vmdk", "-o", "subformat=streamOptimized"],  # compression threads in flight
+        "vmdk-flat": ["-O", "vmdk", "-o", "subformat=monolithicFlat"],  # two files: neither is left
+        "gcp": ["--for", "gcp"],
+    }[fmt]
+    proc = background_convert(*args, src, out, delay=DELAY)
     wait_inside(out_dir, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
@@ -45,6 +52,7 @@ def test_signal_midway_leaves_nothing(tmp_path, sig, fmt):
     assert len(err.strip().splitlines()) == 1
     assert not out.exists()
     assert leftovers(out_dir) == []
+    assert list(out_dir.iterdir()) == []  # nor a second file (a VMDK's flat extent)
 
 
 def test_signal_keeps_existing_target(tmp_path):

@@ -32,3 +32,12 @@ def test_every_writer_option_is_listed_by_o_help_and_documented():
         helped = "\n".join(options_help(f.name))
         for opt in writer.options:
             assert opt.key in helped and opt.key in page, (f.name, opt.key)
+
+
+def test_o_help_shows_each_kind_of_value():
+    vmdk = options_help("vmdk")
+    assert (
+        "hwversion=TEXT" in vmdk and "adapter_type=lsilogic|ide|buslogic|lsisas1068|pvscsi|legacyESX" in vmdk
+    )
+    assert "block_size=SIZE" in options_help("vhdx")
+    assert options_help("raw") == ["-O raw has no -o options"]

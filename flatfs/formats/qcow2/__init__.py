@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..api import Format, Layer, OpenContext
+from ..api import ClusterWriterClass, Format, Layer, OpenContext
 
 MAGIC = b"QFI\xfb"
 
@@ -25,7 +25,7 @@ def _overlay() -> Any:
     return Overlay
 
 
-def _writer() -> Any:
+def _writer() -> ClusterWriterClass:
     from .writer import Qcow2Writer
 
     return Qcow2Writer

@@ -51,10 +51,10 @@ import struct
 import sys
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
 
 from ...errors import ConvertError, ImageIOError
 from ...hostio import pwritev_all
+from ..api import Sink
 from .spec import (
     COMPRESSION_NAMES,
     EXT_BACKING_FORMAT,
@@ -194,7 +194,7 @@ class Qcow2Writer:
         backing_format: str | None = None,
         extended_l2: bool = False,
         compression_type: str = "zlib",
-        io: WriteIO | None = None,
+        io: Sink | None = None,  # where the bytes go, synchronously (buffers are reused)
         resize: bool = True,
     ) -> None:
         self.fd = fd
@@ -599,12 +599,6 @@ class Qcow2Writer:
             head += HEADER_V3.pack(incompat, 0, 0, REFCOUNT_ORDER, WRITTEN_V3_LENGTH)
             head += bytes([ctype]) + bytes(WRITTEN_V3_LENGTH - V3_HEADER_LENGTH - 1)
         return head + exts + name
-
-
-class WriteIO(Protocol):
-    """Where the writer's bytes go (synchronously: the buffers are reused once it returns)."""
-
-    def write(self, bufs: list[memoryview], offset: int) -> None: ...
 
 
 class SyncIO:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..api import Format, Layer, OpenContext
+from ..api import Format, Layer, OpenContext, TargetWriter
 
 SIGNATURE = (64, b"\x7f\x10\xda\xbe")  # offset and bytes of the VDI signature
 
@@ -24,6 +24,12 @@ def _probe(head: bytes) -> bool:
     return head[at : at + len(magic)] == magic
 
 
+def _writer() -> TargetWriter:
+    from . import writer
+
+    return TargetWriter(writer.OPTIONS, writer.open_writer, writer.measure)
+
+
 FORMAT = Format(
     "vdi",
     probe=_probe,
@@ -40,4 +46,5 @@ FORMAT = Format(
         ("vdi-registry", "registry"),
         ("vdi-flags", "flags"),
     ),
+    writer=_writer,
 )

@@ -121,6 +121,8 @@ def geometry(size: int, o: VhdxOptions) -> Geometry:
     size = -(-size // lss) * lss
     if size > MAX_VIRTUAL_SIZE:
         raise ConvertError(f"a VHDX holds at most 64 TiB; the source is {size} bytes")
+    if size == 0:
+        raise ConvertError("the source is empty: flatfs writes no VHDX of 0 bytes (its reader wants a size)")
     payload = -(-size // o.block_size)
     ratio = (1 << 23) * lss // o.block_size
     entries = payload + (payload - 1) // ratio if payload else 0

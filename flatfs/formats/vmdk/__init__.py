@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..api import Format, Layer, OpenContext
+from ..api import Format, Layer, OpenContext, TargetWriter
 
 MAGICS = (b"KDMV", b"COWD")  # a hosted sparse extent; an ESXi vmfsSparse extent
 SESPARSE_MAGIC = (0xCAFEBABE).to_bytes(8, "little")  # an ESXi seSparse extent (read alone too)
@@ -24,6 +24,12 @@ def _probe(head: bytes) -> bool:
     return looks_like_descriptor(head)
 
 
+def _writer() -> TargetWriter:
+    from . import writer
+
+    return TargetWriter(writer.OPTIONS, writer.open_writer, writer.measure, check=writer.check)
+
+
 FORMAT = Format(
     "vmdk",
     probe=_probe,
@@ -36,4 +42,5 @@ FORMAT = Format(
         ("parent-cid", "parent CID"),
         ("extents", "extents"),
     ),
+    writer=_writer,
 )
