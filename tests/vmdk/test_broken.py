@@ -70,6 +70,18 @@ def _huge_descriptor(q: Qemu, d: Path) -> Path:
     return img
 
 
+def _two_values_on_a_line(q: Qemu, d: Path) -> Path:
+    """A hypothesis mutant: the newline after the embedded descriptor's createType became \\x01,
+    so the parent's name stands on the createType line (QEMU finds it anyway, by substring)."""
+    base = sparse(q, d, "base.vmdk")
+    top = create(q, d / "top.vmdk", 8 * M, "monolithicSparse", backing=base)
+    data = bytearray(top.read_bytes())
+    at = data.index(b'Sparse"\nparentFileNameHint') + len(b'Sparse"')
+    data[at] = 1
+    top.write_bytes(data)
+    return top
+
+
 def _parent_is_qcow2(q: Qemu, d: Path) -> Path:
     base = sparse(q, d, "base.vmdk")
     top = create(q, d / "top.vmdk", 8 * M, "monolithicSparse", backing=base)
@@ -95,6 +107,7 @@ OPEN_CASES: dict[str, tuple[Callable[[Qemu, Path], Path], list[str]]] = {
     "descriptor-bad-line": (_edit_descriptor("createType=", "createType :"), ["descriptor line 5"]),
     "descriptor-bad-cid": (_edit_descriptor("CID=", "CID=xyz\n#"), ["CID", "hex"]),
     "descriptor-no-createtype": (_edit_descriptor("createType=", "#createType="), ["no createType"]),
+    "descriptor-two-values-on-a-line": (_two_values_on_a_line, ["createType is not one quoted string"]),
     "descriptor-rdm": (
         _edit_descriptor('"twoGbMaxExtentSparse"', '"vmfsPassthroughRawDeviceMap"'),
         ["vmfsPassthroughRawDeviceMap", "LUN", "not supported"],

@@ -137,7 +137,11 @@ def parse_descriptor(path: str, raw: bytes, at: int = 0) -> Descriptor:
         if not eq or not _KEY.fullmatch(key):
             raise bad("not a key=value or extent line")
         if key in _KEYS:  # the others (ddb.*, encoding...) are ignored, and not kept
-            keys.setdefault(key, (_unquote(value.strip()), n))
+            value = value.strip()
+            if value.startswith('"') and (len(value) < 2 or value.find('"', 1) != len(value) - 1):
+                # `createType="x"<junk>parentFileNameHint="y"`: never a value to guess at
+                raise bad(f"{key} is not one quoted string")
+            keys.setdefault(key, (_unquote(value), n))
 
     def get(key: str) -> tuple[str, int] | None:
         return keys.get(key)
