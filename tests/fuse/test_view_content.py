@@ -117,11 +117,16 @@ def test_cp_sparse_allocates_no_more_than_data(
     out = tmp_path / "copy.raw"
     subprocess.run(["cp", "--sparse=always", str(views[name]), str(out)], check=True)
     assert filecmp.cmp(out, chains[name].ref, shallow=False)
-    # Data runs are counted in whole 4 KiB blocks of the host file system.
+    # Data runs are counted in whole 4 KiB blocks of the host file system. The copy's own
+    # SEEK_DATA runs, not st_blocks: st_blocks also counts the file system's extent-tree
+    # blocks, one more 4 KiB block whenever a busy machine fragments the copy.
     blocks = set()
     for s, n in chains[name].data:
         blocks.update(range(s // 4096, (s + n + 4095) // 4096))
-    assert os.stat(out).st_blocks * 512 <= len(blocks) * 4096
+    copied = set()
+    for s, n in seek_walk(out):
+        copied.update(range(s // 4096, (s + n + 4095) // 4096))
+    assert copied <= blocks, sorted(copied - blocks)[:8]
 
 
 @pytest.mark.parametrize("name", ["three", "rawbase"])
