@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -181,9 +182,10 @@ def test_non_root_writable_mount(chain: Path) -> None:
     """A user without root mounts --writable and reads and writes the view (mounting a partition
     file with mount -o loop is what needs root)."""
     require(os.geteuid() == 0 and shutil.which("setpriv") is not None, "needs root to become nobody")
-    if not os.stat("/dev/fuse").st_mode & 0o006:
-        # libfuse opens /dev/fuse itself before it asks fusermount3; Debian makes it 0666
-        pytest.skip("/dev/fuse is not open to other users on this machine: no non-root FUSE here")
+    # libfuse opens /dev/fuse itself before it asks fusermount3; Debian's udev rule makes it 0666,
+    # a container may leave it 0600: open it to others for this test only, as Debian would
+    fuse_mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    os.chmod("/dev/fuse", fuse_mode | 0o666)
     home = Path(tempfile.mkdtemp(prefix="flatfs-nonroot-"))  # pytest's tmp folders are root-only
     try:
         os.chmod(home, 0o755)
@@ -218,3 +220,4 @@ def test_non_root_writable_mount(chain: Path) -> None:
                 unmount(mp)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+        os.chmod("/dev/fuse", fuse_mode)
