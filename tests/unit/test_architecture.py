@@ -1,8 +1,9 @@
 """The shape of the code: import rules, and a format added with one table entry.
 
-- A format imports only ``formats.api``, ``hostio``, ``extents``, ``errors`` and
-  its own folder; the core (formats, chain, extents, errors, hostio) imports
-  neither FUSE nor click.
+- A format imports only ``formats.api``, ``formats.common`` (what formats share:
+  the table cache, byte-order arrays), ``hostio``, ``extents``, ``errors`` and
+  its own folder; nothing but a format imports ``formats.common``; the core
+  (formats, chain, extents, errors, hostio) imports neither FUSE nor click.
 - A consumer (convert, fuse, cli, readers, service) never imports a format
   module: it reaches a format's capabilities through the ``FORMATS`` table.
 - A new format is one module plus one entry in ``FORMATS``: a toy format
@@ -28,7 +29,8 @@ from flatfs.formats.api import Format, HostFile, LayerBase, OpenContext, ParentR
 from flatfs.hostio import host_size, pread_exact
 
 PKG = Path(flatfs.__file__).parent
-FORMAT_ALLOWED = {"flatfs.formats.api", "flatfs.hostio", "flatfs.extents", "flatfs.errors"}
+SHARED = "flatfs.formats.common"  # what formats have in common, for formats only
+FORMAT_ALLOWED = {"flatfs.formats.api", SHARED, "flatfs.hostio", "flatfs.extents", "flatfs.errors"}
 CORE = ("formats", "chain", "extents.py", "errors.py", "hostio.py", "partitions.py")
 CONSUMERS = ("convert", "fuse", "cli", "readers.py", "service.py", "nbd")
 
@@ -78,7 +80,7 @@ def _format_dirs() -> list[Path]:
 def test_a_format_imports_only_the_api_host_io_extents_and_errors() -> None:
     bad = []
     for entry in _format_dirs():
-        if entry.name in ("__init__.py", "api.py"):
+        if entry.name in ("__init__.py", "api.py", "common.py"):
             continue
         own = "flatfs.formats." + entry.stem
         for f in [entry] if entry.is_file() else sorted(entry.rglob("*.py")):
@@ -109,6 +111,18 @@ def test_a_consumer_never_imports_a_format_module() -> None:
         if mod.startswith("flatfs.formats.") and mod != "flatfs.formats.api"
     ]
     assert not bad, "\n".join(bad)
+
+
+def test_only_a_format_imports_what_formats_share() -> None:
+    users = {
+        f.relative_to(PKG).as_posix()
+        for f in sorted(PKG.rglob("*.py"))
+        if SHARED in _imports(f) or any(m.startswith(SHARED + ".") for m in _imports(f))
+    }
+    assert users, "no format uses flatfs.formats.common: the rule checks nothing"
+    not_formats = ("__init__.py", "api.py", "common.py")
+    bad = sorted(u for u in users if not u.startswith("formats/") or u.split("/")[1] in not_formats)
+    assert not bad, "\n".join(f"{u} imports {SHARED} (only a format may)" for u in bad)
 
 
 def test_the_import_rule_can_fail(tmp_path: Path) -> None:

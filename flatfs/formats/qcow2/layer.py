@@ -12,7 +12,6 @@ import struct
 import threading
 import zlib
 from bisect import bisect_left, bisect_right
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from ...errors import CorruptImage, ImageIOError
 from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact, pread_padded
 from ..api import HostFile, HostRun, LayerBase, OpenContext, ParentRef
+from ..common import LruCache
 from . import clusters as C
 from . import snapshots as S
 from .spec import (
@@ -62,6 +62,16 @@ class _L2:
         self.raw = raw  # kept while ``read`` is not built yet
         self.l2_offset = l2_offset
         self.cost = len(kinds) * KIND_COST + (len(raw) if raw else 0) + (len(read) * RUN_COST if read else 0)
+
+    def keep_read(self, read: C.Table) -> None:
+        """Keep the read runs built from the raw table (unless another thread did), and drop the raw table."""
+        if self.read is None:
+            self.read, self.raw = read, None
+            self.cost = len(self.kinds) * KIND_COST + len(read) * RUN_COST
+
+
+def _cost(t: _L2) -> int:
+    return t.cost
 
 
 _KIND = {C.ABSENT: ABSENT, C.ZERO: ZERO, C.DATA: DATA, C.COMPRESSED: DATA}
@@ -117,9 +127,7 @@ class Qcow2Layer(LayerBase):
             pread_exact(fd, path, memoryview(self._l1_raw), self.l1_offset)
         self._l1 = C.decode(bytes(self._l1_raw))
         self._l1_used = C.allocated_l1(bytes(self._l1_raw))
-        self._cache: OrderedDict[int, _L2] = OrderedDict()
-        self._cache_bytes = 0
-        self._lock = threading.Lock()
+        self._cache: LruCache[int, _L2] = LruCache(budget=CACHE_MAX_BYTES, cost=_cost, keep=CACHE_MIN_TABLES)
         self._decompress = _decompressor(hdr.compression_type, self.cluster_size)
         self._prealloc: bool | None = None
 
@@ -208,11 +216,9 @@ class Qcow2Layer(LayerBase):
     # -- mapping -------------------------------------------------------------
     def _table(self, l1_index: int) -> _L2 | None:
         """The cached L2 table under L1 entry ``l1_index`` (read and decoded on a miss), or None."""
-        with self._lock:
-            t = self._cache.get(l1_index)
-            if t is not None:
-                self._cache.move_to_end(l1_index)
-                return t
+        t = self._cache.get(l1_index)
+        if t is not None:
+            return t
         entry = self._l1[l1_index]
         l2_off = entry & OFFSET_MASK
         if not l2_off:
@@ -234,11 +240,7 @@ class Qcow2Layer(LayerBase):
         else:
             read = self._classify(raw, l1_index, l2_off)
             t = _L2(C.kinds_of(read, l1_index * self.l1_span), read, None, l2_off)
-        with self._lock:
-            if l1_index not in self._cache:
-                self._cache[l1_index] = t
-                self._cache_bytes += t.cost
-                self._trim()
+        self._cache.put(l1_index, t)
         return t
 
     def _classify(self, raw: bytes, l1_index: int, l2_off: int) -> C.Table:
@@ -267,21 +269,8 @@ class Qcow2Layer(LayerBase):
                 read.l2_offset = t.l2_offset
             else:
                 read = self._classify(raw, l1_index, t.l2_offset)
-            with self._lock:
-                if t.read is None:
-                    t.read, t.raw = read, None
-                    cost = len(t.kinds) * KIND_COST + len(read) * RUN_COST
-                    if self._cache.get(l1_index) is t:
-                        self._cache_bytes += cost - t.cost
-                    t.cost = cost
-                    self._trim()
+            self._cache.revise(l1_index, t, lambda t: t.keep_read(read))
         return read
-
-    def _trim(self) -> None:
-        """Drop least recently used tables past the byte bound (the caller holds the lock)."""
-        while len(self._cache) > CACHE_MIN_TABLES and self._cache_bytes > CACHE_MAX_BYTES:
-            _, old = self._cache.popitem(last=False)
-            self._cache_bytes -= old.cost
 
     def _runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, C.Table | None, int]]:
         """Yield (start, end, code, host, table, run index) over [start, end).
@@ -535,9 +524,7 @@ class Qcow2Layer(LayerBase):
         return out
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
-            self._cache_bytes = 0
+        self._cache.clear()
 
 
 def _claimed_cluster_size(head: bytes) -> int:

@@ -9,10 +9,7 @@ tried first come from the VM's ``.vbox`` media registry, if one is found.
 from __future__ import annotations
 
 import os
-import sys
-import threading
 from array import array
-from collections import OrderedDict
 from typing import Any
 from xml.parsers.expat import ExpatError
 
@@ -20,6 +17,7 @@ from ...errors import CorruptImage, ImageIOError
 from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact, pread_padded
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
+from ..common import LruCache, le_array
 from . import registry
 from .spec import (
     BLOCK_ZERO,
@@ -51,8 +49,7 @@ class VdiLayer(LayerBase):
         self.block_size = hdr.block_size
         # an unallocated block: zeros at the bottom, the parent's bytes in a differencing image
         self._free = ABSENT if hdr.is_diff else ZERO
-        self._cache: OrderedDict[int, array[int]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache: LruCache[int, array[int]] = LruCache(CACHE_WINDOWS)
         self.registry: str | None = None
         self.parent = None
         if hdr.is_diff:
@@ -95,22 +92,15 @@ class VdiLayer(LayerBase):
 
     # -- the block map --------------------------------------------------------
     def _window(self, w: int) -> array[int]:
-        with self._lock:
-            t = self._cache.get(w)
-            if t is not None:
-                self._cache.move_to_end(w)
-                return t
+        t = self._cache.get(w)
+        if t is not None:
+            return t
         first = w * WINDOW
         n = min(WINDOW, self.header.blocks - first)
         raw = bytearray(n * 4)
         pread_exact(self.fd, self.path, memoryview(raw), self.header.offset_bmap + first * 4)
-        t = array("I", raw)
-        if sys.byteorder != "little":
-            t.byteswap()
-        with self._lock:
-            self._cache[w] = t
-            while len(self._cache) > CACHE_WINDOWS:
-                self._cache.popitem(last=False)
+        t = le_array("I", raw)
+        self._cache.put(w, t)
         return t
 
     def _bad(self, block: int, entry: int) -> CorruptImage:
@@ -216,5 +206,4 @@ class VdiLayer(LayerBase):
         return out
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
+        self._cache.clear()

@@ -9,16 +9,13 @@ whatever the disk's size.
 from __future__ import annotations
 
 import re
-import sys
-import threading
-from array import array
-from collections import OrderedDict
 from typing import Any
 
 from ...errors import CorruptImage
 from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
+from ..common import LruCache, be_array
 from . import spec as S
 
 # At most this many decoded bitmaps (and runs in all of them) are cached
@@ -45,9 +42,7 @@ class VhdLayer(LayerBase):
         self.size = S.virtual_size(path, f)
         self.dyn: S.DynamicHeader | None = None
         self.locators: list[tuple[S.Locator, str]] = []
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[int, Block] = OrderedDict()
-        self._cache_runs = 0
+        self._cache: LruCache[int, Block] = LruCache(CACHE_BLOCKS, budget=CACHE_RUNS, cost=len, keep=1)
         if f.disk_type == S.FIXED:
             if self.size > self.file_size - S.FOOTER_SIZE:
                 raise CorruptImage(
@@ -72,12 +67,7 @@ class VhdLayer(LayerBase):
         if ctx is not None:
             ctx.charge(path, f"a block table of {nblocks} entries", 8 * nblocks)
         self._bat_raw = self._read(dyn.table_offset, nblocks * 4)
-        bat = array("I")
-        assert bat.itemsize == 4
-        bat.frombytes(self._bat_raw)
-        if sys.byteorder == "little":
-            bat.byteswap()
-        self._bat = bat
+        self._bat = be_array("I", self._bat_raw)
         self._check_bat()
         if self.differencing:
             self.parent = self._parent_ref()
@@ -157,11 +147,9 @@ class VhdLayer(LayerBase):
     # -- mapping ---------------------------------------------------------------
     def _block(self, i: int, host: int) -> Block:
         """Block ``i``'s map from its sector bitmap (cached)."""
-        with self._lock:
-            b = self._cache.get(i)
-            if b is not None:
-                self._cache.move_to_end(i)
-                return b
+        b = self._cache.get(i)
+        if b is not None:
+            return b
         sectors = self.block_size // S.SECTOR
         bitmap = self._read(host, -(-sectors // 8))
         hole = self._hole
@@ -185,15 +173,7 @@ class VhdLayer(LayerBase):
             for bit in range(8):  # the first sector is the byte's most significant bit
                 add(a * 8 + bit, a * 8 + bit + 1, DATA if byte >> (7 - bit) & 1 else hole)
         block = tuple(out)
-        with self._lock:
-            if i not in self._cache:
-                self._cache[i] = block
-                self._cache_runs += len(block)
-                while len(self._cache) > 1 and (
-                    len(self._cache) > CACHE_BLOCKS or self._cache_runs > CACHE_RUNS
-                ):
-                    _, old = self._cache.popitem(last=False)
-                    self._cache_runs -= len(old)
+        self._cache.put(i, block)
         return block
 
     def runs(self, start: int, end: int) -> Runs:
@@ -263,6 +243,4 @@ class VhdLayer(LayerBase):
         return out
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
-            self._cache_runs = 0
+        self._cache.clear()

@@ -10,9 +10,7 @@ bitmap block: a set bit is this layer's data, a clear bit asks the parent.
 from __future__ import annotations
 
 import re
-import threading
 from array import array
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +18,7 @@ from ...errors import CorruptImage
 from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
+from ..common import LruCache, le_array
 from . import spec as S
 from .log import FileView
 
@@ -79,8 +78,7 @@ class VhdxLayer(LayerBase):
         self.sectors_per_block = md.block_size // md.logical_sector
         self.window_chunks = max(1, WINDOW_ENTRIES // (self.chunk_ratio + 1))
         self.window_blocks = self.window_chunks * self.chunk_ratio
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[int, tuple[array[int], bytes]] = OrderedDict()
+        self._cache: LruCache[int, tuple[array[int], bytes]] = LruCache(CACHE_WINDOWS)
         self._templates: dict[int, memoryview] = {}  # no-data entry value -> that entry repeated
         self.parent: ParentRef | None = None
         if md.has_parent:
@@ -114,21 +112,14 @@ class VhdxLayer(LayerBase):
     # -- the BAT -------------------------------------------------------------
     def _window(self, w: int) -> tuple[array[int], bytes]:
         """BAT entries of window ``w`` (whole chunks: payload entries, then the bitmap entry)."""
-        with self._lock:
-            got = self._cache.get(w)
-            if got is not None:
-                self._cache.move_to_end(w)
-                return got
+        got = self._cache.get(w)
+        if got is not None:
+            return got
         first = w * self.window_chunks * (self.chunk_ratio + 1)
         count = min(self.window_chunks * (self.chunk_ratio + 1), self.meta.bat_entries - first)
         raw = self.view.read(self.regions.bat_offset + 8 * first, 8 * count)
-        entries = array("Q", raw)
-        if array("H", b"\x01\x00")[0] != 1:  # a big-endian host
-            entries.byteswap()
-        with self._lock:
-            self._cache[w] = (entries, raw)
-            while len(self._cache) > CACHE_WINDOWS:
-                self._cache.popitem(last=False)
+        entries = le_array("Q", raw)
+        self._cache.put(w, (entries, raw))
         return entries, raw
 
     def _entry_at(self, w: int, local: int) -> int:
@@ -310,8 +301,7 @@ class VhdxLayer(LayerBase):
         return out
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
+        self._cache.clear()
 
 
 def bit_runs(bits: bytes, lo: int, hi: int) -> Iterator[tuple[int, int, bool]]:
