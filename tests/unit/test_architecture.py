@@ -24,7 +24,7 @@ import flatfs.formats
 from flatfs.chain import OpenOptions, open_chain
 from flatfs.cli import main
 from flatfs.errors import CorruptImage
-from flatfs.extents import ABSENT, DATA, ZERO, Kind, Runs
+from flatfs.extents import K_ABSENT, K_DATA, K_ZERO, Kind, Runs
 from flatfs.formats.api import Format, HostFile, LayerBase, OpenContext, ParentRef
 from flatfs.hostio import host_size, pread_exact
 
@@ -143,7 +143,7 @@ TOY_MAGIC = b"TOYDISK\0"
 TOY_BLOCK = 4096
 _TOY_HEAD = struct.Struct(">8sQQ64s16s")  # magic, size, blocks, parent name, parent format
 # then one map byte per block (0 absent, 1 zero, 2 data), then the data blocks in order
-_TOY_KIND = {0: ABSENT, 1: ZERO, 2: DATA}
+_TOY_KIND = {0: K_ABSENT, 1: K_ZERO, 2: K_DATA}
 
 
 class ToyLayer(LayerBase):

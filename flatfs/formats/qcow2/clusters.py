@@ -16,9 +16,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import compress, repeat
 
-from ...extents import ABSENT as K_ABSENT
-from ...extents import DATA as K_DATA
-from ...extents import ZERO as K_ZERO
+from ...extents import K_ABSENT, K_DATA, K_ZERO
 from ..common import be_array
 from .spec import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ...errors import CorruptImage, ImageIOError
-from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
+from ...extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact, pread_padded
 from ..api import HostFile, HostRun, LayerBase, OpenContext, ParentRef
 from ..common import LruCache
@@ -74,7 +74,7 @@ def _cost(t: _L2) -> int:
     return t.cost
 
 
-_KIND = {C.ABSENT: ABSENT, C.ZERO: ZERO, C.DATA: DATA, C.COMPRESSED: DATA}
+_KIND = {C.ABSENT: K_ABSENT, C.ZERO: K_ZERO, C.DATA: K_DATA, C.COMPRESSED: K_DATA}
 
 
 class Qcow2Layer(LayerBase):
@@ -372,7 +372,7 @@ class Qcow2Layer(LayerBase):
             k = bisect_left(used, l1i + 1)
             nxt = used[k] * span if k < len(used) else end
             out = Runs()
-            out.add(start, min(max(nxt, base + span), end), ABSENT)
+            out.add(start, min(max(nxt, base + span), end), K_ABSENT)
             return out
         kv = t.kinds
         tend = min(base + span, end)
@@ -412,7 +412,7 @@ class Qcow2Layer(LayerBase):
             for hs, he, is_data in data_runs(
                 self.data_fd, self.data_path, host, host + (e - s), self.data_size
             ):
-                out.add(s + (hs - host), s + (he - host), DATA if is_data else ALLOC_ZERO)
+                out.add(s + (hs - host), s + (he - host), K_DATA if is_data else K_ALLOC_ZERO)
         return out
 
     def coarse_runs(self) -> Runs:
@@ -424,10 +424,10 @@ class Qcow2Layer(LayerBase):
             s, e = i * span, min((i + 1) * span, self.size)
             if s >= self.size:
                 break
-            out.add(pos, s, ABSENT)
-            out.add(s, e, DATA)
+            out.add(pos, s, K_ABSENT)
+            out.add(s, e, K_DATA)
             pos = e
-        out.add(pos, self.size, ABSENT)
+        out.add(pos, self.size, K_ABSENT)
         return out
 
     def host_files(self) -> tuple[HostFile, ...]:

@@ -14,7 +14,7 @@ from typing import Any
 from xml.parsers.expat import ExpatError
 
 from ...errors import CorruptImage, ImageIOError
-from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
+from ...extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact, pread_padded
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
 from ..common import LruCache, le_array
@@ -48,7 +48,7 @@ class VdiLayer(LayerBase):
         self.size = hdr.size
         self.block_size = hdr.block_size
         # an unallocated block: zeros at the bottom, the parent's bytes in a differencing image
-        self._free = ABSENT if hdr.is_diff else ZERO
+        self._free = K_ABSENT if hdr.is_diff else K_ZERO
         self._cache: LruCache[int, array[int]] = LruCache(CACHE_WINDOWS)
         self.registry: str | None = None
         self.parent = None
@@ -147,7 +147,7 @@ class VdiLayer(LayerBase):
                 if gs >= 0:
                     self._add_data(out, gs, pos, hs)
                     gs = -1
-                out.add(pos, stop, ZERO if entry == BLOCK_ZERO else self._free)
+                out.add(pos, stop, K_ZERO if entry == BLOCK_ZERO else self._free)
             pos = stop
         if gs >= 0:
             self._add_data(out, gs, pos, hs)
@@ -157,7 +157,7 @@ class VdiLayer(LayerBase):
         # QEMU's block status asks the host file too: an allocated block over
         # a hole (a static image is created sparse) reads as zeros.
         for s, e, is_data in data_runs(self.fd, self.path, host, host + (end - start), self.file_size):
-            out.add(start + (s - host), start + (e - host), DATA if is_data else ALLOC_ZERO)
+            out.add(start + (s - host), start + (e - host), K_DATA if is_data else K_ALLOC_ZERO)
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         bs = self.block_size

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from ...errors import CorruptImage
-from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
+from ...extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
 from ..common import LruCache, be_array
@@ -62,7 +62,7 @@ class VhdLayer(LayerBase):
         self.block_size = dyn.block_size
         self.bitmap_size = dyn.bitmap_size
         self.differencing = f.disk_type == S.DIFFERENCING
-        self._hole = ABSENT if self.differencing else ZERO
+        self._hole = K_ABSENT if self.differencing else K_ZERO
         nblocks = -(-self.size // dyn.block_size)
         if ctx is not None:
             ctx.charge(path, f"a block table of {nblocks} entries", 8 * nblocks)
@@ -168,10 +168,10 @@ class VhdLayer(LayerBase):
             a, z = m.span()
             byte = bitmap[a]
             if byte == 0xFF or byte == 0:
-                add(a * 8, z * 8, DATA if byte else hole)
+                add(a * 8, z * 8, K_DATA if byte else hole)
                 continue
             for bit in range(8):  # the first sector is the byte's most significant bit
-                add(a * 8 + bit, a * 8 + bit + 1, DATA if byte >> (7 - bit) & 1 else hole)
+                add(a * 8 + bit, a * 8 + bit + 1, K_DATA if byte >> (7 - bit) & 1 else hole)
         block = tuple(out)
         self._cache.put(i, block)
         return block
@@ -185,7 +185,7 @@ class VhdLayer(LayerBase):
         if self.dyn is None:
             stop = min(end, start + FIXED_WINDOW)
             for s, e, is_data in data_runs(self.fd, self.path, start, stop, self.file_size):
-                out.add(s, e, DATA if is_data else ALLOC_ZERO)
+                out.add(s, e, K_DATA if is_data else K_ALLOC_ZERO)
             return out
         bs = self.block_size
         i = start // bs

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ...errors import CorruptImage
-from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
+from ...extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
 from ..common import LruCache, le_array
@@ -190,7 +190,7 @@ class VhdxLayer(LayerBase):
                     nxt = self._block_of(w, last) if last < len(entries) else wend
                     nxt = max(nxt, block + 1)
                     stop = min(nxt * bs, end)
-                    out.add(pos, stop, ABSENT if state == S.PAYLOAD_NOT_PRESENT else ZERO)
+                    out.add(pos, stop, K_ABSENT if state == S.PAYLOAD_NOT_PRESENT else K_ZERO)
                     pos, block = stop, nxt
                     continue
                 stop = min((block + 1) * bs, end)
@@ -230,18 +230,18 @@ class VhdxLayer(LayerBase):
         state = e & S.STATE_MASK
         base = block * self.block_size
         if state == S.PAYLOAD_NOT_PRESENT:
-            out.add(pos, stop, ABSENT)
+            out.add(pos, stop, K_ABSENT)
         elif state in (S.PAYLOAD_UNDEFINED, S.PAYLOAD_ZERO, S.PAYLOAD_UNMAPPED):
-            out.add(pos, stop, ZERO)
+            out.add(pos, stop, K_ZERO)
         elif state == S.PAYLOAD_FULLY_PRESENT:
             off = self._block_offset(e, w, local, block)
             host = off + (pos - base)
             if self.view.touches(host, host + (stop - pos)):
-                out.add(pos, stop, DATA)
+                out.add(pos, stop, K_DATA)
                 return
             # A block over a hole of the host file reads zeros: allocated, but no data to read
             for hs, he, is_data in data_runs(self.fd, self.path, host, host + (stop - pos), self.file_size):
-                out.add(pos + (hs - host), pos + (he - host), DATA if is_data else ALLOC_ZERO)
+                out.add(pos + (hs - host), pos + (he - host), K_DATA if is_data else K_ALLOC_ZERO)
         elif state == S.PAYLOAD_PARTIALLY_PRESENT:
             if not self.meta.has_parent:
                 raise CorruptImage(
@@ -253,7 +253,7 @@ class VhdxLayer(LayerBase):
             bits = self._bitmap(w, local, block)
             ss = self.meta.logical_sector
             for a, b, present in bit_runs(bits, (pos - base) // ss, -(-(stop - base) // ss)):
-                out.add(max(pos, base + a * ss), min(stop, base + b * ss), DATA if present else ABSENT)
+                out.add(max(pos, base + a * ss), min(stop, base + b * ss), K_DATA if present else K_ABSENT)
         else:
             raise CorruptImage(
                 self.path, f"BAT entry for block {block} has invalid state {state}", self._entry_at(w, local)

@@ -17,7 +17,7 @@ from itertools import compress
 from typing import Any, Protocol
 
 from ...errors import CorruptImage
-from ...extents import ABSENT, DATA, ZERO, Runs
+from ...extents import K_ABSENT, K_DATA, K_ZERO, Runs
 from ...hostio import host_size, pread_padded
 from ..common import LruCache
 from .extent import Extent
@@ -25,12 +25,12 @@ from .extent import Extent
 # per-grain codes of a decoded table
 G_ABSENT, G_ZERO, G_DATA, G_BAD = range(4)
 _K_BAD = 255  # a damaged entry's kind: never merged with a neighbour
-_KIND_OF = bytes([ABSENT, ZERO, DATA, _K_BAD]) + bytes(252)
+_KIND_OF = bytes([K_ABSENT, K_ZERO, K_DATA, _K_BAD]) + bytes(252)
 CACHE_TABLES = 256  # decoded grain tables kept per extent (shared out among a disk's extents)
 _MISS: Any = object()  # not cached (a cached None: no table allocated)
 # Empty grain tables one runs() answer may walk past
 SKIP_TABLES = 4096
-ALL_ABSENT = bytes([ABSENT])  # the kinds of a table with no grain
+ALL_ABSENT = bytes([K_ABSENT])  # the kinds of a table with no grain
 
 
 class GrainTable:
@@ -170,10 +170,10 @@ class GrainExtent(Extent):
         for i in self.used:
             s = self.start + i * self.span
             e = min(s + self.span, self.start + self.length)
-            out.add(pos, s, ABSENT)
-            out.add(s, e, DATA)
+            out.add(pos, s, K_ABSENT)
+            out.add(s, e, K_DATA)
             pos = e
-        out.add(pos, self.start + self.length, ABSENT)
+        out.add(pos, self.start + self.length, K_ABSENT)
 
     def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
         """One grain table's runs, sliced in bulk; a damaged entry ends the answer before it."""
@@ -181,7 +181,7 @@ class GrainExtent(Extent):
         tbase = i * self.span
         t = self._table(i)
         if t is None or t.kinds == ALL_ABSENT:
-            out.add(base + rel, base + min(end, absent_until(self, i + 1, end)), ABSENT)
+            out.add(base + rel, base + min(end, absent_until(self, i + 1, end)), K_ABSENT)
             return
         lo, hi = rel, min(end, tbase + self.span)
         a = bisect_right(t.starts, lo) - 1

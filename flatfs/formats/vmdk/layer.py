@@ -25,7 +25,7 @@ from itertools import compress
 from typing import Any
 
 from ...errors import CorruptImage, ImageIOError, UnsupportedImage
-from ...extents import ABSENT, DATA, ZERO, Runs
+from ...extents import K_ABSENT, K_DATA, K_ZERO, Runs
 from ...hostio import host_size, pread_exact, pread_padded
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
 from ..common import LruCache
@@ -68,7 +68,7 @@ CACHE_TABLES = 512
 _ABSENT, _ZERO, _DATA, _COMPRESSED, _BAD = range(5)
 # grain code -> extent kind code; a damaged entry gets a kind of its own, never merged
 _K_BAD = 255
-_KIND_OF = bytes([ABSENT, ZERO, DATA, DATA, _K_BAD]) + bytes(251)
+_KIND_OF = bytes([K_ABSENT, K_ZERO, K_DATA, K_DATA, _K_BAD]) + bytes(251)
 # A compressed grain is read with its marker in one pread of at most this much
 # (deflate adds a few bytes per 16 KiB stored block; a larger one takes a second read).
 GRAIN_READ_SLACK = 1024
@@ -218,10 +218,10 @@ class _SparseExtent(Extent):
         for i in self.used:
             s = self.start + i * self.span
             e = min(s + self.span, self.start + self.length)
-            out.add(pos, s, ABSENT)
-            out.add(s, e, DATA)
+            out.add(pos, s, K_ABSENT)
+            out.add(s, e, K_DATA)
             pos = e
-        out.add(pos, self.start + self.length, ABSENT)
+        out.add(pos, self.start + self.length, K_ABSENT)
 
     def _bad(self, t: _Table, k: int) -> CorruptImage:
         return CorruptImage(
@@ -238,7 +238,7 @@ class _SparseExtent(Extent):
         tbase = i * self.span
         t = self._table(i)
         if t is None or t.kinds == ALL_ABSENT:
-            out.add(base + rel, base + min(end, absent_until(self, i + 1, end)), ABSENT)
+            out.add(base + rel, base + min(end, absent_until(self, i + 1, end)), K_ABSENT)
             return
         lo, hi = base + rel, base + min(end, tbase + self.span)
         a = bisect_right(t.starts, lo) - 1
