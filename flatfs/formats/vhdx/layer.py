@@ -273,7 +273,7 @@ class VhdxLayer(LayerBase):
             if e & S.STATE_MASK not in (S.PAYLOAD_FULLY_PRESENT, S.PAYLOAD_PARTIALLY_PRESENT):
                 raise CorruptImage(self.path, f"block {block} has no data to read", self._entry_at(w, local))
             off = self._block_offset(e, w, local, block)
-            self.view.readinto(buf[done : done + n], off + rel)
+            self.view.readinto(off + rel, buf[done : done + n])
             done += n
 
     # -- facts ---------------------------------------------------------------
