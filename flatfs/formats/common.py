@@ -1,5 +1,6 @@
 """What several formats have in common: one bounded, thread-safe LRU cache of
-decoded tables, and arrays of table entries in either byte order.
+decoded tables, arrays of table entries in either byte order, and the runs of
+a bitmap (VHD's and VHDX's sector bitmaps).
 
 Only formats import this module (tests/unit/test_architecture.py): a consumer
 reaches a format through ``FORMATS``, never through its helpers.
@@ -7,11 +8,12 @@ reaches a format through ``FORMATS``, never through its helpers.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar, overload
 
 K = TypeVar("K", bound=Hashable)
@@ -20,6 +22,9 @@ D = TypeVar("D")
 
 _BIG_HOST = sys.byteorder == "big"
 _MISS = object()
+_UNIFORM = re.compile(rb"\x00+|\xff+")
+# each byte with its bits in the other order: a most-significant-bit-first bitmap, translated
+MSB_FIRST = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
 
 
 def le_array(typecode: str, raw: bytes | bytearray | memoryview) -> array[int]:
@@ -36,6 +41,30 @@ def be_array(typecode: str, raw: bytes | bytearray | memoryview) -> array[int]:
     if not _BIG_HOST:
         a.byteswap()
     return a
+
+
+def bit_runs(bits: bytes, lo: int, hi: int) -> Iterator[tuple[int, int, bool]]:
+    """(first, end, set) runs of bits [lo, hi) of a least-significant-bit-first bitmap.
+
+    Whole 0x00/0xFF bytes go in one C-level match; neighbouring runs may share a value
+    (``Runs.add`` merges them). A most-significant-bit-first bitmap: pass
+    ``bits.translate(MSB_FIRST)``."""
+    pos = lo
+    while pos < hi:
+        byte = pos >> 3
+        if pos & 7 == 0:
+            m = _UNIFORM.match(bits, byte)
+            if m is not None:
+                end = min(hi, m.end() * 8)
+                yield pos, end, bits[byte] == 0xFF
+                pos = end
+                continue
+        value = bits[byte] >> (pos & 7) & 1
+        end = pos + 1
+        while end < hi and end & 7 and bits[end >> 3] >> (end & 7) & 1 == value:
+            end += 1
+        yield pos, end, bool(value)
+        pos = end
 
 
 class LruCache(Generic[K, V]):

@@ -1,12 +1,12 @@
 """The helpers formats share (flatfs.formats.common): the bounded LRU of decoded
-tables, and byte-order arrays of table entries."""
+tables, and byte-order arrays of table entries, bitmap runs."""
 
 from __future__ import annotations
 
 import struct
 import threading
 
-from flatfs.formats.common import LruCache, be_array, le_array
+from flatfs.formats.common import MSB_FIRST, LruCache, be_array, bit_runs, le_array
 
 
 def test_the_least_recently_used_entry_goes_first() -> None:
@@ -86,3 +86,38 @@ def test_entries_are_read_in_either_byte_order() -> None:
     assert list(le_array("Q", raw)) == [1, 2**40, 2**64 - 1]
     assert list(be_array("I", struct.pack(">2I", 7, 0xDEADBEEF))) == [7, 0xDEADBEEF]
     assert list(le_array("H", b"\x01\x02")) == [0x0201]
+
+
+def _merged(bits: bytes, lo: int, hi: int) -> list[tuple[int, int, bool]]:
+    out: list[tuple[int, int, bool]] = []
+    for a, z, on in bit_runs(bits, lo, hi):
+        assert a < z and (not out or out[-1][1] == a)
+        if out and out[-1][2] == on:
+            out[-1] = (out[-1][0], z, on)
+        else:
+            out.append((a, z, on))
+    return out
+
+
+def test_bit_runs_of_a_bitmap_either_bit_first() -> None:
+    bits = b"\xff\xff\x01\x00\x00\x80\xf0"
+    assert _merged(bits, 0, 56) == [
+        (0, 17, True),
+        (17, 47, False),
+        (47, 48, True),
+        (48, 52, False),
+        (52, 56, True),
+    ]
+    assert _merged(bits, 3, 50) == [(3, 17, True), (17, 47, False), (47, 48, True), (48, 50, False)]
+    # most significant bit first (VHD): 0x01 is the byte's last sector, 0x80 its first
+    msb = bits.translate(MSB_FIRST)
+    assert _merged(msb, 0, 56) == [
+        (0, 16, True),
+        (16, 23, False),
+        (23, 24, True),
+        (24, 40, False),
+        (40, 41, True),
+        (41, 48, False),
+        (48, 52, True),
+        (52, 56, False),
+    ]

@@ -15,7 +15,7 @@ from ...errors import CorruptImage
 from ...extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
-from ..common import LruCache, be_array
+from ..common import MSB_FIRST, LruCache, be_array, bit_runs
 from . import spec as S
 
 # At most this many decoded bitmaps (and runs in all of them) are cached
@@ -25,7 +25,6 @@ CACHE_RUNS = 256 * 1024
 FIXED_WINDOW = 1 << 30
 
 _UNALLOCATED_RUN = re.compile(rb"(?:\xff\xff\xff\xff)+")
-_BITMAP_RUN = re.compile(rb"\xff+|\x00+|[\x01-\xfe]")
 
 Block = tuple[tuple[int, int, int], ...]  # (start, end, kind code) in bytes, relative to the block
 
@@ -164,14 +163,9 @@ class VhdLayer(LayerBase):
             else:
                 out.append((s * S.SECTOR, e * S.SECTOR, code))
 
-        for m in _BITMAP_RUN.finditer(bitmap):
-            a, z = m.span()
-            byte = bitmap[a]
-            if byte == 0xFF or byte == 0:
-                add(a * 8, z * 8, K_DATA if byte else hole)
-                continue
-            for bit in range(8):  # the first sector is the byte's most significant bit
-                add(a * 8 + bit, a * 8 + bit + 1, K_DATA if byte >> (7 - bit) & 1 else hole)
+        # the first sector is the first byte's most significant bit
+        for a, z, present in bit_runs(bitmap.translate(MSB_FIRST), 0, sectors):
+            add(a, z, K_DATA if present else hole)
         block = tuple(out)
         self._cache.put(i, block)
         return block

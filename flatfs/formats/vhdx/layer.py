@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import re
 from array import array
-from collections.abc import Iterator
 from typing import Any
 
 from ...errors import CorruptImage
 from ...extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
-from ..common import LruCache, le_array
+from ..common import LruCache, bit_runs, le_array
 from . import spec as S
 from .log import FileView
 
 _NONZERO = re.compile(rb"[^\x00]")
-_UNIFORM = re.compile(rb"\x00+|\xff+")
 _NO_DATA = (S.PAYLOAD_NOT_PRESENT, S.PAYLOAD_UNDEFINED, S.PAYLOAD_ZERO, S.PAYLOAD_UNMAPPED)
 WINDOW_ENTRIES = 8192  # BAT entries decoded per window (64 KiB), about
 CACHE_WINDOWS = 64  # decoded BAT windows kept (at most ~64 x 256 KiB)
@@ -302,23 +300,3 @@ class VhdxLayer(LayerBase):
 
     def close(self) -> None:
         self._cache.clear()
-
-
-def bit_runs(bits: bytes, lo: int, hi: int) -> Iterator[tuple[int, int, bool]]:
-    """(first, end, set) runs of bits [lo, hi) of a least-significant-bit-first bitmap."""
-    pos = lo
-    while pos < hi:
-        byte = pos >> 3
-        if pos & 7 == 0:
-            m = _UNIFORM.match(bits, byte)
-            if m is not None:
-                end = min(hi, m.end() * 8)
-                yield pos, end, bits[byte] == 0xFF
-                pos = end
-                continue
-        value = bits[byte] >> (pos & 7) & 1
-        end = pos + 1
-        while end < hi and end & 7 and bits[end >> 3] >> (end & 7) & 1 == value:
-            end += 1
-        yield pos, end, bool(value)
-        pos = end
