@@ -43,10 +43,10 @@ class Extent(NamedTuple):
         return self.start + self.length
 
 
-# Kind codes for bulk runs: KINDS[code] is the Kind, CODES[kind] its code.
+# Kind codes for bulk runs (K_*: array codes, not Kinds): KINDS[code] is the Kind, CODES[kind] its code.
 KINDS: tuple[Kind, ...] = (Kind.DATA, Kind.ALLOC_ZERO, Kind.ZERO, Kind.ABSENT)
 CODES: dict[Kind, int] = {k: i for i, k in enumerate(KINDS)}
-DATA, ALLOC_ZERO, ZERO, ABSENT = range(4)
+K_DATA, K_ALLOC_ZERO, K_ZERO, K_ABSENT = range(4)  # the codes of KINDS, as Runs.kinds holds them
 
 
 class Runs:

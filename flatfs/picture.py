@@ -13,14 +13,14 @@ from html import escape
 
 from .chain import Chain
 from .errors import FlatfsError
-from .extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
+from .extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, Runs
 from .units import human_size
 
 STRIP_CELLS = 64
 SVG_CELLS = 960  # one cell per pixel of the bands
 
 # what a cell shows, weakest first; ALLOC_ZERO reads as zeros
-_RANK = {ABSENT: 0, ZERO: 1, ALLOC_ZERO: 1, DATA: 2}
+_RANK = {K_ABSENT: 0, K_ZERO: 1, K_ALLOC_ZERO: 1, K_DATA: 2}
 STRIP_CHARS = ".-#"  # nothing here, zeros decided here, data
 
 _DEPTH_COLOURS = ("#1f4e9c", "#d9782d", "#3a9a4a", "#9c3a8f", "#8c6d1f", "#2a9c9c", "#c23b3b", "#555555")
@@ -65,7 +65,7 @@ def _exact_runs(chain: Chain, depth: int, budget: int) -> Runs | None:
     out = Runs()
     count = 0
     for s, e, k in chain.coarse_runs(depth):
-        if k == ABSENT:
+        if k == K_ABSENT:
             out.add(s, e, k)
             continue
         pos = s

@@ -18,7 +18,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from ..extents import ABSENT, ALLOC_ZERO, DATA, KINDS, ZERO, Extent, Runs
+from ..extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, KINDS, Extent, Runs
 from ..formats.api import HostFile, HostRun, Layer
 from . import dataindex
 
@@ -44,8 +44,8 @@ class LayerFacts(NamedTuple):
     probed: str | None = None  # what probing saw beyond its head (a fixed VHD's footer)
 
 
-_DATA_KINDS = (DATA, ALLOC_ZERO)
-_HOLE_KINDS = (ZERO, ABSENT)
+_DATA_KINDS = (K_DATA, K_ALLOC_ZERO)
+_HOLE_KINDS = (K_ZERO, K_ABSENT)
 
 
 def _first(kinds: bytes | bytearray, wanted: tuple[int, int]) -> int:
@@ -115,13 +115,13 @@ class Chain:
                 kinds = runs.kinds
                 n = len(runs)
             i = 0
-            a = kinds.find(ABSENT) if below else -1
+            a = kinds.find(K_ABSENT) if below else -1
             while a >= 0:
                 if a > i:
                     yield Piece(runs.starts[i:a], runs.ends[i:a], kinds[i:a], depth)
                 yield from self._pieces(depth + 1, runs.starts[a], runs.ends[a])
                 i = a + 1
-                a = kinds.find(ABSENT, i)
+                a = kinds.find(K_ABSENT, i)
             if i < n:
                 if i:
                     yield Piece(runs.starts[i:], runs.ends[i:], kinds[i:], depth)
@@ -131,7 +131,7 @@ class Chain:
         if lim < end:
             # Past a short backing file: reads as zeros, decided by nobody
             # below the layer whose backing is short.
-            yield Piece(array("Q", [max(start, lim)]), array("Q", [end]), bytes([ABSENT]), depth - 1)
+            yield Piece(array("Q", [max(start, lim)]), array("Q", [end]), bytes([K_ABSENT]), depth - 1)
 
     def pieces(self, start: int = 0, end: int | None = None) -> Iterator[Piece]:
         """The flattened map over [start, end) in bulk: coalesced, a piece of one depth at a time.
@@ -203,7 +203,7 @@ class Chain:
         for p in self.pieces(start, end):
             d = p.depth
             for s, e, k in zip(p.starts, p.ends, p.kinds):
-                if k == DATA:
+                if k == K_DATA:
                     yield from self.host_data(d, s, e - s)
 
     def pread(self, offset: int, length: int) -> bytes:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..extents import DATA, ZERO, Runs
+from ..extents import K_DATA, K_ZERO, Runs
 from ..hostio import data_runs, host_size, pread_exact
 from .api import Format, HostFile, HostRun, LayerBase, OpenContext
 
@@ -21,7 +21,7 @@ class RawLayer(LayerBase):
     def runs(self, start: int, end: int) -> Runs:
         out = Runs()
         for s, e, is_data in data_runs(self.fd, self.path, start, min(end, self.size), self.file_size):
-            out.add(s, e, DATA if is_data else ZERO)
+            out.add(s, e, K_DATA if is_data else K_ZERO)
         return out
 
     def readinto(self, offset: int, buf: memoryview) -> None:

@@ -18,16 +18,16 @@ from typing import Any
 
 from ..chain import Chain, OpenOptions, open_chain
 from ..errors import FlatfsError
-from ..extents import ABSENT, ALLOC_ZERO, DATA, ZERO
+from ..extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO
 
 EXTENT_HOLE = 1  # NBD_STATE_HOLE
 EXTENT_ZERO = 2  # NBD_STATE_ZERO
 # kind code -> NBD base:allocation flags
 NBD_FLAGS = {
-    DATA: 0,
-    ALLOC_ZERO: EXTENT_ZERO,
-    ZERO: EXTENT_HOLE | EXTENT_ZERO,
-    ABSENT: EXTENT_HOLE | EXTENT_ZERO,
+    K_DATA: 0,
+    K_ALLOC_ZERO: EXTENT_ZERO,
+    K_ZERO: EXTENT_HOLE | EXTENT_ZERO,
+    K_ABSENT: EXTENT_HOLE | EXTENT_ZERO,
 }
 MAX_EXTENTS = 4096  # a reply's extents; the client asks again from where it stops
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flatfs.chain import OpenOptions, open_chain
-from flatfs.extents import ABSENT, DATA, ZERO
+from flatfs.extents import K_ABSENT, K_DATA, K_ZERO
 from flatfs.picture import cells
 
 from ..helpers.qemu import Qemu
@@ -24,15 +24,15 @@ def _flatfs(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cells_keep_the_strongest_thing_in_each_cell() -> None:
     runs = [
-        (0, 10, ABSENT, 0),
-        (10, 11, DATA, 1),
-        (11, 50, ZERO, 0),
-        (50, 100, ABSENT, 0),
-        (99, 100, DATA, 0),
+        (0, 10, K_ABSENT, 0),
+        (10, 11, K_DATA, 1),
+        (11, 50, K_ZERO, 0),
+        (50, 100, K_ABSENT, 0),
+        (99, 100, K_DATA, 0),
     ]
     assert cells(runs, 100, 4) == [(2, 1), (1, 0), (0, 0), (2, 0)]
     # data from two depths in one cell: the layer nearest the top wins
-    assert cells([(0, 1, DATA, 3), (1, 2, DATA, 1)], 8, 1) == [(2, 1)]
+    assert cells([(0, 1, K_DATA, 3), (1, 2, K_DATA, 1)], 8, 1) == [(2, 1)]
     assert cells([], 0, 3) == [(0, 0)] * 3
 
 

@@ -1,8 +1,9 @@
 """The shape of the code: import rules, and a format added with one table entry.
 
-- A format imports only ``formats.api``, ``hostio``, ``extents``, ``errors`` and
-  its own folder; the core (formats, chain, extents, errors, hostio) imports
-  neither FUSE nor click.
+- A format imports only ``formats.api``, ``formats.common`` (what formats share:
+  the table cache, byte-order arrays), ``hostio``, ``extents``, ``errors`` and
+  its own folder; nothing but a format imports ``formats.common``; the core
+  (formats, chain, extents, errors, hostio) imports neither FUSE nor click.
 - A consumer (convert, fuse, cli, readers, service) never imports a format
   module: it reaches a format's capabilities through the ``FORMATS`` table.
 - A new format is one module plus one entry in ``FORMATS``: a toy format
@@ -23,12 +24,13 @@ import flatfs.formats
 from flatfs.chain import OpenOptions, open_chain
 from flatfs.cli import main
 from flatfs.errors import CorruptImage
-from flatfs.extents import ABSENT, DATA, ZERO, Kind, Runs
+from flatfs.extents import K_ABSENT, K_DATA, K_ZERO, Kind, Runs
 from flatfs.formats.api import Format, HostFile, LayerBase, OpenContext, ParentRef
 from flatfs.hostio import host_size, pread_exact
 
 PKG = Path(flatfs.__file__).parent
-FORMAT_ALLOWED = {"flatfs.formats.api", "flatfs.hostio", "flatfs.extents", "flatfs.errors"}
+SHARED = "flatfs.formats.common"  # what formats have in common, for formats only
+FORMAT_ALLOWED = {"flatfs.formats.api", SHARED, "flatfs.hostio", "flatfs.extents", "flatfs.errors"}
 CORE = ("formats", "chain", "extents.py", "errors.py", "hostio.py", "partitions.py")
 CONSUMERS = ("convert", "fuse", "cli", "readers.py", "service.py", "nbd")
 
@@ -78,7 +80,7 @@ def _format_dirs() -> list[Path]:
 def test_a_format_imports_only_the_api_host_io_extents_and_errors() -> None:
     bad = []
     for entry in _format_dirs():
-        if entry.name in ("__init__.py", "api.py"):
+        if entry.name in ("__init__.py", "api.py", "common.py"):
             continue
         own = "flatfs.formats." + entry.stem
         for f in [entry] if entry.is_file() else sorted(entry.rglob("*.py")):
@@ -111,6 +113,18 @@ def test_a_consumer_never_imports_a_format_module() -> None:
     assert not bad, "\n".join(bad)
 
 
+def test_only_a_format_imports_what_formats_share() -> None:
+    users = {
+        f.relative_to(PKG).as_posix()
+        for f in sorted(PKG.rglob("*.py"))
+        if SHARED in _imports(f) or any(m.startswith(SHARED + ".") for m in _imports(f))
+    }
+    assert users, "no format uses flatfs.formats.common: the rule checks nothing"
+    not_formats = ("__init__.py", "api.py", "common.py")
+    bad = sorted(u for u in users if not u.startswith("formats/") or u.split("/")[1] in not_formats)
+    assert not bad, "\n".join(f"{u} imports {SHARED} (only a format may)" for u in bad)
+
+
 def test_the_import_rule_can_fail(tmp_path: Path) -> None:
     # The checker sees relative imports of a format module from a consumer.
     fake = PKG / "convert" / "__init__.py" if (PKG / "convert").is_dir() else PKG / "convert.py"
@@ -129,7 +143,7 @@ TOY_MAGIC = b"TOYDISK\0"
 TOY_BLOCK = 4096
 _TOY_HEAD = struct.Struct(">8sQQ64s16s")  # magic, size, blocks, parent name, parent format
 # then one map byte per block (0 absent, 1 zero, 2 data), then the data blocks in order
-_TOY_KIND = {0: ABSENT, 1: ZERO, 2: DATA}
+_TOY_KIND = {0: K_ABSENT, 1: K_ZERO, 2: K_DATA}
 
 
 class ToyLayer(LayerBase):

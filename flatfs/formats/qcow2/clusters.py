@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import operator
 import re
-import sys
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import compress, repeat
 
-from ...extents import ABSENT as K_ABSENT
-from ...extents import DATA as K_DATA
-from ...extents import ZERO as K_ZERO
+from ...extents import K_ABSENT, K_DATA, K_ZERO
+from ..common import be_array
 from .spec import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS
 
 # Run codes. ABSENT/ZERO/DATA map to extents.Kind; COMPRESSED is data that
@@ -27,7 +25,6 @@ from .spec import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCL
 ABSENT, ZERO, DATA, COMPRESSED, BAD = range(5)
 
 _NONZERO = re.compile(rb"[^\x00]")
-_LITTLE = sys.byteorder == "little"
 
 
 @dataclass(slots=True)
@@ -201,11 +198,7 @@ def fast_table(kinds: Kinds, cluster_bits: int, base: int, raw: bytes) -> Table:
 
 
 def decode(raw: bytes) -> array[int]:
-    a = array("Q")
-    a.frombytes(raw)
-    if _LITTLE:
-        a.byteswap()
-    return a
+    return be_array("Q", raw)
 
 
 def classify(

@@ -12,14 +12,14 @@ import struct
 import threading
 import zlib
 from bisect import bisect_left, bisect_right
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from ...errors import CorruptImage, ImageIOError
-from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
+from ...extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact, pread_padded
 from ..api import HostFile, HostRun, LayerBase, OpenContext, ParentRef
+from ..common import LruCache
 from . import clusters as C
 from . import snapshots as S
 from .spec import (
@@ -63,8 +63,18 @@ class _L2:
         self.l2_offset = l2_offset
         self.cost = len(kinds) * KIND_COST + (len(raw) if raw else 0) + (len(read) * RUN_COST if read else 0)
 
+    def keep_read(self, read: C.Table) -> None:
+        """Keep the read runs built from the raw table (unless another thread did), and drop the raw table."""
+        if self.read is None:
+            self.read, self.raw = read, None
+            self.cost = len(self.kinds) * KIND_COST + len(read) * RUN_COST
 
-_KIND = {C.ABSENT: ABSENT, C.ZERO: ZERO, C.DATA: DATA, C.COMPRESSED: DATA}
+
+def _cost(t: _L2) -> int:
+    return t.cost
+
+
+_KIND = {C.ABSENT: K_ABSENT, C.ZERO: K_ZERO, C.DATA: K_DATA, C.COMPRESSED: K_DATA}
 
 
 class Qcow2Layer(LayerBase):
@@ -117,9 +127,7 @@ class Qcow2Layer(LayerBase):
             pread_exact(fd, path, memoryview(self._l1_raw), self.l1_offset)
         self._l1 = C.decode(bytes(self._l1_raw))
         self._l1_used = C.allocated_l1(bytes(self._l1_raw))
-        self._cache: OrderedDict[int, _L2] = OrderedDict()
-        self._cache_bytes = 0
-        self._lock = threading.Lock()
+        self._cache: LruCache[int, _L2] = LruCache(budget=CACHE_MAX_BYTES, cost=_cost, keep=CACHE_MIN_TABLES)
         self._decompress = _decompressor(hdr.compression_type, self.cluster_size)
         self._prealloc: bool | None = None
 
@@ -208,11 +216,9 @@ class Qcow2Layer(LayerBase):
     # -- mapping -------------------------------------------------------------
     def _table(self, l1_index: int) -> _L2 | None:
         """The cached L2 table under L1 entry ``l1_index`` (read and decoded on a miss), or None."""
-        with self._lock:
-            t = self._cache.get(l1_index)
-            if t is not None:
-                self._cache.move_to_end(l1_index)
-                return t
+        t = self._cache.get(l1_index)
+        if t is not None:
+            return t
         entry = self._l1[l1_index]
         l2_off = entry & OFFSET_MASK
         if not l2_off:
@@ -234,11 +240,7 @@ class Qcow2Layer(LayerBase):
         else:
             read = self._classify(raw, l1_index, l2_off)
             t = _L2(C.kinds_of(read, l1_index * self.l1_span), read, None, l2_off)
-        with self._lock:
-            if l1_index not in self._cache:
-                self._cache[l1_index] = t
-                self._cache_bytes += t.cost
-                self._trim()
+        self._cache.put(l1_index, t)
         return t
 
     def _classify(self, raw: bytes, l1_index: int, l2_off: int) -> C.Table:
@@ -267,21 +269,8 @@ class Qcow2Layer(LayerBase):
                 read.l2_offset = t.l2_offset
             else:
                 read = self._classify(raw, l1_index, t.l2_offset)
-            with self._lock:
-                if t.read is None:
-                    t.read, t.raw = read, None
-                    cost = len(t.kinds) * KIND_COST + len(read) * RUN_COST
-                    if self._cache.get(l1_index) is t:
-                        self._cache_bytes += cost - t.cost
-                    t.cost = cost
-                    self._trim()
+            self._cache.revise(l1_index, t, lambda t: t.keep_read(read))
         return read
-
-    def _trim(self) -> None:
-        """Drop least recently used tables past the byte bound (the caller holds the lock)."""
-        while len(self._cache) > CACHE_MIN_TABLES and self._cache_bytes > CACHE_MAX_BYTES:
-            _, old = self._cache.popitem(last=False)
-            self._cache_bytes -= old.cost
 
     def _runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, C.Table | None, int]]:
         """Yield (start, end, code, host, table, run index) over [start, end).
@@ -383,7 +372,7 @@ class Qcow2Layer(LayerBase):
             k = bisect_left(used, l1i + 1)
             nxt = used[k] * span if k < len(used) else end
             out = Runs()
-            out.add(start, min(max(nxt, base + span), end), ABSENT)
+            out.add(start, min(max(nxt, base + span), end), K_ABSENT)
             return out
         kv = t.kinds
         tend = min(base + span, end)
@@ -423,7 +412,7 @@ class Qcow2Layer(LayerBase):
             for hs, he, is_data in data_runs(
                 self.data_fd, self.data_path, host, host + (e - s), self.data_size
             ):
-                out.add(s + (hs - host), s + (he - host), DATA if is_data else ALLOC_ZERO)
+                out.add(s + (hs - host), s + (he - host), K_DATA if is_data else K_ALLOC_ZERO)
         return out
 
     def coarse_runs(self) -> Runs:
@@ -435,10 +424,10 @@ class Qcow2Layer(LayerBase):
             s, e = i * span, min((i + 1) * span, self.size)
             if s >= self.size:
                 break
-            out.add(pos, s, ABSENT)
-            out.add(s, e, DATA)
+            out.add(pos, s, K_ABSENT)
+            out.add(s, e, K_DATA)
             pos = e
-        out.add(pos, self.size, ABSENT)
+        out.add(pos, self.size, K_ABSENT)
         return out
 
     def host_files(self) -> tuple[HostFile, ...]:
@@ -535,9 +524,7 @@ class Qcow2Layer(LayerBase):
         return out
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
-            self._cache_bytes = 0
+        self._cache.clear()
 
 
 def _claimed_cluster_size(head: bytes) -> int:

@@ -9,17 +9,15 @@ tried first come from the VM's ``.vbox`` media registry, if one is found.
 from __future__ import annotations
 
 import os
-import sys
-import threading
 from array import array
-from collections import OrderedDict
 from typing import Any
 from xml.parsers.expat import ExpatError
 
 from ...errors import CorruptImage, ImageIOError
-from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
+from ...extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact, pread_padded
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
+from ..common import LruCache, le_array
 from . import registry
 from .spec import (
     BLOCK_ZERO,
@@ -50,9 +48,8 @@ class VdiLayer(LayerBase):
         self.size = hdr.size
         self.block_size = hdr.block_size
         # an unallocated block: zeros at the bottom, the parent's bytes in a differencing image
-        self._free = ABSENT if hdr.is_diff else ZERO
-        self._cache: OrderedDict[int, array[int]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._free = K_ABSENT if hdr.is_diff else K_ZERO
+        self._cache: LruCache[int, array[int]] = LruCache(CACHE_WINDOWS)
         self.registry: str | None = None
         self.parent = None
         if hdr.is_diff:
@@ -95,22 +92,15 @@ class VdiLayer(LayerBase):
 
     # -- the block map --------------------------------------------------------
     def _window(self, w: int) -> array[int]:
-        with self._lock:
-            t = self._cache.get(w)
-            if t is not None:
-                self._cache.move_to_end(w)
-                return t
+        t = self._cache.get(w)
+        if t is not None:
+            return t
         first = w * WINDOW
         n = min(WINDOW, self.header.blocks - first)
         raw = bytearray(n * 4)
         pread_exact(self.fd, self.path, memoryview(raw), self.header.offset_bmap + first * 4)
-        t = array("I", raw)
-        if sys.byteorder != "little":
-            t.byteswap()
-        with self._lock:
-            self._cache[w] = t
-            while len(self._cache) > CACHE_WINDOWS:
-                self._cache.popitem(last=False)
+        t = le_array("I", raw)
+        self._cache.put(w, t)
         return t
 
     def _bad(self, block: int, entry: int) -> CorruptImage:
@@ -157,7 +147,7 @@ class VdiLayer(LayerBase):
                 if gs >= 0:
                     self._add_data(out, gs, pos, hs)
                     gs = -1
-                out.add(pos, stop, ZERO if entry == BLOCK_ZERO else self._free)
+                out.add(pos, stop, K_ZERO if entry == BLOCK_ZERO else self._free)
             pos = stop
         if gs >= 0:
             self._add_data(out, gs, pos, hs)
@@ -167,7 +157,7 @@ class VdiLayer(LayerBase):
         # QEMU's block status asks the host file too: an allocated block over
         # a hole (a static image is created sparse) reads as zeros.
         for s, e, is_data in data_runs(self.fd, self.path, host, host + (end - start), self.file_size):
-            out.add(start + (s - host), start + (e - host), DATA if is_data else ALLOC_ZERO)
+            out.add(start + (s - host), start + (e - host), K_DATA if is_data else K_ALLOC_ZERO)
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         bs = self.block_size
@@ -216,5 +206,4 @@ class VdiLayer(LayerBase):
         return out
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
+        self._cache.clear()

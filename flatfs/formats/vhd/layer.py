@@ -9,16 +9,13 @@ whatever the disk's size.
 from __future__ import annotations
 
 import re
-import sys
-import threading
-from array import array
-from collections import OrderedDict
 from typing import Any
 
 from ...errors import CorruptImage
-from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
+from ...extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
+from ..common import MSB_FIRST, LruCache, be_array, bit_runs
 from . import spec as S
 
 # At most this many decoded bitmaps (and runs in all of them) are cached
@@ -28,7 +25,6 @@ CACHE_RUNS = 256 * 1024
 FIXED_WINDOW = 1 << 30
 
 _UNALLOCATED_RUN = re.compile(rb"(?:\xff\xff\xff\xff)+")
-_BITMAP_RUN = re.compile(rb"\xff+|\x00+|[\x01-\xfe]")
 
 Block = tuple[tuple[int, int, int], ...]  # (start, end, kind code) in bytes, relative to the block
 
@@ -45,9 +41,7 @@ class VhdLayer(LayerBase):
         self.size = S.virtual_size(path, f)
         self.dyn: S.DynamicHeader | None = None
         self.locators: list[tuple[S.Locator, str]] = []
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[int, Block] = OrderedDict()
-        self._cache_runs = 0
+        self._cache: LruCache[int, Block] = LruCache(CACHE_BLOCKS, budget=CACHE_RUNS, cost=len, keep=1)
         if f.disk_type == S.FIXED:
             if self.size > self.file_size - S.FOOTER_SIZE:
                 raise CorruptImage(
@@ -67,17 +61,12 @@ class VhdLayer(LayerBase):
         self.block_size = dyn.block_size
         self.bitmap_size = dyn.bitmap_size
         self.differencing = f.disk_type == S.DIFFERENCING
-        self._hole = ABSENT if self.differencing else ZERO
+        self._hole = K_ABSENT if self.differencing else K_ZERO
         nblocks = -(-self.size // dyn.block_size)
         if ctx is not None:
             ctx.charge(path, f"a block table of {nblocks} entries", 8 * nblocks)
         self._bat_raw = self._read(dyn.table_offset, nblocks * 4)
-        bat = array("I")
-        assert bat.itemsize == 4
-        bat.frombytes(self._bat_raw)
-        if sys.byteorder == "little":
-            bat.byteswap()
-        self._bat = bat
+        self._bat = be_array("I", self._bat_raw)
         self._check_bat()
         if self.differencing:
             self.parent = self._parent_ref()
@@ -157,11 +146,9 @@ class VhdLayer(LayerBase):
     # -- mapping ---------------------------------------------------------------
     def _block(self, i: int, host: int) -> Block:
         """Block ``i``'s map from its sector bitmap (cached)."""
-        with self._lock:
-            b = self._cache.get(i)
-            if b is not None:
-                self._cache.move_to_end(i)
-                return b
+        b = self._cache.get(i)
+        if b is not None:
+            return b
         sectors = self.block_size // S.SECTOR
         bitmap = self._read(host, -(-sectors // 8))
         hole = self._hole
@@ -176,24 +163,11 @@ class VhdLayer(LayerBase):
             else:
                 out.append((s * S.SECTOR, e * S.SECTOR, code))
 
-        for m in _BITMAP_RUN.finditer(bitmap):
-            a, z = m.span()
-            byte = bitmap[a]
-            if byte == 0xFF or byte == 0:
-                add(a * 8, z * 8, DATA if byte else hole)
-                continue
-            for bit in range(8):  # the first sector is the byte's most significant bit
-                add(a * 8 + bit, a * 8 + bit + 1, DATA if byte >> (7 - bit) & 1 else hole)
+        # the first sector is the first byte's most significant bit
+        for a, z, present in bit_runs(bitmap.translate(MSB_FIRST), 0, sectors):
+            add(a, z, K_DATA if present else hole)
         block = tuple(out)
-        with self._lock:
-            if i not in self._cache:
-                self._cache[i] = block
-                self._cache_runs += len(block)
-                while len(self._cache) > 1 and (
-                    len(self._cache) > CACHE_BLOCKS or self._cache_runs > CACHE_RUNS
-                ):
-                    _, old = self._cache.popitem(last=False)
-                    self._cache_runs -= len(old)
+        self._cache.put(i, block)
         return block
 
     def runs(self, start: int, end: int) -> Runs:
@@ -205,7 +179,7 @@ class VhdLayer(LayerBase):
         if self.dyn is None:
             stop = min(end, start + FIXED_WINDOW)
             for s, e, is_data in data_runs(self.fd, self.path, start, stop, self.file_size):
-                out.add(s, e, DATA if is_data else ALLOC_ZERO)
+                out.add(s, e, K_DATA if is_data else K_ALLOC_ZERO)
             return out
         bs = self.block_size
         i = start // bs
@@ -263,6 +237,4 @@ class VhdLayer(LayerBase):
         return out
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
-            self._cache_runs = 0
+        self._cache.clear()

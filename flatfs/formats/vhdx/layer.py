@@ -10,21 +10,18 @@ bitmap block: a set bit is this layer's data, a clear bit asks the parent.
 from __future__ import annotations
 
 import re
-import threading
 from array import array
-from collections import OrderedDict
-from collections.abc import Iterator
 from typing import Any
 
 from ...errors import CorruptImage
-from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
+from ...extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
+from ..common import LruCache, bit_runs, le_array
 from . import spec as S
 from .log import FileView
 
 _NONZERO = re.compile(rb"[^\x00]")
-_UNIFORM = re.compile(rb"\x00+|\xff+")
 _NO_DATA = (S.PAYLOAD_NOT_PRESENT, S.PAYLOAD_UNDEFINED, S.PAYLOAD_ZERO, S.PAYLOAD_UNMAPPED)
 WINDOW_ENTRIES = 8192  # BAT entries decoded per window (64 KiB), about
 CACHE_WINDOWS = 64  # decoded BAT windows kept (at most ~64 x 256 KiB)
@@ -79,8 +76,7 @@ class VhdxLayer(LayerBase):
         self.sectors_per_block = md.block_size // md.logical_sector
         self.window_chunks = max(1, WINDOW_ENTRIES // (self.chunk_ratio + 1))
         self.window_blocks = self.window_chunks * self.chunk_ratio
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[int, tuple[array[int], bytes]] = OrderedDict()
+        self._cache: LruCache[int, tuple[array[int], bytes]] = LruCache(CACHE_WINDOWS)
         self._templates: dict[int, memoryview] = {}  # no-data entry value -> that entry repeated
         self.parent: ParentRef | None = None
         if md.has_parent:
@@ -114,21 +110,14 @@ class VhdxLayer(LayerBase):
     # -- the BAT -------------------------------------------------------------
     def _window(self, w: int) -> tuple[array[int], bytes]:
         """BAT entries of window ``w`` (whole chunks: payload entries, then the bitmap entry)."""
-        with self._lock:
-            got = self._cache.get(w)
-            if got is not None:
-                self._cache.move_to_end(w)
-                return got
+        got = self._cache.get(w)
+        if got is not None:
+            return got
         first = w * self.window_chunks * (self.chunk_ratio + 1)
         count = min(self.window_chunks * (self.chunk_ratio + 1), self.meta.bat_entries - first)
         raw = self.view.read(self.regions.bat_offset + 8 * first, 8 * count)
-        entries = array("Q", raw)
-        if array("H", b"\x01\x00")[0] != 1:  # a big-endian host
-            entries.byteswap()
-        with self._lock:
-            self._cache[w] = (entries, raw)
-            while len(self._cache) > CACHE_WINDOWS:
-                self._cache.popitem(last=False)
+        entries = le_array("Q", raw)
+        self._cache.put(w, (entries, raw))
         return entries, raw
 
     def _entry_at(self, w: int, local: int) -> int:
@@ -199,7 +188,7 @@ class VhdxLayer(LayerBase):
                     nxt = self._block_of(w, last) if last < len(entries) else wend
                     nxt = max(nxt, block + 1)
                     stop = min(nxt * bs, end)
-                    out.add(pos, stop, ABSENT if state == S.PAYLOAD_NOT_PRESENT else ZERO)
+                    out.add(pos, stop, K_ABSENT if state == S.PAYLOAD_NOT_PRESENT else K_ZERO)
                     pos, block = stop, nxt
                     continue
                 stop = min((block + 1) * bs, end)
@@ -239,18 +228,18 @@ class VhdxLayer(LayerBase):
         state = e & S.STATE_MASK
         base = block * self.block_size
         if state == S.PAYLOAD_NOT_PRESENT:
-            out.add(pos, stop, ABSENT)
+            out.add(pos, stop, K_ABSENT)
         elif state in (S.PAYLOAD_UNDEFINED, S.PAYLOAD_ZERO, S.PAYLOAD_UNMAPPED):
-            out.add(pos, stop, ZERO)
+            out.add(pos, stop, K_ZERO)
         elif state == S.PAYLOAD_FULLY_PRESENT:
             off = self._block_offset(e, w, local, block)
             host = off + (pos - base)
             if self.view.touches(host, host + (stop - pos)):
-                out.add(pos, stop, DATA)
+                out.add(pos, stop, K_DATA)
                 return
             # A block over a hole of the host file reads zeros: allocated, but no data to read
             for hs, he, is_data in data_runs(self.fd, self.path, host, host + (stop - pos), self.file_size):
-                out.add(pos + (hs - host), pos + (he - host), DATA if is_data else ALLOC_ZERO)
+                out.add(pos + (hs - host), pos + (he - host), K_DATA if is_data else K_ALLOC_ZERO)
         elif state == S.PAYLOAD_PARTIALLY_PRESENT:
             if not self.meta.has_parent:
                 raise CorruptImage(
@@ -262,7 +251,7 @@ class VhdxLayer(LayerBase):
             bits = self._bitmap(w, local, block)
             ss = self.meta.logical_sector
             for a, b, present in bit_runs(bits, (pos - base) // ss, -(-(stop - base) // ss)):
-                out.add(max(pos, base + a * ss), min(stop, base + b * ss), DATA if present else ABSENT)
+                out.add(max(pos, base + a * ss), min(stop, base + b * ss), K_DATA if present else K_ABSENT)
         else:
             raise CorruptImage(
                 self.path, f"BAT entry for block {block} has invalid state {state}", self._entry_at(w, local)
@@ -282,7 +271,7 @@ class VhdxLayer(LayerBase):
             if e & S.STATE_MASK not in (S.PAYLOAD_FULLY_PRESENT, S.PAYLOAD_PARTIALLY_PRESENT):
                 raise CorruptImage(self.path, f"block {block} has no data to read", self._entry_at(w, local))
             off = self._block_offset(e, w, local, block)
-            self.view.readinto(buf[done : done + n], off + rel)
+            self.view.readinto(off + rel, buf[done : done + n])
             done += n
 
     # -- facts ---------------------------------------------------------------
@@ -310,25 +299,4 @@ class VhdxLayer(LayerBase):
         return out
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
-
-
-def bit_runs(bits: bytes, lo: int, hi: int) -> Iterator[tuple[int, int, bool]]:
-    """(first, end, set) runs of bits [lo, hi) of a least-significant-bit-first bitmap."""
-    pos = lo
-    while pos < hi:
-        byte = pos >> 3
-        if pos & 7 == 0:
-            m = _UNIFORM.match(bits, byte)
-            if m is not None:
-                end = min(hi, m.end() * 8)
-                yield pos, end, bits[byte] == 0xFF
-                pos = end
-                continue
-        value = bits[byte] >> (pos & 7) & 1
-        end = pos + 1
-        while end < hi and end & 7 and bits[end >> 3] >> (end & 7) & 1 == value:
-            end += 1
-        yield pos, end, bool(value)
-        pos = end
+        self._cache.clear()

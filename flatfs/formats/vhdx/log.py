@@ -70,24 +70,26 @@ class FileView:
     # -- reading ---------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
-        self.readinto(memoryview(buf), offset)
+        self.readinto(offset, memoryview(buf))
         return bytes(buf)
 
-    def readinto(self, buf: memoryview, offset: int) -> None:
-        """Fill ``buf`` with the file's bytes at ``offset``; past the host file's end, zeros."""
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the file's bytes at ``offset``; past the host file's end, zeros.
+
+        (offset, buf), as ``Layer.readinto``: one argument order for every readinto."""
         end = offset + len(buf)
         pos = offset
         k = bisect_right(self._ends, offset)
         while pos < end:
             if k < len(self._starts) and self._starts[k] <= pos:
                 seg_end = min(self._ends[k], end)
-                self._overlay(buf[pos - offset : seg_end - offset], pos, k)
+                self._overlay(pos, buf[pos - offset : seg_end - offset], k)
                 pos = seg_end
                 k += 1
                 continue
             nxt = self._starts[k] if k < len(self._starts) else end
             stop = min(nxt, end)
-            self._host(buf[pos - offset : stop - offset], pos)
+            self._host(pos, buf[pos - offset : stop - offset])
             pos = stop
 
     def touches(self, start: int, end: int) -> bool:
@@ -95,14 +97,14 @@ class FileView:
         k = bisect_right(self._ends, start)
         return k < len(self._starts) and self._starts[k] < end
 
-    def _host(self, buf: memoryview, offset: int) -> None:
+    def _host(self, offset: int, buf: memoryview) -> None:
         n = max(0, min(len(buf), self.file_size - offset))
         if n:
             pread_exact(self.fd, self.path, buf[:n], offset)
         if n < len(buf):
             buf[n:] = bytes(len(buf) - n)
 
-    def _overlay(self, buf: memoryview, offset: int, k: int) -> None:
+    def _overlay(self, offset: int, buf: memoryview, k: int) -> None:
         src = self._src[k]
         if src == ZERO:
             buf[:] = bytes(len(buf))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...extents import ABSENT, ALLOC_ZERO, DATA, ZERO, Runs
+from ...extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, Runs
 from ...hostio import data_runs, host_size, pread_padded
 from .descriptor import ExtentLine
 from .sparse import SECTOR
@@ -37,7 +37,7 @@ class Extent:
 
     def coarse(self, out: Runs) -> None:
         """Where data may lie, from table-level facts only (a flat file: anywhere)."""
-        out.add(self.start, self.start + self.length, DATA)
+        out.add(self.start, self.start + self.length, K_DATA)
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"virtual-size": self.length}
@@ -59,10 +59,10 @@ class ZeroExtent(Extent):
         self.length, self.line = length, line
 
     def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
-        out.add(base + rel, base + end, ZERO)
+        out.add(base + rel, base + end, K_ZERO)
 
     def coarse(self, out: Runs) -> None:
-        out.add(self.start, self.start + self.length, ABSENT)
+        out.add(self.start, self.start + self.length, K_ABSENT)
 
     def readinto(self, rel: int, buf: memoryview) -> None:
         buf[:] = bytes(len(buf))
@@ -78,7 +78,7 @@ class FlatExtent(Extent):
         self.file_size = host_size(fd, path)
         # A vmfsThin disk's holes are blocks VMFS never allocated: holes (ZERO), as a raw
         # file's. Another flat file's holes are allocated zeros, as QEMU reports them.
-        self.hole = ZERO if thin else ALLOC_ZERO
+        self.hole = K_ZERO if thin else K_ALLOC_ZERO
 
     def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
         h = self.offset + rel
@@ -89,7 +89,7 @@ class FlatExtent(Extent):
             return
         end = min(end, rel + FLAT_WINDOW, self.file_size - self.offset)
         for s, e, is_data in data_runs(self.fd, self.path, h, self.offset + end, self.file_size):
-            out.add(base + rel + (s - h), base + rel + (e - h), DATA if is_data else self.hole)
+            out.add(base + rel + (s - h), base + rel + (e - h), K_DATA if is_data else self.hole)
 
     def readinto(self, rel: int, buf: memoryview) -> None:
         pread_padded(self.fd, self.path, buf, self.offset + rel, self.file_size)

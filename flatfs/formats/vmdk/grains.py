@@ -10,27 +10,27 @@ memory stays bounded whatever the capacity.
 from __future__ import annotations
 
 import operator
-import threading
 from array import array
 from bisect import bisect_left, bisect_right
-from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import compress
-from typing import Protocol
+from typing import Any, Protocol
 
 from ...errors import CorruptImage
-from ...extents import ABSENT, DATA, ZERO, Runs
+from ...extents import K_ABSENT, K_DATA, K_ZERO, Runs
 from ...hostio import host_size, pread_padded
+from ..common import LruCache
 from .extent import Extent
 
 # per-grain codes of a decoded table
 G_ABSENT, G_ZERO, G_DATA, G_BAD = range(4)
 _K_BAD = 255  # a damaged entry's kind: never merged with a neighbour
-_KIND_OF = bytes([ABSENT, ZERO, DATA, _K_BAD]) + bytes(252)
+_KIND_OF = bytes([K_ABSENT, K_ZERO, K_DATA, _K_BAD]) + bytes(252)
 CACHE_TABLES = 256  # decoded grain tables kept per extent (shared out among a disk's extents)
+_MISS: Any = object()  # not cached (a cached None: no table allocated)
 # Empty grain tables one runs() answer may walk past
 SKIP_TABLES = 4096
-ALL_ABSENT = bytes([ABSENT])  # the kinds of a table with no grain
+ALL_ABSENT = bytes([K_ABSENT])  # the kinds of a table with no grain
 
 
 class GrainTable:
@@ -126,29 +126,23 @@ class GrainExtent(Extent):
     def __init__(self, path: str, fd: int) -> None:
         self.path, self.fd = path, fd
         self.file_size = host_size(fd, path)
-        self._cache: OrderedDict[int, GrainTable | None] = OrderedDict()
-        self._lock = threading.Lock()
-        self.cache_tables = CACHE_TABLES
+        self.cache: LruCache[int, GrainTable | None] = LruCache(CACHE_TABLES)  # limit shared out
 
     def _decode(self, i: int, n: int) -> GrainTable | None:
         """Table ``i`` (``n`` grains of it are inside the extent), or None: none allocated."""
         raise NotImplementedError
 
     def _table(self, i: int) -> GrainTable | None:
-        with self._lock:
-            if i in self._cache:
-                self._cache.move_to_end(i)
-                return self._cache[i]
+        got = self.cache.get(i, _MISS)
+        if got is not _MISS:
+            return got
         tbase = i * self.span
         span = min(self.span, self.length - tbase)
         n = -(-span // self.grain)
         t = self._decode(i, n)
         if t is not None:
             self._runs_of(t, tbase, span, n)
-        with self._lock:
-            self._cache[i] = t
-            while len(self._cache) > self.cache_tables:
-                self._cache.popitem(last=False)
+        self.cache.put(i, t)
         return t
 
     def _runs_of(self, t: GrainTable, tbase: int, span: int, n: int) -> None:
@@ -176,10 +170,10 @@ class GrainExtent(Extent):
         for i in self.used:
             s = self.start + i * self.span
             e = min(s + self.span, self.start + self.length)
-            out.add(pos, s, ABSENT)
-            out.add(s, e, DATA)
+            out.add(pos, s, K_ABSENT)
+            out.add(s, e, K_DATA)
             pos = e
-        out.add(pos, self.start + self.length, ABSENT)
+        out.add(pos, self.start + self.length, K_ABSENT)
 
     def runs(self, rel: int, end: int, out: Runs, base: int) -> None:
         """One grain table's runs, sliced in bulk; a damaged entry ends the answer before it."""
@@ -187,7 +181,7 @@ class GrainExtent(Extent):
         tbase = i * self.span
         t = self._table(i)
         if t is None or t.kinds == ALL_ABSENT:
-            out.add(base + rel, base + min(end, absent_until(self, i + 1, end)), ABSENT)
+            out.add(base + rel, base + min(end, absent_until(self, i + 1, end)), K_ABSENT)
             return
         lo, hi = rel, min(end, tbase + self.span)
         a = bisect_right(t.starts, lo) - 1
@@ -242,5 +236,4 @@ class GrainExtent(Extent):
                 pos = ge
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
+        self.cache.clear()

@@ -20,15 +20,15 @@ import threading
 import zlib
 from array import array
 from bisect import bisect_left, bisect_right
-from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any
 
 from ...errors import CorruptImage, ImageIOError, UnsupportedImage
-from ...extents import ABSENT, DATA, ZERO, Runs
+from ...extents import K_ABSENT, K_DATA, K_ZERO, Runs
 from ...hostio import host_size, pread_exact, pread_padded
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
+from ..common import LruCache
 from .cowd import CowdExtent
 from .descriptor import (
     DESCRIPTOR_HEAD,
@@ -68,7 +68,7 @@ CACHE_TABLES = 512
 _ABSENT, _ZERO, _DATA, _COMPRESSED, _BAD = range(5)
 # grain code -> extent kind code; a damaged entry gets a kind of its own, never merged
 _K_BAD = 255
-_KIND_OF = bytes([ABSENT, ZERO, DATA, DATA, _K_BAD]) + bytes(251)
+_KIND_OF = bytes([K_ABSENT, K_ZERO, K_DATA, K_DATA, _K_BAD]) + bytes(251)
 # A compressed grain is read with its marker in one pread of at most this much
 # (deflate adds a few bytes per 16 KiB stored block; a larger one takes a second read).
 GRAIN_READ_SLACK = 1024
@@ -153,17 +153,13 @@ class _SparseExtent(Extent):
                 path, f"compressed grains of {self.grain} bytes are larger than flatfs inflates (1 MiB)", 20
             )
         self.gd, self.used = _read_gd(path, fd, hdr, self.file_size, ctx)
-        self._cache: OrderedDict[int, _Table] = OrderedDict()
-        self.cache_tables = CACHE_TABLES  # shared out among a descriptor's sparse extents
-        self._lock = threading.Lock()
+        self.cache: LruCache[int, _Table] = LruCache(CACHE_TABLES)  # its limit shared out among extents
 
     # -- mapping -------------------------------------------------------------
     def _table(self, i: int) -> _Table | None:
-        with self._lock:
-            t = self._cache.get(i)
-            if t is not None:
-                self._cache.move_to_end(i)
-                return t
+        t = self.cache.get(i)
+        if t is not None:
+            return t
         sector = self.gd[i]
         if not sector:
             return None
@@ -175,10 +171,7 @@ class _SparseExtent(Extent):
         pread_exact(self.fd, self.path, memoryview(raw), gt)
         t = self._classify(bytes(raw), i)
         t.gt_offset = gt
-        with self._lock:
-            self._cache[i] = t
-            while len(self._cache) > self.cache_tables:
-                self._cache.popitem(last=False)
+        self.cache.put(i, t)
         return t
 
     def _classify(self, raw: bytes, i: int) -> _Table:
@@ -225,10 +218,10 @@ class _SparseExtent(Extent):
         for i in self.used:
             s = self.start + i * self.span
             e = min(s + self.span, self.start + self.length)
-            out.add(pos, s, ABSENT)
-            out.add(s, e, DATA)
+            out.add(pos, s, K_ABSENT)
+            out.add(s, e, K_DATA)
             pos = e
-        out.add(pos, self.start + self.length, ABSENT)
+        out.add(pos, self.start + self.length, K_ABSENT)
 
     def _bad(self, t: _Table, k: int) -> CorruptImage:
         return CorruptImage(
@@ -245,7 +238,7 @@ class _SparseExtent(Extent):
         tbase = i * self.span
         t = self._table(i)
         if t is None or t.kinds == ALL_ABSENT:
-            out.add(base + rel, base + min(end, absent_until(self, i + 1, end)), ABSENT)
+            out.add(base + rel, base + min(end, absent_until(self, i + 1, end)), K_ABSENT)
             return
         lo, hi = base + rel, base + min(end, tbase + self.span)
         a = bisect_right(t.starts, lo) - 1
@@ -376,8 +369,7 @@ class _SparseExtent(Extent):
         return d
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
+        self.cache.clear()
 
 
 class VmdkLayer(LayerBase):
@@ -409,7 +401,7 @@ class VmdkLayer(LayerBase):
             raise
         sparse = [e for e in self.parts if isinstance(e, (_SparseExtent, GrainExtent))]
         for e in sparse:  # the layer's cache stays one extent's, however many extents share it
-            e.cache_tables = max(2, e.cache_tables // len(sparse))
+            e.cache.limit = max(2, e.cache.limit // len(sparse))
         self.starts = [e.start for e in self.parts]
         self.size = sum(e.length for e in self.parts)
         d = self.descriptor

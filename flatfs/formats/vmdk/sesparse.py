@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import operator
 import struct
-import sys
 from array import array
 from typing import Any
 
 from ...errors import CorruptImage, UnsupportedImage
 from ...hostio import pread_exact
 from ..api import OpenContext
+from ..common import le_array
 from .descriptor import ExtentLine
 from .grains import G_ABSENT, G_BAD, G_DATA, G_ZERO, GrainExtent, GrainTable, mark_past_end, used_tables
 from .sparse import MAX_CAPACITY, SECTOR
@@ -61,11 +61,7 @@ def magic_matches(head: bytes) -> bool:
 
 
 def _u64(raw: bytes | bytearray) -> array[int]:
-    a = array("Q")
-    a.frombytes(raw)
-    if sys.byteorder == "big":  # pragma: no cover
-        a.byteswap()
-    return a
+    return le_array("Q", raw)
 
 
 class SeSparseExtent(GrainExtent):
@@ -185,10 +181,7 @@ class SeSparseExtent(GrainExtent):
             lo = bytearray(2 * n)
             lo[0::2] = raw[6::8]
             lo[1::2] = bytes(raw[7::8]).translate(_LOW_NIBBLE)
-            low = array("H")
-            low.frombytes(lo)
-            if sys.byteorder == "big":  # pragma: no cover
-                low.byteswap()
+            low = le_array("H", lo)
             hi = bytearray(raw)
             hi[6::8] = bytes(n)
             hi[7::8] = bytes(n)
