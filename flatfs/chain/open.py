@@ -12,14 +12,11 @@ host text file (``--allow-text-data`` reads one).
 
 from __future__ import annotations
 
-import codecs
 import errno
 import ntpath
 import os
 import re
-import resource
 import stat
-from collections.abc import Callable
 from typing import NamedTuple
 
 from ..errors import (
@@ -34,6 +31,7 @@ from ..formats import lookup, probe, probe_tail
 from ..formats.api import PROBE_SIZE, TAIL_SIZE, Format, Layer, ParentRef
 from ..hostio import host_size, lock_shared_readonly
 from .compose import Chain, LayerFacts
+from .files import TEXT_PROBE, identity, looks_like_text, open_checked, open_regular, room_for, scan_head
 
 # A chain deeper than this is refused unless --max-depth says otherwise. QEMU
 # sets no limit; incremental-backup chains reach hundreds of images, and a
@@ -50,10 +48,7 @@ _SPARE_FDS = 64
 MAX_CHAIN_EXTENTS = 4096
 MAX_CHAIN_TABLES = 256 << 20
 
-# How much of a file an image names as raw data is checked for text, at open
-TEXT_PROBE = 4096
 # whitespace a text file may hold besides printable characters
-_WHITESPACE = dict.fromkeys(map(ord, "\t\n\v\f\r"))
 
 # Files a search for a parent by identity reads the head of, per folder, at most
 MAX_SCAN_FILES = 4096
@@ -177,7 +172,7 @@ class Opener:
                     "(use --allow-special to allow devices)"
                 )
 
-        _room_for(len(self.fds) + _SPARE_FDS)
+        room_for(len(self.fds) + _SPARE_FDS)
         try:
             fd = open_checked(path, check)
         except OSError as exc:
@@ -307,66 +302,6 @@ class Opener:
                 pass
 
 
-def open_checked(path: str, check: Callable[[os.stat_result], None]) -> int:
-    """Open ``path`` for reading only once ``check`` accepted what it is.
-
-    The type is read through an ``O_PATH`` descriptor, which opens nothing
-    for reading (a FIFO does not block, a device driver's open is not
-    called); the file is then reopened through that descriptor, so the
-    check and the open see the same file even if the name is swapped in
-    between. ``check`` raises to refuse; an OSError is the caller's to map.
-    """
-    pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    try:
-        st = os.fstat(pfd)
-        check(st)
-        # O_NONBLOCK: a FIFO let through by --allow-special must not block the open
-        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
-        try:
-            fd = os.open(f"/proc/self/fd/{pfd}", flags)
-        except FileNotFoundError:  # no /proc: open the name, then verify it is the same file
-            fd = os.open(path, flags)
-            now = os.fstat(fd)
-            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                os.close(fd)
-                raise OSError(errno.ESTALE, "the file changed while it was opened") from None
-    finally:
-        os.close(pfd)
-    return fd
-
-
-def _room_for(count: int) -> None:
-    """Raise the soft open-files limit toward the hard one when a deep chain needs ``count``
-    descriptors; past the hard limit, the open that fails says EMFILE."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or count < soft:
-        return
-    want = max(count, soft * 2)
-    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if new > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        except (OSError, ValueError):
-            pass
-
-
-def looks_like_text(head: bytes) -> bool:
-    """No NUL byte, UTF-8 (a character cut at the end aside), printable or whitespace only;
-    but not one byte repeated: a fill pattern (``qemu-io -c 'write -P 0x41'``) holds no secret."""
-    if not head or b"\0" in head or head.count(head[:1]) == len(head):
-        return False
-    try:
-        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-    except UnicodeDecodeError:
-        return False
-    return text.translate(_WHITESPACE).isprintable()
-
-
-def _identity(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
-
-
 def _head(path: str, fd: int) -> bytes:
     try:
         return os.pread(fd, PROBE_SIZE, 0)
@@ -417,7 +352,7 @@ def _probe_tail(path: str, fd: int, opener: Opener) -> str | None:
     return None
 
 
-def _check_identity(child: Layer, parent: Layer, ref: ParentRef, options: OpenOptions) -> None:
+def _checkidentity(child: Layer, parent: Layer, ref: ParentRef, options: OpenOptions) -> None:
     if ref.identity is None or options.ignore_parent_id:
         return
     kind, want = ref.identity
@@ -457,7 +392,7 @@ def _search_by_id(child: str, ref: ParentRef, opener: Opener, what: str) -> str:
                 continue
             if not stat.S_ISREG(st.st_mode) or os.path.realpath(path) == me:
                 continue  # a FIFO or a device is never opened: the open could block
-            head = _scan_head(path)
+            head = scan_head(path)
             if head is not None and fmt.probe(head) and fmt.identify(head).get(kind) == want:
                 found.append(path)
     found = list(dict.fromkeys(os.path.realpath(p) for p in found))
@@ -468,35 +403,6 @@ def _search_by_id(child: str, ref: ParentRef, opener: Opener, what: str) -> str:
             f"{child}: {what} with {kind} {want} is ambiguous: both {found[0]} and {found[1]} have it"
         )
     return found[0]
-
-
-def open_regular(path: str) -> int | None:
-    """A read-only fd of ``path`` if it is a regular file, else None: the one safe open of a
-    file flatfs merely looks at (a registry, a scanned candidate). Its type is read before
-    it is opened (open_checked): a FIFO or a device is never opened, the open could block or
-    have side effects."""
-
-    def check(st: os.stat_result) -> None:
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EPERM, "not a regular file")
-
-    try:
-        return open_checked(path, check)
-    except OSError:
-        return None
-
-
-def _scan_head(path: str) -> bytes | None:
-    """The head of a file found by a scan; None unless it is (still) a regular file."""
-    fd = open_regular(path)
-    if fd is None:
-        return None
-    try:
-        return os.pread(fd, PROBE_SIZE, 0)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def _search_paths(lay: Layer, ref: ParentRef, opener: Opener) -> list[tuple[str, str]]:
@@ -572,12 +478,12 @@ def open_partial_chain(
             lay.close()
             raise UnsupportedImage(path, f"{lay.format} images have no internal snapshots (-l/--snapshot)")
         while True:
-            ident = _identity(lay.host_files()[0].fd)
+            ident = identity(lay.host_files()[0].fd)
             if ident in seen:
                 raise ChainError(f"{layers[-1].path}: backing chain loops back to {seen[ident]!r}")
             seen[ident] = lay.path
             if layers:
-                _check_identity(layers[-1], lay, layers[-1].parent, options)  # type: ignore[arg-type]
+                _checkidentity(layers[-1], lay, layers[-1].parent, options)  # type: ignore[arg-type]
             layers.append(lay)
             ref = lay.parent
             if ref is None or options.no_backing:

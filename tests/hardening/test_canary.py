@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from flatfs.chain.open import looks_like_text
+from flatfs.chain.files import looks_like_text
 
 from ..helpers.cli import ONE_LINE
 from ..helpers.hostile import CANARIES, assert_clean, assert_no_canary, bounded, refused, write_canary
