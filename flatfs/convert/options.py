@@ -13,7 +13,6 @@ from ..formats.api import OptionValue, TargetWriter, WriterOption
 from .capability import qcow2_writer
 
 DEFAULT_SPARSE_SIZE = 4096  # qemu-img's default -S
-TARGET_FORMATS = ("qcow2", "raw")  # written by convert's own targets; the rest by a format's writer
 # qemu-img's -o keys of qcow2, and the ConvertOptions field each one sets (today's flags stay)
 QCOW2_KEYS = {
     "compat": "compat",
@@ -97,7 +96,7 @@ class Summary:
 
 
 def target_writer(name: str) -> TargetWriter | None:
-    """The writer capability of target format ``name`` (None for qcow2 and raw, written by convert)."""
+    """The writer capability of target format ``name`` (None for qcow2, whose writer is its ``target``)."""
     fmt = formats.lookup(name)
     return fmt.writer() if fmt is not None and fmt.writer is not None else None
 
@@ -155,6 +154,8 @@ def writer_values(fmt: str, writer: TargetWriter, pairs: Sequence[tuple[str, str
 def options_help(fmt: str) -> list[str]:
     """The lines ``-o help`` prints for target format ``fmt``: each key and its values, then what it does."""
     writer = target_writer(fmt)
+    if writer is not None and not writer.options:
+        return [f"-O {fmt} has no -o options"]
     if writer is None:
         if fmt != "qcow2":
             return [f"-O {fmt} has no -o options"]
@@ -249,10 +250,10 @@ def validate(opts: ConvertOptions) -> ConvertOptions:
 def _validate(opts: ConvertOptions) -> None:
     fmt = opts.target_format
     writer = target_writer(fmt)
-    if fmt not in TARGET_FORMATS and writer is None:
+    if fmt != "qcow2" and writer is None:
         raise UsageError(f"-O {fmt}: not a format flatfs writes")
     _validate_common(opts)
-    if writer is not None:
+    if writer is not None and fmt != "raw":
         _validate_writer(opts, writer)
         return
     if opts.target_options and fmt == "raw":
@@ -307,7 +308,7 @@ def _validate_writer(opts: ConvertOptions, writer: TargetWriter) -> None:
         ("-B/--backing", opts.backing, writer.backing),
         ("-n/--no-create", opts.no_create, writer.in_place),
         ("-c/--compress", opts.compress, writer.compression),
-        ("-C/--copy-offload", opts.copy_offload, False),
+        ("-C/--copy-offload", opts.copy_offload, writer.copy is not None),
     ):
         if given and not able:
             raise UsageError(f"{flag}: -O {fmt} cannot do it (-O raw or qcow2 can)")
