@@ -320,10 +320,6 @@ class Qcow2Writer:
         self._pwrite(memoryview(header), 0)
         return self.next
 
-    @property
-    def file_size(self) -> int:
-        return self.next
-
     # -- internals -----------------------------------------------------------
     def _check_order(self, guest_cluster: int, n: int) -> None:
         if self._finished:
