@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -143,7 +143,9 @@ def writer_values(fmt: str, writer: TargetWriter, pairs: Sequence[tuple[str, str
     for key, text in pairs:
         opt = known.get(key)
         if opt is None:
-            keys = ", ".join(known) or "none"
+            if not known:
+                raise UsageError(f"-o {key}: -O {fmt} has no -o options")
+            keys = ", ".join(known)
             raise UsageError(f"-o {key}: unknown option of -O {fmt} (its keys: {keys}; -o help lists them)")
         values[key] = _value(fmt, opt, text)
     if writer.check is not None:
@@ -253,26 +255,12 @@ def _validate(opts: ConvertOptions) -> None:
     if fmt != "qcow2" and writer is None:
         raise UsageError(f"-O {fmt}: not a format flatfs writes")
     _validate_common(opts)
-    if writer is not None and fmt != "raw":
-        _validate_writer(opts, writer)
-        return
-    if opts.target_options and fmt == "raw":
-        raise UsageError(f"-o {opts.target_options[0][0]}: -O raw has no -o options")
     if opts.package is not None:
         for what, asked in (("-n/--no-create", opts.no_create), ("-C/--copy-offload", opts.copy_offload)):
             if asked:
                 raise UsageError(f"{what}: --for gcp writes a new archive; it cannot do it")
-    if fmt == "raw":
-        for flag, given in (
-            ("-c/--compress", opts.compress),
-            ("-B/--backing", opts.backing),
-            ("--extended-l2", opts.extended_l2),
-            ("--compat", opts.compat),
-            ("--cluster-size", opts.cluster_size),
-            ("--compression-type", opts.compression_type),
-        ):
-            if given:
-                raise UsageError(f"{flag} needs a qcow2 target (-O qcow2)")
+    if writer is not None:
+        _validate_writer(opts, writer)
         return
     if opts.compat not in (None, "0.10", "1.1"):
         raise UsageError(f"--compat must be 0.10 or 1.1, not {opts.compat!r}")
@@ -304,14 +292,17 @@ def _validate_common(opts: ConvertOptions) -> None:
 
 def _validate_writer(opts: ConvertOptions, writer: TargetWriter) -> None:
     fmt = opts.target_format
-    for flag, given, able in (
-        ("-B/--backing", opts.backing, writer.backing),
-        ("-n/--no-create", opts.no_create, writer.in_place),
-        ("-c/--compress", opts.compress, writer.compression),
-        ("-C/--copy-offload", opts.copy_offload, writer.copy is not None),
-    ):
-        if given and not able:
-            raise UsageError(f"{flag}: -O {fmt} cannot do it (-O raw or qcow2 can)")
+    abilities: tuple[tuple[str, object, Callable[[TargetWriter], bool]], ...] = (
+        ("-B/--backing", opts.backing, lambda w: w.backing),
+        ("-n/--no-create", opts.no_create, lambda w: w.in_place),
+        ("-c/--compress", opts.compress, lambda w: w.compression),
+        ("-C/--copy-offload", opts.copy_offload, lambda w: w.copy is not None),
+    )
+    for flag, given, can in abilities:
+        if given and not can(writer):
+            able = ["qcow2"]  # its writer can do each of them
+            able += [f.name for f in formats.FORMATS if f.writer is not None and can(f.writer())]
+            raise UsageError(f"{flag} needs a {' or '.join(able)} target (-O {fmt} cannot do it)")
     qcow2_only: tuple[tuple[str, object], ...] = (
         ("--extended-l2", opts.extended_l2),
         ("--compat", opts.compat),
