@@ -12,12 +12,12 @@ read only where they have DATA); where the source reads zeros over backing
 data, a zero cluster is written.
 
 The parts: :mod:`.options` (what is asked, what was done; ``--for`` applied
-from :mod:`.profiles`), :mod:`.targets` (qcow2 and raw behind one protocol),
-:mod:`.layouts` (every other format's writer, from its ``Format.writer``, over
-a sink), :mod:`.archive` (GCP's sparse tar.gz), :mod:`.plan` (what to store),
-:mod:`.pipeline` (the threads), :mod:`.compress`, :mod:`.safety` (TARGET
-appears whole or not at all), :mod:`.progress`; the data is read by
-:mod:`flatfs.readers`.
+from :mod:`.profiles`), :mod:`.feeds` (how the data reaches the format's
+writer, found in FORMATS), :mod:`.sinks` (where the writer's bytes land: a
+new file) and :mod:`.inplace` (or an existing one, ``-n``), :mod:`.archive`
+(GCP's sparse tar.gz), :mod:`.plan` (what to store), :mod:`.pipeline` (the
+threads), :mod:`.compress`, :mod:`.safety` (TARGET appears whole or not at
+all), :mod:`.progress`; the data is read by :mod:`flatfs.readers`.
 """
 
 from __future__ import annotations
@@ -27,17 +27,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 from ..chain import Chain, OpenOptions, open_chain
 from ..errors import ConvertError, FlatfsError, ImageIOError
-from ..formats.api import FileSink, ImageWriter
 from ..units import human_size
 from . import pipeline
-from .archive import SparseTarGzWriter
-from .layouts import Companions, LayoutTarget
+from .feeds import open_feed
 from .measure import Measure, measure_chain
-from .options import ConvertOptions, Summary, UsageError, target_writer, validate, writer_values
+from .options import ConvertOptions, Summary, UsageError, validate
+from .pipeline import Figures
 from .progress import Progress
 from .safety import (
     Interrupted,
@@ -47,7 +45,7 @@ from .safety import (
     remove_stale_temps,
     write_into_place,
 )
-from .targets import Target, open_target
+from .sinks import Companions, FileSink
 
 Warn = Callable[[str], None]
 
@@ -143,9 +141,7 @@ def convert_chain(
     )
 
     def write(fd: int) -> None:
-        job = _open_target(source, backing, fd, target, options, summary, companions)
-        pipeline.run(job, summary, bar)
-        job.finish()
+        _write(source, backing, options, FileSink(fd, target, companions), summary, bar)
 
     ok = False
     with SignalGuard(target) as guard:
@@ -160,35 +156,34 @@ def convert_chain(
     return summary
 
 
-def _open_target(
+def _write(
     source: Chain,
     backing: Chain | None,
-    fd: int,
-    target: str,
     options: ConvertOptions,
+    sink: FileSink,
     summary: Summary,
-    companions: Companions | None = None,
-) -> Target[Any]:
-    """The target ``options.target_format`` asks for: convert's own (qcow2, raw) or a format's writer."""
-    writer = target_writer(options.target_format)
-    size = summary.virtual_size
-    make: Callable[[FileSink], ImageWriter]
-    if options.package == "tar.gz":
-        runs = [(e.start, e.start + e.length) for e in source.extents() if e.kind.must_read]
+    bar: Progress | None,
+) -> None:
+    """The source's data through the format's writer into ``sink``, made durable; the summary."""
+    feed = open_feed(source, backing, options, sink, summary.target, summary.virtual_size)
+    handed = pipeline.run(feed, bar)
+    figures = feed.finish()
+    sink.commit(figures.file_size)
+    tally(summary, figures, sink, handed)
 
-        def make(sink: FileSink) -> ImageWriter:
-            return SparseTarGzWriter(sink, size, runs)
 
-    elif writer is not None:
-        values = writer_values(options.target_format, writer, options.target_options)
-
-        def make(sink: FileSink) -> ImageWriter:
-            assert writer is not None
-            return writer.open(sink, size, values, target)
-
-    else:
-        return open_target(source, backing, fd, target, options, summary)
-    return LayoutTarget(source, make, fd, target, options.sparse_size, summary, companions)
+def tally(summary: Summary, figures: Figures, sink: FileSink, handed: int) -> None:
+    """The summary's figures, all counted here: the feed's and writer's, the sink's bytes."""
+    summary.data_read = handed - sink.copied  # the kernel copied those: never read
+    summary.copied = sink.copied
+    summary.bytes_written = sink.written
+    summary.file_size = figures.file_size
+    summary.granularity = figures.granularity
+    summary.zero_clusters_skipped = figures.zero_skipped
+    summary.same_as_backing = figures.same_as_backing
+    summary.data_clusters = figures.data_clusters
+    summary.compressed_clusters = figures.compressed_clusters
+    summary.zero_clusters = figures.zero_clusters
 
 
 def target_size(source: Chain, options: ConvertOptions) -> int:
@@ -226,7 +221,7 @@ def _convert_in_place(
     progress: bool | Progress,
     warn: Warn,
 ) -> None:
-    from .inplace import Existing, InPlaceIO, Zeroer  # only -n needs it (and ctypes)
+    from .inplace import Existing, InPlaceSink, Zeroer  # only -n needs it (and ctypes)
 
     chains = [source] + ([backing] if backing is not None else [])
     with Existing(target, chains) as ex:
@@ -248,10 +243,8 @@ def _convert_in_place(
         with SignalGuard(target, outcome.replace("TARGET", "it")):
             try:
                 start = ex.invalidate(zeroer) if zeroer is not None else 0
-                io = InPlaceIO(ex.fd, target, ex.size, zeroer, start)
-                job = open_target(source, backing, ex.fd, target, options, summary, io)
-                pipeline.run(job, summary, bar)
-                job.finish()
+                sink = InPlaceSink(ex.fd, target, ex.size, zeroer, start, need)
+                _write(source, backing, options, sink, summary, bar)
             finally:
                 if bar is not None:
                     bar.close()

@@ -5,9 +5,11 @@ harmless: first whatever image the target held is invalidated (its first
 and last MiB zeroed and made durable, which covers the probes of qcow2, VHD
 footers, VHDX, VDI, VMDK, LUKS and GPT backup headers), then the data and
 tables are written front to back with every gap between them zeroed, and
-last the bytes a probe looks at: the qcow2 header, or for raw the first and
-last MiB of the guest's disk (kept in memory until then). Until that last
-write the target reads as zeros where any prober looks.
+last the bytes a probe looks at: the first and last MiB of the image being
+written (a qcow2 header, a raw guest's partition tables), which the sink,
+:class:`InPlaceSink`, keeps in memory until everything else is durable.
+Until that last write the target reads as zeros where any prober looks. The
+writer knows none of this: it writes its layout into the sink.
 
 A device is opened with O_EXCL (the kernel refuses it while mounted or held
 by device-mapper, md, or another O_EXCL opener); a file or device also gets
@@ -28,16 +30,16 @@ import fcntl
 import os
 import stat
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ..chain import Chain
 from ..errors import ConvertError, ImageIOError
 from ..formats.api import HostFile
-from ..hostio import host_size, lock_for_writing, pwritev_all
-from .targets import WritebackIO
+from ..hostio import host_size, lock_for_writing, pread_exact, pwritev_all
+from .sinks import FileSink
 
-HEAD_ZONE = 1 << 20  # zeroed first; for raw, the guest's bytes here are written last
+HEAD_ZONE = 1 << 20  # zeroed first; the image's bytes here are written last
 TAIL_ZONE = 1 << 20
 SMALL_GAP = 256 << 10  # gaps up to this are written as zeros together with the data
 ZERO_PIECE = 1 << 20
@@ -148,29 +150,102 @@ def _device_zeroes_cheaply(fd: int) -> bool:
     return True
 
 
-class InPlaceIO(WritebackIO):
-    """The writes into an existing target: bounded by its size, every gap below the last write zeroed.
+class InPlaceSink(FileSink):
+    """The sink of ``convert -n``: an existing file or device that keeps its size.
 
-    Whatever order the writes come in, every byte below ``pos`` has been
-    written or zeroed; a write beyond ``pos`` zeroes the gap first (a small
-    gap goes out as zeros in the same pwritev).
+    Writes are bounded by its size; whatever order they come in, every byte
+    below ``pos`` has been written or zeroed (a write beyond ``pos`` zeroes
+    the gap first; a small gap goes out as zeros in the same pwritev). The
+    image's first and last MiB (``end`` is the image's expected end: its
+    size, or the bound ``flatfs measure`` gives) are kept in memory and
+    written by :meth:`commit` only once everything else is durable, the
+    last MiB first, the first MiB (any header) last.
     """
 
-    def __init__(self, fd: int, path: str, limit: int, zeroer: Zeroer | None, pos: int) -> None:
+    def __init__(self, fd: int, path: str, limit: int, zeroer: Zeroer | None, pos: int, end: int) -> None:
         super().__init__(fd, path)
         self.limit = limit
         self.zeroer = zeroer
         self.pos = pos
         self._zeros = memoryview(bytes(SMALL_GAP))
+        end = min(end, limit)
+        head = min(HEAD_ZONE, end)
+        tail = max(head, end - TAIL_ZONE)
+        self.zones: list[tuple[int, bytearray]] = [(0, bytearray(head))]
+        if tail < end:
+            self.zones.append((tail, bytearray(end - tail)))
 
     def write(self, bufs: list[memoryview], offset: int) -> None:
         n = sum(len(b) for b in bufs)
+        self._check_room(offset + n)
+        self.counts.written += n
+        if not self._in_zones(offset, n):
+            self._store(bufs, offset)
+            return
+        data = memoryview(b"".join(bufs)) if len(bufs) > 1 else bufs[0]
+        for lo, hi, zone in self._pieces(offset, n):
+            if zone is None:
+                self._store([data[lo - offset : hi - offset]], lo)
+            else:
+                zone[:] = data[lo - offset : hi - offset]
+
+    def copy(self, src: HostFile, src_offset: int, length: int, offset: int) -> int:
+        """Offloaded like :meth:`FileSink.copy`, but what falls in a zone is read into it."""
+        self._check_room(offset + length)
+        self.counts.written += length
+        copied = 0
+        for lo, hi, zone in self._pieces(offset, length):
+            at = src_offset + lo - offset
+            if zone is not None:
+                pread_exact(src.fd, src.path, zone, at)
+                continue
+            if lo > self.pos and self.zeroer is not None:
+                self.zeroer.zero(self.pos, lo)
+            copied += self._copy(src, at, hi - lo, lo)
+            self.pos = max(self.pos, hi)
+        self.counts.copied += copied
+        return copied
+
+    def _pieces(self, offset: int, n: int) -> Iterator[tuple[int, int, memoryview | None]]:
+        """[offset, offset + n) cut at the zones: (start, end, the zone's bytes there, or None)."""
+        pos = offset
         end = offset + n
-        if end > self.limit:
-            raise ConvertError(
-                f"{self.path}: too small: the image needs more than its {self.limit} bytes "
-                "(flatfs measure tells the size needed)"
-            )
+        for zstart, zbuf in self.zones:
+            zend = zstart + len(zbuf)
+            if zend <= pos or zstart >= end:
+                continue
+            if zstart > pos:
+                yield pos, zstart, None
+                pos = zstart
+            stop = min(end, zend)
+            yield pos, stop, memoryview(zbuf)[pos - zstart : stop - zstart]
+            pos = stop
+        if pos < end:
+            yield pos, end, None
+
+    def commit(self, size: int) -> None:
+        """Zero the rest of the image, make it durable, then its last MiB, then its first."""
+        self.fill_to(size)
+        try:
+            os.fdatasync(self.fd)
+            for zstart, zbuf in reversed(self.zones):
+                part = memoryview(zbuf)[: max(0, size - zstart)]
+                if part:
+                    pwritev_all(self.fd, [part], zstart, self.path)
+                    if zstart:
+                        os.fdatasync(self.fd)
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise ImageIOError.from_oserror(self.path, exc) from None
+
+    def fill_to(self, end: int) -> None:
+        """Zero what is left of [pos, end)."""
+        if self.zeroer is not None and end > self.pos:
+            self.zeroer.zero(self.pos, end)
+        self.pos = max(self.pos, end)
+
+    def _store(self, bufs: list[memoryview], offset: int) -> None:
+        end = offset + sum(len(b) for b in bufs)
         gap = offset - self.pos
         if gap > 0 and self.zeroer is not None:
             if gap <= SMALL_GAP:
@@ -178,28 +253,18 @@ class InPlaceIO(WritebackIO):
                 offset = self.pos
             else:
                 self.zeroer.zero(self.pos, offset)
-        super().write(bufs, offset)
+        super()._store(bufs, offset)
         self.pos = max(self.pos, end)
 
-    def copy(self, src: HostFile, src_offset: int, n: int, offset: int) -> int:
-        """Copy offload into the target: bounded and gap-zeroed like :meth:`write`."""
-        end = offset + n
+    def _in_zones(self, start: int, n: int) -> bool:
+        return any(z < start + n and start < z + len(buf) for z, buf in self.zones)
+
+    def _check_room(self, end: int) -> None:
         if end > self.limit:
             raise ConvertError(
                 f"{self.path}: too small: the image needs more than its {self.limit} bytes "
                 "(flatfs measure tells the size needed)"
             )
-        if offset > self.pos and self.zeroer is not None:
-            self.zeroer.zero(self.pos, offset)
-        copied = super().copy(src, src_offset, n, offset)
-        self.pos = max(self.pos, end)
-        return copied
-
-    def fill_to(self, end: int) -> None:
-        """Zero what is left of [pos, end)."""
-        if self.zeroer is not None and end > self.pos:
-            self.zeroer.zero(self.pos, end)
-        self.pos = max(self.pos, end)
 
 
 class Existing:

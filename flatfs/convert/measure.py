@@ -78,8 +78,6 @@ def measure_chain(source: Chain, options: ConvertOptions, backing: Chain | None 
         runs = _merged((e.start, e.start + e.length) for e in source.extents() if e.kind.must_read)
         values = writer_values(options.target_format, writer, options.target_options)
         return Measure(*writer.measure(size, runs, values))
-    if options.target_format == "raw":
-        return Measure(source.size, source.size)
     qcow2 = qcow2_writer()
     cs = options.cluster_size or qcow2.DEFAULT_CLUSTER_SIZE
     extl2 = options.extended_l2

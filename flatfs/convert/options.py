@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -13,7 +13,6 @@ from ..formats.api import OptionValue, TargetWriter, WriterOption
 from .capability import qcow2_writer
 
 DEFAULT_SPARSE_SIZE = 4096  # qemu-img's default -S
-TARGET_FORMATS = ("qcow2", "raw")  # written by convert's own targets; the rest by a format's writer
 # qemu-img's -o keys of qcow2, and the ConvertOptions field each one sets (today's flags stay)
 QCOW2_KEYS = {
     "compat": "compat",
@@ -97,7 +96,7 @@ class Summary:
 
 
 def target_writer(name: str) -> TargetWriter | None:
-    """The writer capability of target format ``name`` (None for qcow2 and raw, written by convert)."""
+    """The writer capability of target format ``name`` (None for qcow2, whose writer is its ``target``)."""
     fmt = formats.lookup(name)
     return fmt.writer() if fmt is not None and fmt.writer is not None else None
 
@@ -144,7 +143,9 @@ def writer_values(fmt: str, writer: TargetWriter, pairs: Sequence[tuple[str, str
     for key, text in pairs:
         opt = known.get(key)
         if opt is None:
-            keys = ", ".join(known) or "none"
+            if not known:
+                raise UsageError(f"-o {key}: -O {fmt} has no -o options")
+            keys = ", ".join(known)
             raise UsageError(f"-o {key}: unknown option of -O {fmt} (its keys: {keys}; -o help lists them)")
         values[key] = _value(fmt, opt, text)
     if writer.check is not None:
@@ -155,6 +156,8 @@ def writer_values(fmt: str, writer: TargetWriter, pairs: Sequence[tuple[str, str
 def options_help(fmt: str) -> list[str]:
     """The lines ``-o help`` prints for target format ``fmt``: each key and its values, then what it does."""
     writer = target_writer(fmt)
+    if writer is not None and not writer.options:
+        return [f"-O {fmt} has no -o options"]
     if writer is None:
         if fmt != "qcow2":
             return [f"-O {fmt} has no -o options"]
@@ -249,29 +252,15 @@ def validate(opts: ConvertOptions) -> ConvertOptions:
 def _validate(opts: ConvertOptions) -> None:
     fmt = opts.target_format
     writer = target_writer(fmt)
-    if fmt not in TARGET_FORMATS and writer is None:
+    if fmt != "qcow2" and writer is None:
         raise UsageError(f"-O {fmt}: not a format flatfs writes")
     _validate_common(opts)
-    if writer is not None:
-        _validate_writer(opts, writer)
-        return
-    if opts.target_options and fmt == "raw":
-        raise UsageError(f"-o {opts.target_options[0][0]}: -O raw has no -o options")
     if opts.package is not None:
         for what, asked in (("-n/--no-create", opts.no_create), ("-C/--copy-offload", opts.copy_offload)):
             if asked:
                 raise UsageError(f"{what}: --for gcp writes a new archive; it cannot do it")
-    if fmt == "raw":
-        for flag, given in (
-            ("-c/--compress", opts.compress),
-            ("-B/--backing", opts.backing),
-            ("--extended-l2", opts.extended_l2),
-            ("--compat", opts.compat),
-            ("--cluster-size", opts.cluster_size),
-            ("--compression-type", opts.compression_type),
-        ):
-            if given:
-                raise UsageError(f"{flag} needs a qcow2 target (-O qcow2)")
+    if writer is not None:
+        _validate_writer(opts, writer)
         return
     if opts.compat not in (None, "0.10", "1.1"):
         raise UsageError(f"--compat must be 0.10 or 1.1, not {opts.compat!r}")
@@ -303,14 +292,17 @@ def _validate_common(opts: ConvertOptions) -> None:
 
 def _validate_writer(opts: ConvertOptions, writer: TargetWriter) -> None:
     fmt = opts.target_format
-    for flag, given, able in (
-        ("-B/--backing", opts.backing, writer.backing),
-        ("-n/--no-create", opts.no_create, writer.in_place),
-        ("-c/--compress", opts.compress, writer.compression),
-        ("-C/--copy-offload", opts.copy_offload, False),
-    ):
-        if given and not able:
-            raise UsageError(f"{flag}: -O {fmt} cannot do it (-O raw or qcow2 can)")
+    abilities: tuple[tuple[str, object, Callable[[TargetWriter], bool]], ...] = (
+        ("-B/--backing", opts.backing, lambda w: w.backing),
+        ("-n/--no-create", opts.no_create, lambda w: w.in_place),
+        ("-c/--compress", opts.compress, lambda w: w.compression),
+        ("-C/--copy-offload", opts.copy_offload, lambda w: w.copy is not None),
+    )
+    for flag, given, can in abilities:
+        if given and not can(writer):
+            able = ["qcow2"]  # its writer can do each of them
+            able += [f.name for f in formats.FORMATS if f.writer is not None and can(f.writer())]
+            raise UsageError(f"{flag} needs a {' or '.join(able)} target (-O {fmt} cannot do it)")
     qcow2_only: tuple[tuple[str, object], ...] = (
         ("--extended-l2", opts.extended_l2),
         ("--compat", opts.compat),

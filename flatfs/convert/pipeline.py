@@ -1,7 +1,8 @@
-"""The prepare/apply driver: chunks read and planned ahead, stored in guest order.
+"""The prepare/apply driver: chunks read and planned ahead, handed to the writer in guest order.
 
-A target's chunks are prepared (read, classified, compressed) by
-``target.readers`` worker threads, a few chunks ahead; the main thread
+A :class:`Feed` is how the source's data reaches a writer (the feeds are in
+:mod:`.feeds`): its chunks are prepared (read, classified, compressed) by
+``feed.readers`` worker threads, a few chunks ahead; the main thread
 applies them strictly in guest order (host allocation, L2 entries, the
 writes). pread/pwrite, zlib and zstandard all release the GIL. Each chunk
 owns a slot (its buffers); a slot is reused only once its chunk was applied,
@@ -24,15 +25,14 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from queue import SimpleQueue
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from ..readers import Chunk
 
 if TYPE_CHECKING:
-    from .options import Summary
     from .progress import Progress
-    from .targets import Target
 
 TEST_DELAY_ENV = "FLATFS_CONVERT_TEST_DELAY"
 SLOTS_PER_READER = 2  # chunks in flight per worker (at least 3 in all)
@@ -49,41 +49,87 @@ class Slot:
         self.done: SimpleQueue[tuple[bool, Any]] = SimpleQueue()
 
 
+P = TypeVar("P")
+
+
+class Figures(NamedTuple):
+    """What a feed and its writer did, for the summary (filled in one place: ``convert.tally``)."""
+
+    file_size: int
+    granularity: int  # the size of a skipped granule (a cluster, or -S)
+    zero_skipped: int = 0  # granules of data that were all zeros, not handed to the writer
+    same_as_backing: int = 0  # clusters equal to the backing, not stored
+    data_clusters: int = 0  # qcow2's own figures
+    compressed_clusters: int = 0
+    zero_clusters: int = 0
+
+
+class Feed(Protocol[P]):
+    """How the source's data reaches one writer: cut into chunks, prepared on any thread, applied
+    (handed to the writer) on the main thread in guest order. It knows nothing of the sink.
+
+    More writer threads would only contend on the target's inode lock, so
+    every write is made by the main thread, in :meth:`apply`.
+    """
+
+    readers: int
+
+    def chunks(self) -> Iterator[Chunk]:
+        """The source's data, cut into aligned chunks, in guest order."""
+        ...
+
+    def prepare(self, chunk: Chunk, slot: Slot) -> P:
+        """Read ``chunk`` into ``slot`` and decide what to store (any thread)."""
+        ...
+
+    def apply(self, chunk: Chunk, slot: Slot, prepared: P) -> None:
+        """Hand what :meth:`prepare` decided to the writer (main thread, guest order)."""
+        ...
+
+    def finish(self) -> Figures:
+        """Let the writer complete its layout; what was done."""
+        ...
+
+
 _STOP = None
 
 
-def _worker(target: Target[Any], tasks: SimpleQueue[tuple[Chunk, Slot] | None]) -> None:
+def _worker(feed: Feed[Any], tasks: SimpleQueue[tuple[Chunk, Slot] | None]) -> None:
     while True:
         item = tasks.get()
         if item is _STOP:
             return
         chunk, slot = item
         try:
-            slot.done.put((True, target.prepare(chunk, slot)))
+            slot.done.put((True, feed.prepare(chunk, slot)))
         except BaseException as exc:  # handed to the main thread, raised there
             slot.done.put((False, exc))
 
 
-def run(target: Target[Any], summary: Summary, progress: Progress | None) -> None:
-    """Drive every chunk of ``target`` through prepare (workers) and apply (in order)."""
+def run(feed: Feed[Any], progress: Progress | None) -> int:
+    """Drive every chunk of ``feed`` through prepare (workers) and apply (in order).
+
+    Returns the bytes of data the chunks held (read, or with copy offload passed by reference).
+    """
     delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
-    if target.readers <= 0:
+    handed = 0
+    if feed.readers <= 0:
         slot = Slot()
-        for chunk in target.chunks():
-            target.apply(chunk, slot, target.prepare(chunk, slot))
-            _account(chunk, summary, progress, delay)
-        return
-    depth = max(3, SLOTS_PER_READER * target.readers)
+        for chunk in feed.chunks():
+            feed.apply(chunk, slot, feed.prepare(chunk, slot))
+            handed += _account(chunk, progress, delay)
+        return handed
+    depth = max(3, SLOTS_PER_READER * feed.readers)
     free = deque(Slot() for _ in range(depth))
     ahead: deque[tuple[Chunk, Slot]] = deque()
     tasks: SimpleQueue[tuple[Chunk, Slot] | None] = SimpleQueue()
     workers = [
-        threading.Thread(target=_worker, args=(target, tasks), name=f"flatfs-read-{i}", daemon=True)
-        for i in range(target.readers)
+        threading.Thread(target=_worker, args=(feed, tasks), name=f"flatfs-read-{i}", daemon=True)
+        for i in range(feed.readers)
     ]
     for w in workers:
         w.start()
-    chunks = target.chunks()
+    chunks = feed.chunks()
     more = True
     try:
         while True:
@@ -101,20 +147,21 @@ def run(target: Target[Any], summary: Summary, progress: Progress | None) -> Non
             ok, result = slot.done.get()
             if not ok:
                 raise result
-            target.apply(chunk, slot, result)
+            feed.apply(chunk, slot, result)
             free.append(slot)
-            _account(chunk, summary, progress, delay)
+            handed += _account(chunk, progress, delay)
     finally:
         for _ in workers:
             tasks.put(_STOP)
         for w in workers:
             w.join()
+    return handed
 
 
-def _account(chunk: Chunk, summary: Summary, progress: Progress | None, delay: float) -> None:
+def _account(chunk: Chunk, progress: Progress | None, delay: float) -> int:
     done = chunk.data_bytes
-    summary.data_read += done
     if progress is not None:
         progress.add(done)
     if delay:
         time.sleep(delay)
+    return done

@@ -209,12 +209,39 @@ OptionValue = str | int | bool
 class Sink(Protocol):
     """Where a writer's bytes land: a new file, or an existing one written in place.
 
-    The writer never learns which: it writes its layout through ``write`` and
-    the sink decides how the bytes become durable (the pipeline calls its
-    commit step after the writer's ``finish``).
+    The writer never learns which: it writes its layout through ``write`` (and
+    ``copy``, for data the kernel may copy or share from a source file) and the
+    sink decides where and in which order the bytes become durable, and counts
+    them. Buffers may be reused once ``write`` returns.
     """
 
     def write(self, bufs: list[memoryview], offset: int) -> None: ...
+
+    def copy(self, src: HostFile, src_offset: int, length: int, offset: int) -> int:
+        """``length`` bytes of ``src`` from ``src_offset`` to ``offset``; returns how many the
+        kernel copied (or shared); the rest went through a buffer."""
+        ...
+
+
+class CopyRun(NamedTuple):
+    """One run of a chunk of data passed by reference (copy offload, ``-C``): at ``offset`` in the
+    chunk, ``length`` bytes, in ``src`` at ``host``; without ``src``, already read into the
+    chunk's buffer at ``offset``."""
+
+    offset: int
+    length: int
+    src: HostFile | None
+    host: int
+
+
+def copy_runs(sink: Sink, base: int, runs: Iterable[CopyRun], buf: memoryview | None) -> None:
+    """Store ``runs`` at ``base`` + their offset: copied from their source file, or from ``buf``."""
+    for off, n, src, h in runs:
+        if src is not None:
+            sink.copy(src, h, n, base + off)
+        else:
+            assert buf is not None
+            sink.write([buf[off : off + n]], base + off)
 
 
 class FileSink(Sink, Protocol):
@@ -240,6 +267,18 @@ class ImageWriter(Protocol):
     def finish(self) -> int: ...
 
 
+class CopyWriter(Protocol):
+    """A writer that takes data by reference (copy offload, ``-C``): ``copy_data`` stores the chunk
+    [offset, offset + length) of the guest from ``runs`` (what no run covers reads as zeros),
+    chunks in ascending guest order; ``finish`` as :class:`ImageWriter`'s."""
+
+    def copy_data(
+        self, offset: int, length: int, runs: Sequence[CopyRun], buf: memoryview | None
+    ) -> None: ...
+
+    def finish(self) -> int: ...
+
+
 class WriterOption(NamedTuple):
     """One ``-o KEY=VALUE`` key of a target writer, as ``-o help`` lists it."""
 
@@ -259,8 +298,9 @@ class TargetWriter(NamedTuple):
     each writer turns them into its own typed NamedTuple. ``data_runs`` are
     ascending (start, end) guest ranges that may hold data. The flags say
     what the format can do: ``in_place`` (``convert -n``), ``backing``
-    (``-B``), ``compression`` (``-c``); ``check(options)`` raises a
-    ConvertError for values the format cannot take (before any file is made).
+    (``-B``), ``compression`` (``-c``); ``copy`` opens a :class:`CopyWriter`
+    when the format can take data by reference (``-C``); ``check(options)``
+    raises a ConvertError for values the format cannot take (before any file is made).
     """
 
     options: tuple[WriterOption, ...]
@@ -270,6 +310,7 @@ class TargetWriter(NamedTuple):
     backing: bool = False
     compression: bool = False
     check: Callable[[Mapping[str, OptionValue]], None] | None = None  # refuse bad values up front
+    copy: Callable[[FileSink, int, Mapping[str, OptionValue], str], CopyWriter] | None = None
 
 
 def block_pieces(offset: int, length: int, block: int) -> Iterator[tuple[int, int, int]]:
@@ -307,13 +348,9 @@ class ClusterWriter(Protocol):
     cs: int  # cluster size
     size: int  # virtual size
     extended_l2: bool
-    bytes_written: int
     data_clusters: int
     compressed_clusters: int
     zero_clusters: int
-
-    @property
-    def file_size(self) -> int: ...
 
     def write_clusters(
         self,
@@ -325,15 +362,15 @@ class ClusterWriter(Protocol):
 
     def write_compressed(self, guest_cluster: int, payload: bytes) -> None: ...
 
-    def place_clusters(
-        self, guest_cluster: int, n: int, fill: Callable[[int], None] | None = None
-    ) -> int: ...
+    def copy_data(
+        self, offset: int, length: int, runs: Sequence[CopyRun], buf: memoryview | None
+    ) -> None: ...
 
     def write_zero(
         self, guest_cluster: int, count: int = 1, bitmaps: Sequence[int] | None = None
     ) -> None: ...
 
-    def finish(self) -> None: ...
+    def finish(self) -> int: ...
 
 
 class ClusterWriterClass(Protocol):
@@ -357,7 +394,7 @@ class ClusterWriterClass(Protocol):
 
     def __call__(
         self,
-        fd: int,
+        sink: Sink,
         size: int,
         *,
         path: str,
@@ -367,8 +404,6 @@ class ClusterWriterClass(Protocol):
         backing_format: str | None,
         extended_l2: bool,
         compression_type: str,
-        io: Sink,
-        resize: bool = True,
     ) -> ClusterWriter: ...
 
 
@@ -377,7 +412,7 @@ class Format(NamedTuple):
 
     Capabilities are optional and looked up by name by the consumers that
     need them, never imported: ``target()`` loads and returns the convert
-    target writer class (``cls(fd, size, path=..., **options)``); ``identify`` reads the
+    target writer class (``cls(sink, size, path=..., **options)``); ``identify`` reads the
     identities a ``ParentRef.by_id`` can search for from a file's head alone;
     ``suffixes`` are the file name endings such a search considers;
     ``info_rows`` name the keys of ``Layer.info()`` that the human ``info``

@@ -1,10 +1,25 @@
-"""The raw layer: the host file is the guest disk; its holes are ZERO."""
+"""raw: the host file is the guest disk. The layer (its holes are ZERO) and the writer (guest bytes
+at their own offsets, what is never written a hole)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
+
 from ..extents import K_DATA, K_ZERO, Runs
 from ..hostio import data_runs, host_size, pread_exact
-from .api import Format, HostFile, HostRun, LayerBase, OpenContext
+from .api import (
+    CopyRun,
+    FileSink,
+    Format,
+    HostFile,
+    HostRun,
+    LayerBase,
+    OpenContext,
+    OptionValue,
+    Sink,
+    TargetWriter,
+    copy_runs,
+)
 
 
 class RawLayer(LayerBase):
@@ -41,5 +56,36 @@ class RawLayer(LayerBase):
         return out
 
 
+class RawWriter:
+    """A raw image: the guest's bytes at their own offsets; its file is exactly the virtual size."""
+
+    def __init__(self, sink: Sink, size: int) -> None:
+        self.sink = sink
+        self.size = size
+
+    def write_data(self, offset: int, data: memoryview) -> None:
+        self.sink.write([data], offset)
+
+    def copy_data(self, offset: int, length: int, runs: Sequence[CopyRun], buf: memoryview | None) -> None:
+        copy_runs(self.sink, offset, runs, buf)
+
+    def finish(self) -> int:
+        return self.size
+
+
+def _open_writer(sink: FileSink, size: int, options: Mapping[str, OptionValue], path: str) -> RawWriter:
+    return RawWriter(sink, size)
+
+
+def _measure(
+    size: int, runs: Iterable[tuple[int, int]], options: Mapping[str, OptionValue]
+) -> tuple[int, int]:
+    return size, size  # what a device or a non-sparse file must hold, as qemu-img measure says
+
+
+def _writer() -> TargetWriter:
+    return TargetWriter((), _open_writer, _measure, in_place=True, copy=_open_writer)
+
+
 # QEMU also takes its protocol driver "file" as a backing format: the host file, raw
-FORMAT = Format("raw", probe=lambda head: True, open=RawLayer, aliases=("file",))
+FORMAT = Format("raw", probe=lambda head: True, open=RawLayer, aliases=("file",), writer=_writer)

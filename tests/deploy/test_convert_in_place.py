@@ -185,8 +185,8 @@ def test_an_interrupted_run_leaves_nothing_that_looks_like_an_image(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "no valid image" in err and len(err.strip().splitlines()) == 1
-    head = 64 * K if fmt == "qcow2" else M
-    assert _read(dev, head) == bytes(head), "the start of the device is not all zeros"
+    # the image's first MiB (a qcow2 header and its first clusters, a raw guest's) is written last
+    assert _read(dev, M) == bytes(M), "the start of the device is not all zeros"
     assert _read(dev, M, 71 * M) == bytes(M), "the end of the device is not all zeros"
     assert '"format": "raw"' in qemu.img("info", "--output=json", dev).stdout
     res = _flatfs("info", dev)

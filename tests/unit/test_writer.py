@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from flatfs import OpenOptions, open_chain
+from flatfs.convert.sinks import FileSink
 from flatfs.errors import ConvertError
+from flatfs.formats.api import CopyRun, HostFile
 from flatfs.formats.qcow2.spec import parse_header
 from flatfs.formats.qcow2.writer import ALL_ALLOC, Qcow2Writer
 
@@ -101,7 +103,7 @@ def write_image(
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         w = Qcow2Writer(
-            fd,
+            FileSink(fd, str(path)),
             size,
             cluster_size=cs,
             version=version,
@@ -184,7 +186,7 @@ def test_zero_clusters_over_backing(tmp_path):
         path = tmp_path / f"z{version}{ext}.qcow2"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         w = Qcow2Writer(
-            fd,
+            FileSink(fd, str(path)),
             4 * M,
             cluster_size=64 * K,
             version=version,
@@ -209,7 +211,7 @@ def test_header_fields(tmp_path):
     path = tmp_path / "h.qcow2"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     w = Qcow2Writer(
-        fd,
+        FileSink(fd, str(path)),
         10 * M,
         cluster_size=16 * K,
         extended_l2=True,
@@ -228,26 +230,27 @@ def test_header_fields(tmp_path):
     assert hdr.refcount_order == 4 and hdr.nb_snapshots == 0 and hdr.incompatible & 0b11 == 0
 
 
-def test_header_is_written_last(tmp_path, monkeypatch):
-    """Until finish() has flushed everything, cluster 0 is zeros: never a lying image."""
+def test_header_is_written_last(tmp_path):
+    """The header is the writer's last write: until then, cluster 0 is zeros (never a lying image)."""
     path = tmp_path / "late.qcow2"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-    w = Qcow2Writer(fd, 64 * M, cluster_size=64 * K)
+    sink = FileSink(fd, str(path))
+    w = Qcow2Writer(sink, 64 * M, cluster_size=64 * K)
     w.write_clusters(0, b"y" * M)
     w.write_clusters(100, b"z" * M)
     order = []
-    real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda f: (order.append(os.pread(f, 4, 0)), real(f)))
+    real = sink.write
+    sink.write = lambda bufs, offset: (order.append((offset, os.pread(fd, 4, 0))), real(bufs, offset))
     w.finish()
     os.close(fd)
-    assert order == [b"\0\0\0\0"]
+    assert order[-1] == (0, b"\0\0\0\0") and all(off for off, _ in order[:-1])
     assert path.read_bytes()[:4] == b"QFI\xfb"
 
 
 def test_order_and_limits(tmp_path):
     fd = os.open(tmp_path / "x", os.O_RDWR | os.O_CREAT)
     try:
-        w = Qcow2Writer(fd, M, cluster_size=64 * K)
+        w = Qcow2Writer(FileSink(fd, "img"), M, cluster_size=64 * K)
         w.write_clusters(3, b"a" * 64 * K)
         with pytest.raises(ValueError):
             w.write_clusters(3, b"a" * 64 * K)  # not ascending
@@ -267,9 +270,9 @@ def test_order_and_limits(tmp_path):
             dict(backing_file="b" * 400, cluster_size=512),
         ):
             with pytest.raises(ConvertError):
-                Qcow2Writer(fd, M, **kw)
+                Qcow2Writer(FileSink(fd, "img"), M, **kw)
         with pytest.raises(ConvertError):
-            Qcow2Writer(fd, 1 << 50, cluster_size=512)  # L1 beyond QEMU's 32 MiB limit
+            Qcow2Writer(FileSink(fd, "img"), 1 << 50, cluster_size=512)  # L1 beyond QEMU's 32 MiB limit
     finally:
         os.close(fd)
 
@@ -278,7 +281,7 @@ def test_memory_does_not_depend_on_virtual_size(tmp_path):
     """A 256 TiB image with a little data: nothing sized by the virtual disk but the L1 pages."""
     path = tmp_path / "huge.qcow2"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-    w = Qcow2Writer(fd, 256 << 40, cluster_size=64 * K)
+    w = Qcow2Writer(FileSink(fd, "img"), 256 << 40, cluster_size=64 * K)
     w.write_clusters(0, b"a" * 64 * K)
     w.write_clusters((200 << 40) // (64 * K), b"b" * 64 * K)
     w.finish()
@@ -289,25 +292,23 @@ def test_memory_does_not_depend_on_virtual_size(tmp_path):
         assert chain.pread(200 << 40, 2) == b"bb"
 
 
-def test_placed_clusters_are_filled_by_the_caller(tmp_path):
-    """place_clusters allocates aligned host clusters for the caller to fill (copy offload)."""
+def test_copied_clusters(tmp_path):
+    """copy_data stores whole data clusters from runs: copied by the sink from a source file, or
+    from the buffer; what no run covers stays a hole."""
+    src = tmp_path / "src"
+    src.write_bytes(b"\x02" * (3 * 64 * K))
+    sfd = os.open(src, os.O_RDONLY)
     for ext in (False, True):
         path = tmp_path / f"p{ext}.qcow2"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-        w = Qcow2Writer(fd, 8 * M, cluster_size=64 * K, extended_l2=ext)
+        w = Qcow2Writer(FileSink(fd, str(path)), 8 * M, cluster_size=64 * K, extended_l2=ext)
         w.write_clusters(1, b"\x01" * 64 * K)
-        host = w.place_clusters(3, 4)
-        assert host % (64 * K) == 0
-        os.pwrite(fd, b"\x02" * (3 * 64 * K), host)  # the last placed cluster stays a hole
+        # the last of the 4 clusters stays a hole
+        w.copy_data(3 * 64 * K, 4 * 64 * K, [CopyRun(0, 3 * 64 * K, HostFile(str(src), sfd), 0)], None)
         with pytest.raises(ValueError):
-            w.place_clusters(2, 1)  # guest order
-        filled: list[int] = []
-
-        def fill(host: int, fd: int = fd, filled: list[int] = filled) -> None:
-            filled.append(os.pwrite(fd, b"\x03" * 64 * K, host))
-
-        w.place_clusters(100, 1, fill=fill)
-        assert filled == [64 * K]
+            w.copy_data(2 * 64 * K, 64 * K, [], None)  # guest order
+        buf = memoryview(b"\x03" * 64 * K)
+        w.copy_data(100 * 64 * K, 64 * K, [CopyRun(0, 64 * K, None, 0)], buf)
         w.finish()
         os.close(fd)
         audit(path)
@@ -318,3 +319,4 @@ def test_placed_clusters_are_filled_by_the_caller(tmp_path):
         want[3 * 64 * K : 6 * 64 * K] = b"\x02" * 3 * 64 * K
         want[100 * 64 * K : 101 * 64 * K] = b"\x03" * 64 * K
         assert got == want, ext
+    os.close(sfd)

@@ -20,15 +20,14 @@ else has refcount 1), and 16 bytes per allocated L2 table. Nothing is ever
 sized by the virtual disk size except the L1 table, which is written in
 4 KiB pages from the sparse list of allocated L2 tables.
 
-A crash or an error leaves a file whose cluster 0 is still zeros: plainly
-not a qcow2 image, never one that lies. (flatfs convert also writes into a
-temporary file and renames it into place.)
+Nothing here knows where the bytes land: every byte goes through the
+:class:`~flatfs.formats.api.Sink` it is given, which makes them durable
+(a new file renamed into place, or an existing file or device written in
+place with its first MiB last). The header is built last, once every table
+it points to is placed. Its tables are built in :mod:`.tables`.
 
 Facts from QEMU's docs/interop/qcow2.txt that this module relies on:
 
-* all numbers are big-endian; version 2 headers are 72 bytes, version 3
-  headers carry ``header_length`` (we write 112, with the compression-type
-  byte at offset 104);
 * L1 and L2 entries hold the host offset in bits 9-55; bit 63 (COPIED) is set
   when the refcount is exactly 1; bit 0 of a standard L2 entry marks a zero
   cluster (version 3); bit 62 marks a compressed cluster, whose descriptor
@@ -38,85 +37,43 @@ Facts from QEMU's docs/interop/qcow2.txt that this module relies on:
   touches gets one reference per compressed cluster;
 * extended L2 entries are 128 bits: the standard entry, then a bitmap with
   bit i = "subcluster i allocated" and bit 32+i = "subcluster i reads as
-  zeros" (32 subclusters; QEMU needs clusters of at least 16 KiB);
-* the backing-format header extension is type 0xe2792aca; header extensions
-  end with a type-0 extension; the backing file name follows them, all
-  inside cluster 0.
+  zeros" (32 subclusters; QEMU needs clusters of at least 16 KiB).
 """
 
 from __future__ import annotations
 
-import os
-import struct
-import sys
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
-from ...errors import ConvertError, ImageIOError
-from ...hostio import pwritev_all
-from ..api import Sink
-from .spec import (
-    COMPRESSION_NAMES,
-    EXT_BACKING_FORMAT,
-    EXT_END,
-    HEADER_V2,
-    HEADER_V3,
-    INCOMPAT_COMPRESSION,
-    INCOMPAT_EXTL2,
-    MAGIC,
-    MAX_BACKING_NAME,
-    MAX_CLUSTER_BITS,
-    MAX_FORMAT_NAME,
-    MAX_L1_BYTES,
-    MAX_REFTABLE_BYTES,
-    MIN_CLUSTER_BITS,
-    OFLAG_COMPRESSED,
-    OFLAG_COPIED,
-    OFLAG_ZERO,
-    SUBCLUSTERS,
-    V2_HEADER_LENGTH,
-    V3_HEADER_LENGTH,
+from ...errors import ConvertError
+from ..api import CopyRun, Sink, copy_runs
+from .spec import MAX_L1_BYTES, MAX_REFTABLE_BYTES, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS
+from .tables import (
+    ALL_ALLOC,
+    ALL_ZERO,
+    DEFAULT_CLUSTER_SIZE,
+    REFCOUNT_ORDER,
+    HeaderFields,
+    be,
+    build_header,
+    check_options,
+    cluster_bits_of,
+    entries_per_l2,
+    layout_bytes,
+    refblock,
+    refcount_clusters,
 )
 
-DEFAULT_CLUSTER_SIZE = 1 << 16
-MIN_EXTL2_CLUSTER_BITS = 14  # QEMU refuses extended L2 below 16 KiB clusters
-REFCOUNT_ORDER = 4  # 16-bit refcounts; the only width version 2 knows
-MAX_REFCOUNT = (1 << (1 << REFCOUNT_ORDER)) - 1
+__all__ = ["ALL_ALLOC", "ALL_ZERO", "DEFAULT_CLUSTER_SIZE", "Qcow2Writer"]
+
 MAX_HOST_OFFSET = 1 << 56  # offsets live in bits 9..55
-COMPRESSION_TYPES = {name: code for code, name in COMPRESSION_NAMES.items()}
-# The version 3 header written: through header_length, then the
-# compression-type byte, padded to a multiple of 8.
-WRITTEN_V3_LENGTH = V3_HEADER_LENGTH + 8
-
-ALL_ALLOC = (1 << SUBCLUSTERS) - 1  # extended L2: every subcluster allocated
-ALL_ZERO = ALL_ALLOC << SUBCLUSTERS  # extended L2: every subcluster reads as zeros
-
 _PAGE = 4096
 _FLUSH_COMPRESSED = 4 << 20  # write packed compressed data in pieces this big
 _PENDING_L2_BYTES = 4 << 20  # completed L2 tables kept before they are written
-_BIG_ENDIAN = sys.byteorder == "big"
-
-
-def _be(a: array[int]) -> array[int]:
-    """``a`` in big-endian byte order (in place)."""
-    if not _BIG_ENDIAN:
-        a.byteswap()
-    return a
-
-
-def cluster_bits_of(cluster_size: int) -> int:
-    bits = cluster_size.bit_length() - 1
-    if cluster_size <= 0 or cluster_size != 1 << bits or not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS:
-        raise ConvertError(f"cluster size must be a power of two from 512 B to 2 MiB, not {cluster_size}")
-    return bits
 
 
 class Qcow2Writer:
-    """Writes one qcow2 image into ``fd`` (an empty file), front to back.
-
-    With ``resize=False`` the file (or device) keeps its size: the image is
-    written from byte 0 into it, and the caller's ``io`` makes every byte
-    below the highest write that the writer leaves unwritten read as zeros.
+    """Writes one qcow2 image through ``sink``, front to back.
 
     Clusters must be fed in ascending guest order; each guest cluster at most
     once. Call :meth:`finish` exactly once at the end; nothing before it makes
@@ -129,62 +86,14 @@ class Qcow2Writer:
     DEFAULT_CLUSTER_SIZE = DEFAULT_CLUSTER_SIZE
     SUBCLUSTERS = SUBCLUSTERS  # per cluster, with extended L2 entries
     ALL_ALLOCATED = ALL_ALLOC  # the extended L2 bitmap with every subcluster allocated
-
-    @staticmethod
-    def check_cluster_size(cluster_size: int) -> int:
-        """The cluster bits of ``cluster_size``; ConvertError unless QEMU accepts it."""
-        return cluster_bits_of(cluster_size)
-
-    @staticmethod
-    def entries_per_l2(cluster_size: int, extended_l2: bool) -> int:
-        """Guest clusters one L2 table maps."""
-        return cluster_size // (16 if extended_l2 else 8)
-
-    @staticmethod
-    def layout_bytes(
-        size: int, cluster_size: int, extended_l2: bool, data_clusters: int, l2_tables: int
-    ) -> int:
-        """The file size written for ``data_clusters`` data clusters mapped by ``l2_tables`` L2 tables.
-
-        The layout is fixed: the header cluster, the data and L2 tables, the
-        L1 table, then refcount blocks and the refcount table sized for the
-        whole file (a fixed point, as :meth:`finish` computes it).
-        """
-        nclusters = -(-size // cluster_size)
-        l1_size = -(-nclusters // Qcow2Writer.entries_per_l2(cluster_size, extended_l2))
-        l1_clusters = -(-l1_size * 8 // cluster_size)
-        per_block = cluster_size * 8 >> REFCOUNT_ORDER
-        base = 1 + data_clusters + l2_tables + l1_clusters
-        blocks, rt = 0, 1
-        while True:
-            total = -(-(base + blocks + rt) // per_block)
-            want = (total, -(-total * 8 // cluster_size))
-            if want == (blocks, rt):
-                return (base + blocks + rt) * cluster_size
-            blocks, rt = want
-
-    @staticmethod
-    def check_options(
-        cluster_size: int, version: int, extended_l2: bool, compression_type: str, path: str = "<target>"
-    ) -> None:
-        """Refuse a combination of options no qcow2 image can have (before any file is made)."""
-        cb = cluster_bits_of(cluster_size)
-        if compression_type not in COMPRESSION_TYPES:
-            raise ConvertError(f"{path}: unknown compression type {compression_type!r}")
-        if compression_type != "zlib" and version < 3:
-            raise ConvertError(f"{path}: compression type {compression_type} needs compat 1.1 (version 3)")
-        if extended_l2:
-            if version < 3:
-                raise ConvertError(f"{path}: extended L2 entries need compat 1.1 (version 3)")
-            if cb < MIN_EXTL2_CLUSTER_BITS:
-                raise ConvertError(
-                    f"{path}: extended L2 entries need a cluster size of at least "
-                    f"{1 << MIN_EXTL2_CLUSTER_BITS} bytes"
-                )
+    check_cluster_size = staticmethod(cluster_bits_of)
+    check_options = staticmethod(check_options)
+    entries_per_l2 = staticmethod(entries_per_l2)
+    layout_bytes = staticmethod(layout_bytes)
 
     def __init__(
         self,
-        fd: int,
+        sink: Sink,
         size: int,
         *,
         path: str = "<target>",
@@ -194,18 +103,14 @@ class Qcow2Writer:
         backing_format: str | None = None,
         extended_l2: bool = False,
         compression_type: str = "zlib",
-        io: Sink | None = None,  # where the bytes go, synchronously (buffers are reused)
-        resize: bool = True,
     ) -> None:
-        self.fd = fd
-        self.resize = resize
+        self.sink = sink  # where the bytes go, synchronously (buffers are reused)
         self.path = path
-        self.io = io if io is not None else SyncIO(fd, path)
         if size < 0 or size % 512:
             raise ConvertError(f"{path}: qcow2 virtual size must be a multiple of 512, not {size}")
         if version not in (2, 3):
             raise ConvertError(f"{path}: qcow2 version must be 2 or 3, not {version}")
-        self.check_options(cluster_size, version, extended_l2, compression_type, path)
+        check_options(cluster_size, version, extended_l2, compression_type, path)
         self.cb = cluster_bits_of(cluster_size)
         self.cs = cluster_size
         self.size = size
@@ -225,9 +130,10 @@ class Qcow2Writer:
         self._cshift = 62 - (self.cb - 8)
         self._csec_mask = (1 << (self.cb - 8)) - 1
 
-        self.backing_file = backing_file
-        self.backing_format = backing_format
-        self._header = self._build_header(0, 0, 0, 0)  # validates that it fits in cluster 0
+        self._fields = HeaderFields(
+            version, self.cb, size, extended_l2, compression_type, backing_file, backing_format
+        )
+        build_header(self._fields, 0, 0, 0, 0, path)  # refuses what does not fit in cluster 0
 
         # Host allocation: everything below ``next`` is in use; cluster 0 is the header.
         self.next = cluster_size
@@ -248,7 +154,6 @@ class Qcow2Writer:
         self._last_guest = -1
         self._finished = False
         # Statistics.
-        self.bytes_written = 0
         self.data_clusters = 0
         self.compressed_clusters = 0
         self.zero_clusters = 0
@@ -291,27 +196,22 @@ class Qcow2Writer:
             self._set_entries(guest_cluster, n, host | OFLAG_COPIED, self.cs, None)
         self._flush_metadata()
 
-    def place_clusters(self, guest_cluster: int, n: int, fill: Callable[[int], None] | None = None) -> int:
-        """Allocate ``n`` consecutive guest clusters as data without writing their bytes; return
-        the host offset of the first (cluster aligned, so the caller can copy or share blocks
-        into it: copy offload).
-
-        ``fill(host)``, when given, stores the bytes, before any metadata is written
-        after them (so the file is still written front to back); otherwise the caller
-        fills them before :meth:`finish`. Whatever is not written stays a hole and reads
-        as zeros. Counted like :meth:`write_clusters`, except for ``bytes_written``.
-        """
-        if n <= 0:
-            raise ValueError("place at least one cluster")
-        self._check_order(guest_cluster, n)
+    def copy_data(self, offset: int, length: int, runs: Sequence[CopyRun], buf: memoryview | None) -> None:
+        """Store guest [offset, offset + length) (``offset`` cluster aligned) as data clusters whose
+        bytes are ``runs``: copied by the sink from their source file where it can (copy offload),
+        each to the same offset in its host cluster, so blocks stay aligned with the source's and
+        can be shared; what no run covers stays a hole and reads as zeros."""
+        g = offset // self.cs
+        n = -(-length // self.cs)
+        if n <= 0 or offset % self.cs:
+            raise ValueError("copy at least one cluster, from a cluster boundary")
+        self._check_order(g, n)
         host = self._alloc(n)
-        if fill is not None:
-            fill(host)
+        copy_runs(self.sink, host, runs, buf)
         self.data_clusters += n
         bitmaps = array("Q", [ALL_ALLOC]) * n if self.extended_l2 else None
-        self._set_entries(guest_cluster, n, host | OFLAG_COPIED, self.cs, bitmaps)
+        self._set_entries(g, n, host | OFLAG_COPIED, self.cs, bitmaps)
         self._flush_metadata()
-        return host
 
     def write_compressed(self, guest_cluster: int, payload: bytes | bytearray | memoryview) -> None:
         """Store one guest cluster as compressed data (already compressed by the caller)."""
@@ -371,8 +271,8 @@ class Qcow2Writer:
         self.zero_clusters += count
 
     # -- finishing -----------------------------------------------------------
-    def finish(self) -> None:
-        """Write the remaining L2 tables, the L1 table, refcounts, then the header; fsync."""
+    def finish(self) -> int:
+        """Write the remaining L2 tables, the L1 table, refcounts, then the header; return the file size."""
         if self._finished:
             raise RuntimeError("finish() called twice")
         self._finished = True
@@ -394,53 +294,30 @@ class Qcow2Writer:
                 buf[self._l1_index[i] % per_page] = self._l1_value[i]
                 i += 1
             used = min(_PAGE, self.l1_size * 8 - page * _PAGE)
-            self._pwrite(memoryview(_be(buf)).cast("B")[:used], l1_off + page * _PAGE)
+            self._pwrite(memoryview(be(buf)).cast("B")[:used], l1_off + page * _PAGE)
 
         # Refcount blocks for the rest of the file, and the refcount table:
-        # their own clusters need refcounts too, so find the fixed point.
-        per_block = self._rc_per_block
+        # their own clusters need refcounts too (a fixed point).
         done_blocks = len(self._rc_blocks)
-        base = self.next >> self.cb
-        nblocks, rt_clusters = 0, 1
-        while True:
-            end = base + nblocks + rt_clusters
-            total = -(-end // per_block)
-            want = (total - done_blocks, -(-total * 8 // cs))
-            if want == (nblocks, rt_clusters):
-                break
-            nblocks, rt_clusters = want
+        nblocks, rt_clusters = refcount_clusters(self.next >> self.cb, done_blocks, cs)
         if rt_clusters * cs > MAX_REFTABLE_BYTES:
             raise ConvertError(
                 f"{self.path}: image too large for QEMU's refcount table limit; use a bigger cluster size"
             )
         first = self._alloc(nblocks) if nblocks else self.next
         rt_off = self._alloc(rt_clusters)
-        assert self.next >> self.cb == end
-        bufs = [self._refblock(done_blocks + j, end) for j in range(nblocks)]
+        end = self.next >> self.cb
+        bufs = [refblock(done_blocks + j, end, cs, self._rc_extra, self.path) for j in range(nblocks)]
         if bufs:
             self._pwritev(bufs, first)
         self._rc_blocks.extend(first + j * cs for j in range(nblocks))
         rt = array("Q", self._rc_blocks)
         rt.extend(array("Q", [0]) * (rt_clusters * cs // 8 - len(rt)))
-        self._pwrite(memoryview(_be(rt)).cast("B"), rt_off)
-
-        try:
-            if self.resize:
-                os.ftruncate(self.fd, self.next)
-            os.fdatasync(self.fd)
-        except OSError as exc:
-            raise ImageIOError.from_oserror(self.path, exc) from None
-        # The header goes last, once everything it points to is on disk.
-        self._header = self._build_header(l1_off, rt_off, rt_clusters, self.l1_size)
-        pwritev_all(self.fd, [memoryview(self._header)], 0, self.path)
-        self.bytes_written += len(self._header)
-        try:
-            os.fsync(self.fd)
-        except OSError as exc:
-            raise ImageIOError.from_oserror(self.path, exc) from None
-
-    @property
-    def file_size(self) -> int:
+        self._pwrite(memoryview(be(rt)).cast("B"), rt_off)
+        # The header goes last, once everything it points to is placed (the sink
+        # decides when each byte becomes durable).
+        header = build_header(self._fields, l1_off, self.l1_size, rt_off, rt_clusters, self.path)
+        self._pwrite(memoryview(header), 0)
         return self.next
 
     # -- internals -----------------------------------------------------------
@@ -507,7 +384,7 @@ class Qcow2Writer:
             tables = self._pending_l2
             self._pending_l2 = []
             host = self._alloc(len(tables))
-            self._pwritev([memoryview(_be(t)).cast("B") for _, t in tables], host)
+            self._pwritev([memoryview(be(t)).cast("B") for _, t in tables], host)
             for j, (idx, _) in enumerate(tables):
                 self._l1_index.append(idx)
                 self._l1_value.append((host + j * self.cs) | OFLAG_COPIED)
@@ -521,7 +398,7 @@ class Qcow2Writer:
             return
         first = len(self._rc_blocks)
         host = self._alloc(ready)
-        bufs = [self._refblock(first + j, frontier) for j in range(ready)]
+        bufs = [refblock(first + j, frontier, self.cs, self._rc_extra, self.path) for j in range(ready)]
         self._pwritev(bufs, host)
         self._rc_blocks.extend(host + j * self.cs for j in range(ready))
         limit = (first + ready) * per_block
@@ -529,84 +406,8 @@ class Qcow2Writer:
         for c in [c for c in extra if c < limit]:
             del extra[c]
 
-    def _refblock(self, k: int, used_end: int) -> memoryview:
-        """Refcount block k: 1 for clusters below ``used_end``, 0 after, plus shared clusters."""
-        per_block = self._rc_per_block
-        lo = k * per_block
-        ones = max(0, min(per_block, used_end - lo))
-        blk = array("H", [1]) * ones
-        if ones < per_block:
-            blk.extend(array("H", [0]) * (per_block - ones))
-        for c, count in self._rc_extra.items():
-            if lo <= c < lo + per_block:
-                if count > MAX_REFCOUNT:
-                    raise ConvertError(f"{self.path}: refcount overflow at host cluster {c}")
-                blk[c - lo] = count
-        return memoryview(_be(blk)).cast("B")
-
     def _pwrite(self, mv: memoryview, offset: int) -> None:
         self._pwritev([mv], offset)
 
     def _pwritev(self, bufs: list[memoryview], offset: int) -> None:
-        self.bytes_written += sum(len(b) for b in bufs)
-        self.io.write(bufs, offset)
-
-    def _build_header(self, l1_off: int, rt_off: int, rt_clusters: int, l1_size: int) -> bytes:
-        v3 = self.version >= 3
-        incompat = 0
-        ctype = COMPRESSION_TYPES[self.compression_type]
-        if ctype:
-            incompat |= INCOMPAT_COMPRESSION
-        if self.extended_l2:
-            incompat |= INCOMPAT_EXTL2
-        hlen = WRITTEN_V3_LENGTH if v3 else V2_HEADER_LENGTH
-        exts = b""
-        name = b""
-        if self.backing_file is not None:
-            name = os.fsencode(self.backing_file)
-            if not 0 < len(name) <= MAX_BACKING_NAME:
-                raise ConvertError(f"{self.path}: backing file name must be 1 to {MAX_BACKING_NAME} bytes")
-            if self.backing_format:
-                fmt = self.backing_format.encode()
-                if len(fmt) > MAX_FORMAT_NAME:
-                    raise ConvertError(
-                        f"{self.path}: backing format name {self.backing_format!r} is too long"
-                    )
-                exts += struct.pack(">II", EXT_BACKING_FORMAT, len(fmt)) + fmt + bytes(-len(fmt) % 8)
-        exts += struct.pack(">II", EXT_END, 0)
-        name_off = hlen + len(exts) if name else 0
-        if hlen + len(exts) + len(name) > self.cs:
-            raise ConvertError(
-                f"{self.path}: header and backing file name do not fit in one "
-                f"{self.cs}-byte cluster; use a bigger cluster size"
-            )
-        head = HEADER_V2.pack(
-            MAGIC,
-            self.version,
-            name_off,
-            len(name),
-            self.cb,
-            self.size,
-            0,
-            l1_size,
-            l1_off,
-            rt_off,
-            rt_clusters,
-            0,
-            0,
-        )
-        if v3:
-            head += HEADER_V3.pack(incompat, 0, 0, REFCOUNT_ORDER, WRITTEN_V3_LENGTH)
-            head += bytes([ctype]) + bytes(WRITTEN_V3_LENGTH - V3_HEADER_LENGTH - 1)
-        return head + exts + name
-
-
-class SyncIO:
-    """Plain synchronous pwritev."""
-
-    def __init__(self, fd: int, path: str) -> None:
-        self.fd = fd
-        self.path = path
-
-    def write(self, bufs: list[memoryview], offset: int) -> None:
-        pwritev_all(self.fd, bufs, offset, self.path)
+        self.sink.write(bufs, offset)
