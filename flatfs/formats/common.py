@@ -23,6 +23,8 @@ D = TypeVar("D")
 _BIG_HOST = sys.byteorder == "big"
 _MISS = object()
 _UNIFORM = re.compile(rb"\x00+|\xff+")
+# the first non-zero byte of a table: one C-level scan (a table of zero entries is the common case)
+NONZERO = re.compile(rb"[^\x00]")
 # each byte with its bits in the other order: a most-significant-bit-first bitmap, translated
 MSB_FIRST = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
 
@@ -41,6 +43,22 @@ def be_array(typecode: str, raw: bytes | bytearray | memoryview) -> array[int]:
     if not _BIG_HOST:
         a.byteswap()
     return a
+
+
+def same_until(raw: bytes, start: int, size: int) -> int:
+    """The first ``size``-byte entry at or after ``start`` (an entry index) that differs from
+    the one at ``start``: galloping memcmps of growing and shrinking repeats of that entry,
+    a few dozen at most whatever the run's length."""
+    n = len(raw) // size
+    pat = raw[size * start : size * start + size]
+    i, step = start + 1, 1
+    while step:
+        if i + step <= n and raw.startswith(pat * step, size * i):
+            i += step
+            step *= 2
+        else:
+            step //= 2
+    return i
 
 
 def bit_runs(bits: bytes, lo: int, hi: int) -> Iterator[tuple[int, int, bool]]:

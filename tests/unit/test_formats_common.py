@@ -3,10 +3,13 @@ tables, and byte-order arrays of table entries, bitmap runs."""
 
 from __future__ import annotations
 
+import random
 import struct
 import threading
 
-from flatfs.formats.common import MSB_FIRST, LruCache, be_array, bit_runs, le_array
+import pytest
+
+from flatfs.formats.common import MSB_FIRST, LruCache, be_array, bit_runs, le_array, same_until
 
 
 def test_the_least_recently_used_entry_goes_first() -> None:
@@ -121,3 +124,19 @@ def test_bit_runs_of_a_bitmap_either_bit_first() -> None:
         (48, 52, True),
         (52, 56, False),
     ]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_same_until_finds_the_first_different_entry(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(200):
+        size = rng.choice((4, 8))
+        entries = []
+        while len(entries) < 300:
+            entries += [rng.randrange(3).to_bytes(size, "little")] * rng.choice((1, 2, 7, 64, 130))
+        raw = b"".join(entries)
+        start = rng.randrange(len(entries))
+        want = start + 1
+        while want < len(entries) and entries[want] == entries[start]:
+            want += 1
+        assert same_until(raw, start, size) == want

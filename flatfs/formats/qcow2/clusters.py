@@ -10,21 +10,18 @@ offsets are contiguous) are merged into runs. A decoded table is a
 from __future__ import annotations
 
 import operator
-import re
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import compress, repeat
 
 from ...extents import K_ABSENT, K_DATA, K_ZERO
-from ..common import be_array
+from ..common import NONZERO, be_array
 from .spec import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS
 
 # Run codes. ABSENT/ZERO/DATA map to extents.Kind; COMPRESSED is data that
 # needs decompressing; BAD is an entry QEMU would refuse (EIO on access).
 ABSENT, ZERO, DATA, COMPRESSED, BAD = range(5)
-
-_NONZERO = re.compile(rb"[^\x00]")
 
 
 @dataclass(slots=True)
@@ -220,7 +217,7 @@ def classify(
         e = entries[i * step]
         bm = entries[i * step + 1] if extended else 0
         if e == 0 and bm == 0:
-            m = _NONZERO.search(raw, i * esize)
+            m = NONZERO.search(raw, i * esize)
             j = n if m is None else m.start() // esize
             b.add(i * cs, (j - i) * cs, ABSENT)
             i = j
@@ -324,7 +321,7 @@ def allocated_l1(raw: bytes) -> list[int]:
     out: list[int] = []
     pos = 0
     while True:
-        m = _NONZERO.search(raw, pos)
+        m = NONZERO.search(raw, pos)
         if m is None:
             return out
         idx = m.start() // 8

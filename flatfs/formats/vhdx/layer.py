@@ -9,7 +9,6 @@ bitmap block: a set bit is this layer's data, a clear bit asks the parent.
 
 from __future__ import annotations
 
-import re
 from array import array
 from typing import Any
 
@@ -17,11 +16,10 @@ from ...errors import CorruptImage
 from ...extents import K_ABSENT, K_ALLOC_ZERO, K_DATA, K_ZERO, Runs
 from ...hostio import data_runs, host_size, pread_exact
 from ..api import HostFile, LayerBase, OpenContext, ParentRef
-from ..common import LruCache, bit_runs, le_array
+from ..common import NONZERO, LruCache, bit_runs, le_array, same_until
 from . import spec as S
 from .log import FileView
 
-_NONZERO = re.compile(rb"[^\x00]")
 _NO_DATA = (S.PAYLOAD_NOT_PRESENT, S.PAYLOAD_UNDEFINED, S.PAYLOAD_ZERO, S.PAYLOAD_UNMAPPED)
 WINDOW_ENTRIES = 8192  # BAT entries decoded per window (64 KiB), about
 CACHE_WINDOWS = 64  # decoded BAT windows kept (at most ~64 x 256 KiB)
@@ -218,11 +216,9 @@ class VhdxLayer(LayerBase):
             if sb > local and raw.startswith(tmpl[: 8 * (sb - local)], 8 * local):
                 return sb
         if e == 0:
-            m = _NONZERO.search(raw, 8 * local)
+            m = NONZERO.search(raw, 8 * local)
             return m.start() // 8 if m else n
-        r = re.compile(b"(?:" + re.escape(raw[8 * local : 8 * local + 8]) + b")+")
-        m2 = r.match(raw, 8 * local)
-        return m2.end() // 8 if m2 else local + 1
+        return same_until(raw, local, 8)
 
     def _classify(self, out: Runs, e: int, w: int, local: int, block: int, pos: int, stop: int) -> None:
         state = e & S.STATE_MASK
