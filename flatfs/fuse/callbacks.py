@@ -25,6 +25,7 @@ from .writable import WritableView
 
 _m: Any = load_mfusepy()
 WRITABLE_ATTR_TIMEOUT = 0.0  # st_blocks of a writable view changes with every write: never cached
+FUSE_CAP_AUTO_INVAL_DATA = 1 << 12  # libfuse's fuse_common.h
 
 
 def _negative_errno(exc: Exception, offset: int) -> int:
@@ -42,6 +43,21 @@ def _buffer(buf: Any, size: int) -> memoryview:
     """libfuse's request buffer (a ctypes pointer) as a memoryview: no copy."""
     addr = ctypes.cast(buf, ctypes.c_void_p).value
     return memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")  # type: ignore[arg-type]
+
+
+def _no_auto_inval_data(conn: Any) -> None:
+    """Turn off libfuse's default ``auto_inval_data`` for a writable view.
+
+    With it, and an attribute timeout of 0 (st_blocks follows the writes), the
+    kernel sends a GETATTR before every read to learn whether the file changed
+    behind its page cache: one more round trip per 4 KiB read. Nothing changes a
+    view behind the kernel's back (every write to it comes through this mount,
+    and partition files, which alias the disk, are direct_io), so the check is
+    never needed. ``stat`` still asks every time.
+    """
+    conn.want &= ~FUSE_CAP_AUTO_INVAL_DATA
+    if hasattr(conn, "want_ext"):  # libfuse 3.17: the 64-bit copy of ``want``
+        conn.want_ext &= ~FUSE_CAP_AUTO_INVAL_DATA
 
 
 def _gilstate_ensure() -> None:
@@ -70,6 +86,8 @@ class Operations(_m.Operations):  # type: ignore[misc]
             conn.max_read = self.max_read
             if self.view.writable and self.max_read:
                 conn.max_write = self.max_read  # 1 MiB writes, not libfuse's 128 KiB default
+            if self.view.writable:
+                _no_auto_inval_data(conn)
         if config is not None:
             config.kernel_cache = 1  # keep the page cache across opens
             config.entry_timeout = ATTR_TIMEOUT

@@ -147,13 +147,17 @@ class Scratch:
                 self.base.readinto(pos, buf[pos - offset : s - offset])
             part = buf[s - offset : e - offset]
             if kind == DATA:
-                _pread_exact(self.fd, part, s)
+                self._read_data(s, part)
             else:
                 part[:] = bytes(len(part))
             pos = e
         if pos < end:
             self.base.readinto(pos, buf[pos - offset : n])
         return n
+
+    def _read_data(self, offset: int, buf: memoryview) -> None:
+        """Bytes of a DATA run of the map."""
+        _pread_exact(self.fd, buf, offset)
 
     def seek(self, offset: int, whence: int) -> int:
         check_seek(self.size, offset, whence)
@@ -288,8 +292,11 @@ def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:
 
 
 class OverlayDisk(Scratch):
-    """``--overlay FILE``: the scratch layer, with every write also kept in a growing qcow2 overlay
-    (a format capability: ``FORMATS``' qcow2 entry's ``overlay``), made valid by each fsync."""
+    """``--overlay FILE``: the map of the scratch layer over the chain, with the written bytes kept
+    in a growing qcow2 overlay alone (a format capability: ``FORMATS``' qcow2 entry's ``overlay``),
+    made valid by each fsync. DATA runs of the map are read back from the overlay's clusters (a
+    held cluster never moves), so each write reaches the host once, not twice; the scratch file
+    stays empty."""
 
     def __init__(self, base: Disk, folder: str | None, overlay: Any) -> None:
         super().__init__(base, folder)
@@ -299,15 +306,23 @@ class OverlayDisk(Scratch):
     def _fill(self, offset: int, buf: memoryview) -> None:
         self.readinto(offset, buf)
 
+    def _read_data(self, offset: int, buf: memoryview) -> None:
+        self.overlay.read_held(offset, buf)
+
     def write(self, offset: int, data: bytes | memoryview) -> int:
         n = max(0, min(len(data), self.size - offset))
+        if n == 0 or offset < 0:
+            return super().write(offset, data)  # the errors of a write that writes nothing
         with self._order:
-            if n and offset >= 0:
-                if all_zero(data, n):
-                    self.overlay.zero(offset, n, self._fill)
-                else:
-                    self.overlay.write(offset, memoryview(data)[:n], self._fill)
-            return super().write(offset, data)
+            if all_zero(data, n):
+                self.overlay.zero(offset, n, self._fill)
+                self.zero(offset, n)
+                return n
+            self.overlay.write(offset, memoryview(data)[:n], self._fill)  # all or nothing
+            with self._lock:
+                self.runs.set(offset, offset + n, DATA)
+                self.generation += 1
+            return n
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         with self._order:

@@ -99,9 +99,12 @@ def test_size_is_fixed(mounter, chain: Path) -> None:
     assert view.stat().st_size == 8 * M
 
 
-def test_sixteen_threads_race(mounter, chain: Path) -> None:
-    """16 threads write and read back their own stripes while others read everywhere."""
-    view = mounter.mount(chain, None, "--writable")
+@pytest.mark.parametrize("keep", [False, True], ids=["scratch", "overlay"])
+def test_sixteen_threads_race(mounter, chain: Path, tmp_path: Path, keep: bool) -> None:
+    """16 threads write and read back their own stripes while others read everywhere (with
+    --overlay, what was written is read back from the overlay's clusters)."""
+    extra = ("--overlay", str(tmp_path / "keep.qcow2")) if keep else ()
+    view = mounter.mount(chain, None, "--writable", *extra)
     size = 8 * M
     stripe = size // 16
     errors: list[str] = []

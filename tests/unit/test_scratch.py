@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatfs.fuse.scratch import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Runs, Scratch
+from flatfs.formats import lookup
+from flatfs.fuse.scratch import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    OverlayDisk,
+    Runs,
+    Scratch,
+)
 from flatfs.fuse.view import window_data_bytes
 
 SIZE = 1 << 16
@@ -21,10 +30,10 @@ SIZE = 1 << 16
 class Base:
     """A disk with data in a few runs (the chain's role): bytes and a data mask."""
 
-    def __init__(self, runs: list[tuple[int, int]]) -> None:
-        self.size = SIZE
-        self.bytes = bytearray(SIZE)
-        self.mask = bytearray(SIZE)
+    def __init__(self, runs: list[tuple[int, int]], size: int = SIZE) -> None:
+        self.size = size
+        self.bytes = bytearray(size)
+        self.mask = bytearray(size)
         for s, n in runs:
             self.bytes[s : s + n] = bytes((s + i) % 251 + 1 for i in range(n))
             self.mask[s : s + n] = b"\1" * n
@@ -104,6 +113,48 @@ def test_model(tmp_path_factory, ops, probes):
         assert len(s.runs) <= 2 * len(ops) + 1  # grows with the writes, never with the disk
     finally:
         s.close()
+
+
+OVERLAY_SIZE = 4 << 16  # four 64 KiB clusters: reads that cross clusters, held or not
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_overlay_disk_reads_its_writes_from_the_overlay(tmp_path: Path, seed: int):
+    """--overlay keeps written bytes in the overlay alone: the view reads them back from its
+    clusters (across clusters, partly held ones, zeroed ones) exactly as written."""
+    rnd = random.Random(seed)
+    base = Base([(0, 4096), (70000, 3000), (200000, 50000)], OVERLAY_SIZE)
+    model = bytearray(base.bytes)
+    entry = lookup("qcow2")
+    assert entry is not None and entry.overlay is not None
+    overlay = entry.overlay()(str(tmp_path / "o.qcow2"), OVERLAY_SIZE, "base.raw", "raw")
+    d = OverlayDisk(base, str(tmp_path), overlay)
+    try:
+        for i in range(rnd.randrange(1, 12)):
+            off, n = rnd.randrange(OVERLAY_SIZE), rnd.randrange(1, 150000)
+            end = min(off + n, OVERLAY_SIZE)
+            pattern = bytes((i * 7 + k) % 255 + 1 for k in range(255))
+            data = bytes(n) if rnd.random() < 0.25 else (pattern * (n // 255 + 1))[:n]
+            assert d.write(off, data) == end - off
+            model[off:end] = data[: end - off]
+        assert os.fstat(d.fd).st_blocks == 0  # nothing written twice: the scratch file stays empty
+        buf = bytearray(OVERLAY_SIZE)
+        assert d.readinto(0, memoryview(buf)) == OVERLAY_SIZE
+        assert _first_difference(buf, model) is None
+        for _ in range(8):
+            at = rnd.randrange(OVERLAY_SIZE)
+            part = bytearray(rnd.randrange(1, OVERLAY_SIZE))
+            n = d.readinto(at, memoryview(part))
+            assert _first_difference(part[:n], model[at : at + n]) is None, at
+    finally:
+        d.close()
+
+
+def _first_difference(a: bytearray, b: bytearray) -> int | None:
+    """The first offset where ``a`` and ``b`` differ (None when equal): a short failure message."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def test_runs_merge_and_split():

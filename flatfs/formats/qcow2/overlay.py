@@ -235,6 +235,38 @@ class Overlay:
                 struct.pack_into(">Q", t, at, (host | OFLAG_COPIED if host else 0) | OFLAG_ZERO)
                 self.dirty_l2.add(g // L2_ENTRIES)
 
+    def read_held(self, offset: int, buf: memoryview) -> None:
+        """Guest bytes at ``offset`` from clusters this overlay holds (what was written to it).
+
+        A held cluster keeps its host offset for good, so this needs no lock; clusters that lie
+        one after the other in the file are read in one call."""
+        pos, end = offset, offset + len(buf)
+        while pos < end:
+            host = self._held(pos)
+            run_end = min(end, (pos // CS + 1) * CS)
+            while run_end < end and self._held(run_end) == host + run_end - pos:
+                run_end = min(end, run_end + CS)
+            part = buf[pos - offset : run_end - offset]
+            done = 0
+            try:
+                while done < len(part):
+                    got = os.preadv(self.fd, [part[done:]], host + done)
+                    if got <= 0:
+                        raise ImageIOError(self.path, "cluster cut short", host + done)
+                    done += got
+            except OSError as exc:
+                raise ImageIOError.from_oserror(self.path, exc, host + done) from None
+            pos = run_end
+
+    def _held(self, pos: int) -> int:
+        """The host offset of guest byte ``pos``, which must lie in a cluster this overlay holds."""
+        l1i, l2i = divmod(pos // CS, L2_ENTRIES)
+        t = self.l2.get(l1i)
+        host = _host(struct.unpack_from(">Q", t, l2i * 8)[0]) if t is not None else 0
+        if not host:
+            raise ImageIOError(self.path, f"guest offset 0x{pos:x} is not held by the overlay")
+        return host + pos % CS
+
     def flush(self) -> None:
         """Make the image as it is now durable and valid: refcounts, then L2 tables, then L1."""
         with self._lock:
