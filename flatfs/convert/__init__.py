@@ -141,7 +141,7 @@ def convert_chain(
     )
 
     def write(fd: int) -> None:
-        _write(source, backing, options, FileSink(fd, target, companions), summary, bar)
+        _write(source, backing, options, FileSink(fd, target, companions, direct=True), summary, bar)
 
     ok = False
     with SignalGuard(target) as guard:
@@ -165,10 +165,13 @@ def _write(
     bar: Progress | None,
 ) -> None:
     """The source's data through the format's writer into ``sink``, made durable; the summary."""
-    feed = open_feed(source, backing, options, sink, summary.target, summary.virtual_size)
-    handed = pipeline.run(feed, bar)
-    figures = feed.finish()
-    sink.commit(figures.file_size)
+    try:
+        feed = open_feed(source, backing, options, sink, summary.target, summary.virtual_size)
+        handed = pipeline.run(feed, bar)
+        figures = feed.finish()
+        sink.commit(figures.file_size)
+    finally:
+        sink.close()
     tally(summary, figures, sink, handed)
 
 

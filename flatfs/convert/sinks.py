@@ -21,6 +21,7 @@ from ..chain import Chain
 from ..errors import ConvertError, ImageIOError
 from ..formats.api import HostFile
 from ..hostio import pread_exact, pwritev_all
+from .direct import DirectWriter
 from .safety import create_temp, place, refuse_chain_member
 
 # copy_file_range refused between these two files: copy through a buffer instead
@@ -39,7 +40,9 @@ class FileSink:
     conversion does not flood the page cache.
     """
 
-    def __init__(self, fd: int, path: str, companions: Companions | None = None) -> None:
+    def __init__(
+        self, fd: int, path: str, companions: Companions | None = None, direct: bool = False
+    ) -> None:
         self.fd = fd
         self.path = path
         self.companions = companions
@@ -51,13 +54,19 @@ class FileSink:
         self._pending = 0
         self._refused: set[int] = set()  # source files copy_file_range refused
         self._bounce: memoryview | None = None
+        self._children: list[FileSink] = []
+        # direct: the data past the page cache (see .direct); convert asks for it for a new TARGET
+        self.direct = DirectWriter.open(fd, path) if direct else None
 
     def write(self, bufs: list[memoryview], offset: int) -> None:
         self.counts.written += sum(len(b) for b in bufs)
+        if self.direct is not None and self.direct.take(bufs, offset):
+            return
         self._store(bufs, offset)
 
     def copy(self, src: HostFile, src_offset: int, length: int, offset: int) -> int:
         self.counts.written += length
+        self._drain()
         copied = self._copy(src, src_offset, length, offset)
         self.counts.copied += copied
         return copied
@@ -67,12 +76,15 @@ class FileSink:
         if self.companions is None:
             raise ConvertError(f"{self.path}: this target cannot make a second file ({name})")
         fd, path = self.companions.create(name, size)
-        sink = FileSink(fd, path)
+        sink = FileSink(fd, path, direct=self.direct is not None)
         sink.counts = self.counts
+        self._children.append(sink)
         return sink
 
     def commit(self, size: int) -> None:
         """The file is ``size`` bytes and durable (then its companions are, and are in place)."""
+        for sink in (self, *self._children):
+            sink._drain()
         try:
             os.ftruncate(self.fd, size)
             os.fsync(self.fd)
@@ -81,9 +93,24 @@ class FileSink:
         if self.companions is not None:
             self.companions.commit()
 
+    def close(self) -> None:
+        """Stop the direct writers (this file's, its companions') and release their buffers."""
+        for sink in (self, *self._children):
+            if sink.direct is not None:
+                sink.direct.close()
+                sink.direct = None
+
     # -- the bytes, uncounted ------------------------------------------------------------
+    def _drain(self) -> None:
+        """Every direct write complete (before a copy, the commit)."""
+        if self.direct is not None:
+            self.direct.flush()
+
     def _store(self, bufs: list[memoryview], offset: int) -> None:
-        self._account(offset, sum(len(b) for b in bufs))
+        n = sum(len(b) for b in bufs)
+        if self.direct is not None:
+            self.direct.before_cached_write(offset, n)
+        self._account(offset, n)
         pwritev_all(self.fd, bufs, offset, self.path)
 
     def _copy(self, src: HostFile, src_offset: int, n: int, offset: int) -> int:
