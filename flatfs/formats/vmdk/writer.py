@@ -14,7 +14,8 @@ the ddb.* keys).
 
 A stream-optimized extent (version 3, as ESXi requires; flags: newline test,
 compressed grains, markers) holds, after the header and descriptor, each
-grain deflated (zlib) behind its grain marker (its LBA and compressed size),
+grain deflated (zlib; a grain that would not shrink is stored, see
+flatfs.deflate) behind its grain marker (its LBA and compressed size),
 padded to a sector; a grain table behind a GT marker after its grains; then
 the grain directory behind its marker, the footer (the header again, now
 with the directory's offset; the header itself says "GD at end") behind its
@@ -31,13 +32,13 @@ from __future__ import annotations
 import os
 import random
 import sys
-import zlib
 from array import array
 from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
+from ...deflate import zlib_deflate
 from ...errors import ConvertError
 from ..api import FileSink, ImageWriter, OptionValue, Sink, WriterOption, blocks_touched
 from .sparse import (
@@ -344,7 +345,7 @@ class FlatWriter:
 
 
 def _deflate(grains: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-    return [(g, zlib.compress(data)) for g, data in grains]
+    return [(g, zlib_deflate(data)) for g, data in grains]
 
 
 def open_writer(sink: FileSink, size: int, values: Mapping[str, OptionValue], path: str) -> ImageWriter:
