@@ -676,6 +676,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--warm", action="store_true", help="do not drop caches (warm cache for both)")
     ap.add_argument(
+        "--writers",
+        default=None,
+        help="writer cases to run, comma-separated (default: all: " + ",".join(writers.LIKE_FOR_LIKE) + ")",
+    )
+    ap.add_argument(
         "--frag-pairs",
         type=int,
         default=None,
@@ -824,7 +829,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.only in (None, "writers"):
             log("writers (flatfs convert -O FORMAT vs qemu-img convert -O FORMAT, like-for-like options)")
-            res["writers"] = writers.run(imgs.top_small, work, pairs, flatfs_cmd(), cache, log)
+            cases = args.writers.split(",") if args.writers else None
+            res["writers"] = writers.run(imgs.top_small, work, pairs, flatfs_cmd(), cache, log, cases)
         mem_pairs = args.tmpfs_pairs if args.tmpfs_pairs is not None else (1 if args.quick else 11)
         if args.only in (None, "tmpfs"):
             log("tmpfs (flatfs convert vs qemu-img convert -O qcow2, images and target in memory)")

@@ -92,17 +92,25 @@ def check(case: str, src: Path, work: Path, flatfs: list[str]) -> str:
 
 
 def run(
-    src: Path, work: Path, pairs: int, flatfs: list[str], cache: Cache, log: Callable[[str], None]
+    src: Path,
+    work: Path,
+    pairs: int,
+    flatfs: list[str],
+    cache: Cache,
+    log: Callable[[str], None],
+    cases: list[str] | None = None,
 ) -> dict[str, Any]:
-    samples: dict[str, dict[str, list[dict[str, float]]]] = {
-        c: {"flatfs": [], "qemu": []} for c in LIKE_FOR_LIKE
-    }
+    chosen = cases or list(LIKE_FOR_LIKE)
+    unknown = set(chosen) - set(LIKE_FOR_LIKE)
+    if unknown:
+        raise SystemExit(f"--writers: no case {sorted(unknown)} (cases: {', '.join(LIKE_FOR_LIKE)})")
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {c: {"flatfs": [], "qemu": []} for c in chosen}
     checks: dict[str, str] = {}
-    for case in LIKE_FOR_LIKE:
+    for case in chosen:
         checks[f"writers {case}: flatfs output vs the source"] = check(case, src, work, flatfs)
     for pair in range(pairs + 1):
         tools = ("flatfs", "qemu") if pair % 2 == 0 else ("qemu", "flatfs")
-        for case in LIKE_FOR_LIKE:
+        for case in chosen:
             for tool in tools:
                 r = _once(tool, case, src, work, flatfs, cache)
                 if pair:
