@@ -60,6 +60,7 @@ class DirectWriter:
         self._error: BaseException | None = None
         self._jobs: SimpleQueue[_Job | None] = SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._no_threads = False  # starting a thread failed: no more tries
         self.refused = False  # the file system refused a direct write: no more gathering
         self.cur = -1  # the stage being gathered, -1: none
         self.start = 0  # its file offset (aligned)
@@ -89,12 +90,16 @@ class DirectWriter:
             if sum(len(b) for b in views) < DIRECT_MIN:
                 return False
             self.send()
+            stage = self._stage()
+            if stage < 0:  # no memory for even one buffer: the page cache, from now on
+                self.refused = True
+                return False
             head = -offset % ALIGN  # up to the first aligned offset: through the page cache
             if head:
                 first, views = _split(views, head)
                 self._cached(first, offset)
                 pos += head
-            self.cur, self.start, self.used = self._stage(), pos, 0
+            self.cur, self.start, self.used = stage, pos, 0
         buf = self._views[self.cur]
         for b in views:
             while len(b):
@@ -145,49 +150,53 @@ class DirectWriter:
     # -- internals -----------------------------------------------------------------------
 
     def _stage(self) -> int:
-        """A free stage (made on first need, up to :data:`STAGES`; then waited for)."""
+        """A free stage (made on first need, up to :data:`STAGES`; then waited for); -1 where not
+        even one could be made (no memory: the caller goes through the page cache)."""
         with self._cv:
             while not self._free:
                 self._raise()
                 if len(self._maps) < STAGES:
-                    self._maps.append(mmap.mmap(-1, STAGE_BYTES))
-                    self._views.append(memoryview(self._maps[-1]))
-                    return len(self._maps) - 1
+                    try:
+                        m = mmap.mmap(-1, STAGE_BYTES)
+                    except OSError:
+                        if not self._maps:
+                            return -1
+                    else:
+                        self._maps.append(m)
+                        self._views.append(memoryview(m))
+                        return len(self._maps) - 1
+                if not self._inflight:  # nothing will come back: every stage is ours already
+                    raise AssertionError("direct writer: no free stage and none in flight")
                 self._cv.wait()
             self._raise()
             return self._free.popleft()
 
     def _submit(self, keep_tail: bool) -> None:
-        """Hand the aligned part of the current stage to the writer thread; its unaligned tail is
+        """Hand the aligned part of the current stage to the writer threads; its unaligned tail is
         carried into a new stage (``keep_tail``: more will continue it) or written through the
         page cache (it shares no page with the aligned part)."""
         cur, start, used = self.cur, self.start, self.used
         aligned = used - used % ALIGN
-        tail = used - aligned
+        tail = bytes(self._views[cur][aligned:used])  # less than a page
         self.cur = -1
-        nxt = -1
-        if keep_tail:
-            nxt = self._stage() if aligned else cur
         if aligned:
-            if nxt >= 0 and tail:
-                self._views[nxt][:tail] = self._views[cur][aligned:used]
             self._wait_clear(start, start + aligned)  # an older write of the same pages goes first
             with self._cv:
                 self._inflight[cur] = (start, start + aligned)
-            if not self._threads:
-                for i in range(WRITERS):
-                    t = threading.Thread(target=self._run, name=f"flatfs-direct-{i}", daemon=True)
-                    t.start()
-                    self._threads.append(t)
-            self._jobs.put((cur, start, aligned))
-        if keep_tail:
-            self.cur, self.start, self.used = nxt, start + aligned, tail
-            return
-        if tail:  # the writer thread writes only [:aligned] of the stage: reading past it is safe
-            self._cached([self._views[cur][aligned:used]], start + aligned)
-        if not aligned:
+            self._start_threads()
+            if self._threads:
+                self._jobs.put((cur, start, aligned))
+            else:  # no thread could start (no memory for its stack): write it now
+                self._job(cur, start, aligned)
+        else:
             with self._cv:
                 self._free.append(cur)
+        if keep_tail:
+            nxt = self._stage()  # never -1: at least one stage exists
+            self._views[nxt][: len(tail)] = tail
+            self.cur, self.start, self.used = nxt, start + aligned, len(tail)
+        elif tail:
+            self._cached([memoryview(tail)], start + aligned)
 
     def _cached(self, views: list[memoryview], offset: int) -> None:
         self._wait_clear(offset, offset + sum(len(v) for v in views))
@@ -205,21 +214,33 @@ class DirectWriter:
         if self._error is not None:
             raise self._error
 
+    def _start_threads(self) -> None:
+        while len(self._threads) < WRITERS and not self._no_threads:
+            t = threading.Thread(target=self._run, name=f"flatfs-direct-{len(self._threads)}", daemon=True)
+            try:
+                t.start()
+            except RuntimeError:  # can't start new thread: the ones there are will do
+                self._no_threads = True
+                return
+            self._threads.append(t)
+
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            stage, start, n = job
-            try:
-                if self._error is None:
-                    self._write(self._views[stage][:n], start)
-            except BaseException as exc:  # raised in the caller's thread
-                self._error = exc
-            with self._cv:
-                del self._inflight[stage]
-                self._free.append(stage)
-                self._cv.notify_all()
+            self._job(*job)
+
+    def _job(self, stage: int, start: int, n: int) -> None:
+        try:
+            if self._error is None:
+                self._write(self._views[stage][:n], start)
+        except BaseException as exc:  # raised in the caller's thread
+            self._error = exc
+        with self._cv:
+            del self._inflight[stage]
+            self._free.append(stage)
+            self._cv.notify_all()
 
     def _write(self, mv: memoryview, offset: int) -> None:
         done = 0

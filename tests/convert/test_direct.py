@@ -180,3 +180,30 @@ def test_convert_output_is_the_same_with_and_without(
             chain.readinto(0, memoryview(buf))
             views.append(bytes(buf))
     assert views[0] == views[1] == src.read_bytes()[: len(views[0])]
+
+
+@pytest.mark.parametrize("maps", [0, 1])
+def test_short_of_memory_it_still_writes_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, maps: int
+) -> None:
+    """Under a tight RLIMIT_AS (tests/hardening), a buffer or a thread may not be had: with no
+    buffer, the page cache; with one buffer and no thread, direct writes made in line."""
+    real_mmap = direct.mmap.mmap
+    made = [0]
+
+    def scarce(*args: int) -> object:
+        if made[0] >= maps:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        made[0] += 1
+        return real_mmap(*args)
+
+    def no_thread(self: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(direct.mmap, "mmap", scarce)
+    monkeypatch.setattr(direct.threading.Thread, "start", no_thread)
+    size = 40 * M
+    writes = _random_writes(random.Random(11), size, 60)
+    path = tmp_path / "out.img"
+    _apply(path, writes, size)
+    assert path.read_bytes() == _model(writes, size)
