@@ -34,6 +34,12 @@ from .export import options_to_json
 PACKAGES = "nbdkit nbdkit-plugin-python"
 PLUGIN = Path(__file__).with_name("plugin.py")
 THREADS = 4  # nbdkit worker threads per connection
+# nbdkit's own filters in front of the plugin (the first is nearest the client), and their
+# parameters. cacheextents answers a block-status request from the plugin's last answer, which
+# reaches past its request (export.LOOKAHEAD): nbdcopy's requests of 128 MiB, one Python call each,
+# mostly become C.
+FILTERS: tuple[str, ...] = ("cacheextents",)
+FILTER_PARAMETERS: tuple[str, ...] = ()
 
 
 class ServeRequest(NamedTuple):
@@ -130,6 +136,7 @@ def command(req: ServeRequest, nbdkit: str, socket: str | None) -> list[str]:
     if req.run is not None:
         cmd += ["--run", req.run]
     ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    cmd += [f"--filter={f}" for f in FILTERS]
     cmd += [
         "python",
         str(PLUGIN),
@@ -139,6 +146,7 @@ def command(req: ServeRequest, nbdkit: str, socket: str | None) -> list[str]:
         f"python={ver}",
         f"export={req.export_name}",
         f"foreground={int(foreground)}",
+        *FILTER_PARAMETERS,
     ]
     return cmd
 
