@@ -35,11 +35,13 @@ PACKAGES = "nbdkit nbdkit-plugin-python"
 PLUGIN = Path(__file__).with_name("plugin.py")
 THREADS = 4  # nbdkit worker threads per connection
 # nbdkit's own filters in front of the plugin (the first is nearest the client), and their
-# parameters. cacheextents answers a block-status request from the plugin's last answer, which
-# reaches past its request (export.LOOKAHEAD): nbdcopy's requests of 128 MiB, one Python call each,
-# mostly become C.
-FILTERS: tuple[str, ...] = ("cacheextents",)
-FILTER_PARAMETERS: tuple[str, ...] = ()
+# parameters. blocksize-policy advertises a preferred request size of 1 MiB (nbdcopy reads in
+# requests that large instead of 256 KiB: a quarter of the Python calls), a minimum of 1 and the
+# 32 MiB maximum NBD assumes when a server says nothing (nbdkit refuses reads over 64 MiB).
+# cacheextents answers a block-status request from the plugin's last answer, which reaches past
+# its request (export.LOOKAHEAD): nbdcopy's requests of 128 MiB mostly never reach Python.
+FILTERS = ("blocksize-policy", "cacheextents")
+FILTER_PARAMETERS = ("blocksize-preferred=1M", "blocksize-maximum=32M")
 
 
 class ServeRequest(NamedTuple):
