@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`flatfs serve` against `qemu-nbd -r` on the bench's chains, with real NBD clients.
 
-    .venv/bin/python bench/nbd.py [--scale S] [--quick] [--pairs N] [--out DIR] [--cold] [--keep]
+    .venv/bin/python bench/nbd.py [--scale S] [--quick] [--pairs N] [--out DIR] [--cold] [--keep] [--rev REV]
 
 The images are the bench's own (bench/images.py): a qcow2 base with
 2 GiB x S of data under a 1 TiB and a 64 TiB overlay. Each server is started
@@ -14,6 +14,10 @@ interleaved pairs whose order alternates:
 * ``nbdinfo --map`` of the 64 TiB export: time ratio flatfs / QEMU (<= 1.0).
 
 Ratios are medians of the within-pair ratios, with their min-max spread.
+Each run also reads the server's CPU time (user + system, from /proc) before
+and after. ``--rev REV`` adds a third server, ``flatfs serve`` of the git
+revision REV (``git archive``d under OUT, run with this interpreter), to the
+same interleaved runs: before and after a change, each against qemu-nbd.
 Warm page cache by default (the machine is shared: dropping its caches
 would disturb everyone else); ``--cold`` drops them before every run (root).
 Every server is stopped by its pid in ``finally``; OUT/work is removed
@@ -36,9 +40,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import images  # noqa: E402
+from ab import export  # noqa: E402
 from timing import Cache, pair_ratios, summary  # noqa: E402
 
-TOOLS = ("flatfs", "qemu")
 CASES = {
     "copy_null": ("nbdcopy to null:", "1t", "throughput", 1.0),
     "copy_file": ("nbdcopy to a sparse file", "1t", "throughput", 1.0),
@@ -46,10 +50,11 @@ CASES = {
 }
 
 
-def start(tool: str, image: Path, sock: Path, pid_file: Path) -> str:
-    if tool == "flatfs":
+def start(tool: str, image: Path, sock: Path, pid_file: Path, tree: Path | None = None) -> str:
+    if tool.startswith("flatfs"):
         cmd = [sys.executable, "-m", "flatfs", "serve", "--socket", str(sock), "--pid-file", str(pid_file)]
-        subprocess.run([*cmd, str(image)], check=True, capture_output=True)
+        env = dict(os.environ, PYTHONPATH=str(tree)) if tree is not None else None
+        subprocess.run([*cmd, str(image)], check=True, capture_output=True, env=env, cwd=tree)
     else:
         cmd = ["qemu-nbd", "-r", "-t", "-f", "qcow2", "-k", str(sock), f"--pid-file={pid_file}", "--fork"]
         subprocess.run([*cmd, str(image)], check=True, capture_output=True)
@@ -71,11 +76,19 @@ def stop(pid_file: Path) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def timed(cmd: list[str], cache: Cache) -> tuple[float, str]:
+def server_cpu(pid_file: Path) -> float:
+    """The server's CPU time so far (user + system), in seconds."""
+    fields = Path(f"/proc/{int(pid_file.read_text())}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(cmd: list[str], cache: Cache, pid_file: Path) -> tuple[float, float]:
+    """Wall time of ``cmd`` and the server's CPU time during it."""
     cache.reset(programs=False)
+    c = server_cpu(pid_file)
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return time.perf_counter() - t, r.stdout
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return time.perf_counter() - t, server_cpu(pid_file) - c
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="/var/tmp/flatfs-bench-nbd")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every run (root)")
     ap.add_argument("--keep", action="store_true", help="keep OUT/work")
+    ap.add_argument("--rev", help="also serve with flatfs of this git revision (before/after a change)")
     args = ap.parse_args(argv)
     missing = [t for t in ("nbdkit", "nbdcopy", "nbdinfo", "qemu-nbd", "qemu-img") if not shutil.which(t)]
     if missing:
@@ -98,25 +112,31 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     cache = Cache(args.cold)
+    trees: dict[str, Path | None] = {"flatfs": None, "qemu": None}
+    if args.rev:
+        trees[f"flatfs@{args.rev}"] = export(args.rev, out / "rev")
+    tools = tuple(trees)
     pid_files: list[Path] = []
-    samples: dict[str, dict[str, list[float]]] = {c: {t: [] for t in TOOLS} for c in CASES}
+    samples: dict[str, dict[str, list[float]]] = {c: {t: [] for t in tools} for c in CASES}
+    cpu: dict[str, dict[str, list[float]]] = {c: {t: [] for t in tools} for c in CASES}
     checks: dict[str, bool] = {}
     try:
         print(f"bench nbd: building the chains ({layout.data / images.GiB:.2f} GiB of data)", flush=True)
         imgs = images.build(work, layout, log=lambda m: print(m, flush=True))
         uris: dict[tuple[str, str], str] = {}
-        for tool in TOOLS:
+        pids: dict[tuple[str, str], Path] = {}
+        for tool in tools:
             for key, image in (("1t", imgs.top_small), ("64t", imgs.top_big)):
-                pid_file = work / f"{tool}-{key}.pid"
+                pid_file = pids[tool, key] = work / f"{tool}-{key}.pid"
                 pid_files.append(pid_file)
-                uris[tool, key] = start(tool, image, work / f"{tool}-{key}.sock", pid_file)
+                uris[tool, key] = start(tool, image, work / f"{tool}-{key}.sock", pid_file, trees[tool])
         maps = {t: subprocess.run(["nbdinfo", "--map", uris[t, "64t"]], capture_output=True, text=True).stdout
-                for t in TOOLS}  # fmt: skip
-        checks["nbdinfo --map of the 64 TiB chain: same map from both servers"] = (
-            maps["flatfs"] == maps["qemu"]
+                for t in tools}  # fmt: skip
+        checks["nbdinfo --map of the 64 TiB chain: same map from every server"] = all(
+            m == maps["qemu"] for m in maps.values()
         )
         for p in range(pairs + 1):  # pair 0 warms up
-            for tool in TOOLS if p % 2 else TOOLS[::-1]:
+            for tool in tools if p % 2 else tools[::-1]:
                 dst = work / f"copy-{tool}.raw"
                 runs = {
                     "copy_null": ["nbdcopy", uris[tool, "1t"], "null:"],
@@ -125,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for case, cmd in runs.items():
                     dst.unlink(missing_ok=True)
-                    secs, _ = timed(cmd, cache)
+                    secs, busy = timed(cmd, cache, pids[tool, CASES[case][1]])
                     if p:
                         samples[case][tool].append(secs)
+                        cpu[case][tool].append(busy)
                     if case == "copy_file" and p == pairs:
                         same = subprocess.run(
                             ["qemu-img", "compare", "-f", "raw", str(dst), str(imgs.top_small)]
@@ -140,24 +161,38 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     result = {
-        "layout": {"data": layout.data, "pairs": pairs, "cache": cache.mode},
+        "layout": {"data": layout.data, "pairs": pairs, "cache": cache.mode, "rev": args.rev},
         "figures": {},
         "checks": checks,
     }
-    print(f"\n{'figure':28} {'flatfs s':>9} {'qemu-nbd s':>10} {'ratio':>7}  spread         target")
+    w = 28 if args.rev is None else 40
+    print(f"\n{'figure':{w}} {'flatfs s':>9} {'qemu-nbd s':>10} {'ratio':>7}  spread         target")
     for case, (label, _, kind, goal) in CASES.items():
-        f, q = samples[case]["flatfs"], samples[case]["qemu"]
-        r = pair_ratios(q, f) if kind == "throughput" else pair_ratios(f, q)
-        s = summary(r)
-        ok = s["median"] is not None and (
-            s["median"] >= goal if kind == "throughput" else s["median"] <= goal
-        )
-        sign = ">=" if kind == "throughput" else "<="
-        result["figures"][case] = {"flatfs": summary(f), "qemu": summary(q), "ratio": s, "met": ok}
-        print(
-            f"{label:28} {summary(f)['median']:9.3f} {summary(q)['median']:10.3f} {s['median']:7.2f}  "
-            f"{s['min']:.2f}-{s['max']:.2f}      {kind} {sign} {goal} {'PASS' if ok else 'MISS'}"
-        )
+        q = samples[case]["qemu"]
+        for tool in (t for t in tools if t != "qemu"):
+            f = samples[case][tool]
+            r = pair_ratios(q, f) if kind == "throughput" else pair_ratios(f, q)
+            s = summary(r)
+            ok = s["median"] is not None and (
+                s["median"] >= goal if kind == "throughput" else s["median"] <= goal
+            )
+            sign = ">=" if kind == "throughput" else "<="
+            key = case if tool == "flatfs" else f"{case} {tool}"
+            result["figures"][key] = {
+                "flatfs": summary(f),
+                "qemu": summary(q),
+                "ratio": s,
+                "met": ok,
+                "server_cpu": {"flatfs": summary(cpu[case][tool]), "qemu": summary(cpu[case]["qemu"])},
+            }
+            name = label if tool == "flatfs" else f"{label} ({tool})"
+            print(
+                f"{name:{w}} {summary(f)['median']:9.3f} {summary(q)['median']:10.3f} {s['median']:7.2f}  "
+                f"{s['min']:.2f}-{s['max']:.2f}      {kind} {sign} {goal} {'PASS' if ok else 'MISS'}"
+            )
+    print(f"\n{'server CPU s (median)':{w}} " + " ".join(f"{t:>14}" for t in tools))
+    for case, (label, *_) in CASES.items():
+        print(f"{label:{w}} " + " ".join(f"{summary(cpu[case][t])['median']:14.3f}" for t in tools))
     for what, ok in checks.items():
         print(f"check: {what}: {'ok' if ok else 'DIFFERENT'}")
     (out / "bench-nbd.json").write_text(json.dumps(result, indent=1))

@@ -5,7 +5,11 @@ qemu-nbd maps QEMU's block status: DATA is data (0); ALLOC_ZERO is allocated
 but reads zeros (ZERO); ZERO and ABSENT read zeros and are not allocated
 (HOLE|ZERO). Every request does bounded work: at most :data:`MAX_EXTENTS`
 extents a reply, one extent with NBD_CMD_FLAG_REQ_ONE, and the composer is
-lazy, so one request over a 64 TiB empty tail costs one lookup.
+lazy, so one request over a 64 TiB empty tail costs one lookup. An answer
+goes a little past its request (:data:`LOOKAHEAD`), so that nbdkit's
+cacheextents filter answers a client's next requests without a Python call,
+and remembers the long run it stopped in, so that a walk over an empty tail
+does not compose it again for each of its 4 GiB requests.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ NBD_FLAGS = {
     K_ABSENT: EXTENT_HOLE | EXTENT_ZERO,
 }
 MAX_EXTENTS = 4096  # a reply's extents; the client asks again from where it stops
+LOOKAHEAD = 64  # extents (and composer answers) past a request's end, for nbdkit's cacheextents filter
+MAX_LENGTH = (1 << 32) - (1 << 20)  # past the request, no extent longer (NBD lengths are 32-bit)
 
 
 def options_to_json(options: OpenOptions) -> str:
@@ -54,6 +60,7 @@ class Export:
         # Clients read what they ask for, in large requests: no readahead on the chain's files.
         self.chain: Chain = open_chain(image, options._replace(readahead=False))
         self.size = self.chain.size
+        self._long_run = (0, 0, 0)  # (start, end, flags): the run the last capped answer stopped in
 
     def pread(self, buf: Any, offset: int) -> None:
         """Fill ``buf`` (nbdkit's buffer) from ``offset``; a range past the end is EINVAL."""
@@ -63,26 +70,48 @@ class Export:
         self.chain.readinto(offset, mv)
 
     def extents(self, count: int, offset: int, req_one: bool) -> list[tuple[int, int, int]]:
-        """(offset, length, flags) covering [offset, ...) from ``offset``, neighbours of equal flags
-        merged; one extent with ``req_one``; at most :data:`MAX_EXTENTS` otherwise."""
-        end = min(self.size, offset + count)
+        """(offset, length, flags) from ``offset``, neighbours of equal flags merged; one extent
+        with ``req_one``. The answer covers the request (unless :data:`MAX_EXTENTS` come first) and
+        goes on past its end for at most :data:`LOOKAHEAD` extents and as many answers of the
+        composer (nbdkit clips the reply; its cacheextents filter answers the next requests from
+        the rest). Past the request no extent grows beyond :data:`MAX_LENGTH`."""
+        want = min(self.size, offset + count)
         out: list[tuple[int, int, int]] = []
-        if offset < 0 or offset >= end:
+        if offset < 0 or offset >= want:
             return out
+        start, end, flags = self._long_run
+        if start <= offset and want < end:
+            # inside the long run an earlier answer stopped in (a 64 TiB empty tail, whose
+            # 16,385 requests would each compose it again): one extent, as that answer's would be
+            return [(offset, min(end, max(want, offset + MAX_LENGTH)) - offset, flags)]
+        limit = MAX_EXTENTS
         cur_start = offset
         cur_end = offset
         cur_flags = -1
-        for p in self.chain.pieces(offset, end):
+        past = 0  # the composer's answers (a layer's table each, at most) past the request
+        for p in self.chain.pieces(offset, self.size):
+            if cur_end >= want:
+                past += 1
+                if past > LOOKAHEAD:
+                    break
             for s, e, k in zip(p.starts, p.ends, p.kinds):
                 f = NBD_FLAGS[k]
-                if f == cur_flags and s == cur_end:
-                    cur_end = e
-                    continue
-                if cur_flags >= 0:
+                if f != cur_flags:
+                    if cur_flags >= 0:
+                        out.append((cur_start, cur_end - cur_start, cur_flags))
+                        if req_one or len(out) >= limit:
+                            return out
+                        if cur_end >= want and limit == MAX_EXTENTS:
+                            limit = len(out) + LOOKAHEAD
+                    cur_start, cur_flags = s, f
+                cur_end = e
+                if e > want and e - cur_start > MAX_LENGTH:
+                    # nbdkit 1.32 asserts (and dies) on a block-status request of 2**32 - 1
+                    # bytes whose first extent is longer: none longer may reach its cache
+                    self._long_run = (cur_start, e, cur_flags)
+                    cur_end = max(want, cur_start + MAX_LENGTH)
                     out.append((cur_start, cur_end - cur_start, cur_flags))
-                    if req_one or len(out) >= MAX_EXTENTS:
-                        return out
-                cur_start, cur_end, cur_flags = s, e, f
+                    return out
         if cur_flags >= 0:
             out.append((cur_start, cur_end - cur_start, cur_flags))
         return out

@@ -33,7 +33,15 @@ from .export import options_to_json
 
 PACKAGES = "nbdkit nbdkit-plugin-python"
 PLUGIN = Path(__file__).with_name("plugin.py")
-THREADS = 4  # nbdkit worker threads per connection
+THREADS = 1  # nbdkit worker threads per connection (a multi-conn client opens more connections)
+# nbdkit's own filters in front of the plugin (the first is nearest the client), and their
+# parameters. blocksize-policy advertises a preferred request size of 1 MiB (nbdcopy reads in
+# requests that large instead of 256 KiB: a quarter of the Python calls), a minimum of 1 and the
+# 32 MiB maximum NBD assumes when a server says nothing (nbdkit refuses reads over 64 MiB).
+# cacheextents answers a block-status request from the plugin's last answer, which reaches past
+# its request (export.LOOKAHEAD): nbdcopy's requests of 128 MiB mostly never reach Python.
+FILTERS = ("blocksize-policy", "cacheextents")
+FILTER_PARAMETERS = ("blocksize-preferred=1M", "blocksize-maximum=32M")
 
 
 class ServeRequest(NamedTuple):
@@ -104,9 +112,11 @@ def uri(req: ServeRequest, socket: str | None) -> str:
 
 def command(req: ServeRequest, nbdkit: str, socket: str | None) -> list[str]:
     """nbdkit's command line: read-only, the listening side, TLS, then the plugin and its parameters."""
-    # 4 worker threads a connection, not nbdkit's 16: the plugin's Python work holds the GIL,
-    # so more threads only contend for it (docs/bench.md: nbdcopy and qemu-img convert were
-    # fastest with 4 on 2 cores; a multi-conn client such as nbdcopy opens 4 connections).
+    # One worker thread a connection, not nbdkit's 16: the plugin's Python work holds the GIL, and
+    # with more threads each request of a connection also wakes the next thread waiting to read
+    # the socket (docs/bench.md: on 2 cores nbdcopy, qemu-img convert and nbdinfo --map were as
+    # fast or faster with 1 than with 2 or 4, at the least CPU). Parallel clients open more
+    # connections: the export advertises multi-conn, and nbdcopy opens 4.
     cmd = [nbdkit, "--readonly", "--threads", str(THREADS), "--exportname", req.export_name]
     if socket_activated():
         pass  # nbdkit takes the sockets systemd passed
@@ -130,6 +140,7 @@ def command(req: ServeRequest, nbdkit: str, socket: str | None) -> list[str]:
     if req.run is not None:
         cmd += ["--run", req.run]
     ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    cmd += [f"--filter={f}" for f in FILTERS]
     cmd += [
         "python",
         str(PLUGIN),
@@ -139,6 +150,7 @@ def command(req: ServeRequest, nbdkit: str, socket: str | None) -> list[str]:
         f"python={ver}",
         f"export={req.export_name}",
         f"foreground={int(foreground)}",
+        *FILTER_PARAMETERS,
     ]
     return cmd
 

@@ -33,7 +33,13 @@ def test_command_is_read_only_and_carries_every_chain_option(monkeypatch: pytest
     assert cmd[cmd.index("--unix") + 1] == "/s.sock" and "--tls=require" in cmd and "--tls-psk=/k.psk" in cmd
     assert "--foreground" not in cmd and cmd[cmd.index("--threads") + 1] == str(launch.THREADS)
     params = dict(a.split("=", 1) for a in cmd[cmd.index("python") + 2 :])
-    assert set(params) <= {"image", "options", "pythonpath", "python", "export", "foreground"}
+    filters = dict(p.split("=", 1) for p in launch.FILTER_PARAMETERS)
+    assert set(params) <= {"image", "options", "pythonpath", "python", "export", "foreground", *filters}
+    assert all(params[k] == v for k, v in filters.items())
+    # nbdkit's filters (cacheextents, blocksize-policy) stand before the plugin's name
+    assert cmd[cmd.index("python") - len(launch.FILTERS) : cmd.index("python")] == [
+        f"--filter={f}" for f in launch.FILTERS
+    ]
     assert json.loads(params["options"])["search_dirs"] == ["a b"]
     assert params["foreground"] == "0" and params["pythonpath"].split(":")[0] == str(
         Path(launch.__file__).parents[2]
