@@ -27,21 +27,25 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote
 
-from ..chain import OpenOptions, open_chain
+from ..chain import Chain, OpenOptions, open_chain
 from ..errors import ServeError
-from .export import options_to_json
+from ..extents import CODES
+from .export import EXTENT_HOLE, EXTENT_ZERO, NBD_FLAGS, options_to_json
 
 PACKAGES = "nbdkit nbdkit-plugin-python"
 PLUGIN = Path(__file__).with_name("plugin.py")
 THREADS = 1  # nbdkit worker threads per connection (a multi-conn client opens more connections)
-# nbdkit's own filters in front of the plugin (the first is nearest the client), and their
-# parameters. blocksize-policy advertises a preferred request size of 1 MiB (nbdcopy reads in
-# requests that large instead of 256 KiB: a quarter of the Python calls), a minimum of 1 and the
-# 32 MiB maximum NBD assumes when a server says nothing (nbdkit refuses reads over 64 MiB).
-# cacheextents answers a block-status request from the plugin's last answer, which reaches past
-# its request (export.LOOKAHEAD): nbdcopy's requests of 128 MiB mostly never reach Python.
-FILTERS = ("blocksize-policy", "cacheextents")
-FILTER_PARAMETERS = ("blocksize-preferred=1M", "blocksize-maximum=32M")
+# Block status in C: flatfs serve computes the chain's extent map once (the export is immutable)
+# and hands it to nbdkit's extentlist filter in an unnamed memory file (/proc/self/fd/N), so no
+# block-status request enters Python. A map longer than MAX_LISTED extents is left to the plugin
+# (behind nbdkit's cacheextents filter, fed by answers that reach past their request).
+# blocksize-policy is not loaded: libnbd 1.14's nbdinfo then sends block-status requests of
+# 2^32 - 1 bytes, and nbdkit 1.32 aborts on one whose first extent is longer (the extent list's
+# holes are; docs/design.md).
+LIST_FILTERS = ("extentlist",)
+PLUGIN_FILTERS = ("cacheextents",)
+MAX_LISTED = 1 << 20  # extents in the list (about 30 MiB of text at most)
+EXTENT_NAMES = {0: "", EXTENT_ZERO: "zero", EXTENT_HOLE | EXTENT_ZERO: "hole,zero"}
 
 
 class ServeRequest(NamedTuple):
@@ -110,8 +114,9 @@ def uri(req: ServeRequest, socket: str | None) -> str:
     return f"nbd{tls}://{host}:{req.port or 10809}/{name}"
 
 
-def command(req: ServeRequest, nbdkit: str, socket: str | None) -> list[str]:
-    """nbdkit's command line: read-only, the listening side, TLS, then the plugin and its parameters."""
+def command(req: ServeRequest, nbdkit: str, socket: str | None, extent_fd: int | None = None) -> list[str]:
+    """nbdkit's command line: read-only, the listening side, TLS, then the filters, the plugin and
+    their parameters. ``extent_fd``: a descriptor holding the chain's extent list (extentlist)."""
     # One worker thread a connection, not nbdkit's 16: the plugin's Python work holds the GIL, and
     # with more threads each request of a connection also wakes the next thread waiting to read
     # the socket (docs/bench.md: on 2 cores nbdcopy, qemu-img convert and nbdinfo --map were as
@@ -140,7 +145,7 @@ def command(req: ServeRequest, nbdkit: str, socket: str | None) -> list[str]:
     if req.run is not None:
         cmd += ["--run", req.run]
     ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    cmd += [f"--filter={f}" for f in FILTERS]
+    cmd += [f"--filter={f}" for f in (PLUGIN_FILTERS if extent_fd is None else LIST_FILTERS)]
     cmd += [
         "python",
         str(PLUGIN),
@@ -150,12 +155,45 @@ def command(req: ServeRequest, nbdkit: str, socket: str | None) -> list[str]:
         f"python={ver}",
         f"export={req.export_name}",
         f"foreground={int(foreground)}",
-        *FILTER_PARAMETERS,
     ]
+    if extent_fd is not None:
+        cmd.append(f"extentlist=/proc/self/fd/{extent_fd}")
     return cmd
 
 
-def _check(req: ServeRequest) -> None:
+def extent_list(chain: Chain, limit: int = MAX_LISTED) -> bytes | None:
+    """The chain's extents as nbdkit's extentlist filter reads them ("offset length type" lines,
+    neighbours of equal NBD flags merged), or None if there are more than ``limit``."""
+    lines: list[str] = []
+    start = end = 0
+    flags = -1
+    for e in chain.extents():
+        f = NBD_FLAGS[CODES[e.kind]]
+        if f == flags and e.start == end:
+            end += e.length
+            continue
+        if flags >= 0:
+            if len(lines) >= limit:
+                return None
+            lines.append(f"{start} {end - start} {EXTENT_NAMES[flags]}\n")
+        start, end, flags = e.start, e.start + e.length, f
+    if flags >= 0:
+        lines.append(f"{start} {end - start} {EXTENT_NAMES[flags]}\n")
+    return "".join(lines).encode()
+
+
+def _extent_file(listed: bytes | None) -> int | None:
+    """An unnamed memory file holding ``listed``, inheritable (nbdkit reads /proc/self/fd/N)."""
+    if listed is None or not hasattr(os, "memfd_create"):
+        return None
+    fd = os.memfd_create("flatfs-extents", 0)  # no MFD_CLOEXEC: nbdkit inherits it
+    view = memoryview(listed)
+    while view:
+        view = view[os.write(fd, view) :]
+    return fd
+
+
+def _check(req: ServeRequest) -> bytes | None:
     if req.tls_certificates and req.tls_psk:
         raise ServeError("--tls-certificates and --tls-psk exclude each other")
     if req.socket is not None and (req.port is not None or req.address is not None):
@@ -166,8 +204,10 @@ def _check(req: ServeRequest) -> None:
         raise ServeError(f"{req.tls_psk}: cannot read the PSK file")
     if req.socket is not None:
         _clear_stale(req.socket)
-    # The chain itself, so a missing parent or a corrupt header is our one line, now.
-    open_chain(req.image, req.options).close()
+    # The chain itself, so a missing parent or a corrupt header is our one line, now; and its
+    # extent list for nbdkit's extentlist filter.
+    with open_chain(req.image, req.options) as chain:
+        return extent_list(chain)
 
 
 def _clear_stale(path: str) -> None:
@@ -206,7 +246,16 @@ def _nbdkit_error(text: str) -> str:
 def serve(req: ServeRequest) -> int:
     """Start the export; return the exit status for the CLI (the --run command's, in that mode)."""
     nbdkit = find_nbdkit()
-    _check(req)
+    extent_fd = _extent_file(_check(req))
+    try:
+        return _serve(req, nbdkit, extent_fd)
+    finally:
+        if extent_fd is not None:
+            os.close(extent_fd)  # nbdkit has its own copy
+
+
+def _serve(req: ServeRequest, nbdkit: str, extent_fd: int | None) -> int:
+    fds = () if extent_fd is None else (extent_fd,)
     private_dir: str | None = None
     socket = req.socket
     if socket is None and req.port is None and req.address is None and req.run is None:
@@ -216,7 +265,7 @@ def serve(req: ServeRequest) -> int:
             socket = os.path.join(private_dir, "nbd.sock")
     if socket is not None:
         socket = os.path.abspath(socket)
-    cmd = command(req, nbdkit, socket)
+    cmd = command(req, nbdkit, socket, extent_fd)
     if socket is not None:
         cmd.append(f"socket={socket}")
     if private_dir is not None:
@@ -226,12 +275,12 @@ def serve(req: ServeRequest) -> int:
     if req.foreground or req.run is not None:
         if req.run is None:
             print(uri(req, socket), flush=True)
-        return _foreground(cmd, private_dir)
-    return _background(req, cmd, socket, private_dir)
+        return _foreground(cmd, private_dir, fds)
+    return _background(req, cmd, socket, private_dir, fds)
 
 
-def _foreground(cmd: list[str], private_dir: str | None) -> int:
-    proc = subprocess.Popen(cmd)
+def _foreground(cmd: list[str], private_dir: str | None, fds: tuple[int, ...]) -> int:
+    proc = subprocess.Popen(cmd, pass_fds=fds)
 
     def forward(signum: int, frame: object) -> None:
         proc.send_signal(signum)
@@ -246,12 +295,14 @@ def _foreground(cmd: list[str], private_dir: str | None) -> int:
             shutil.rmtree(private_dir, ignore_errors=True)
 
 
-def _background(req: ServeRequest, cmd: list[str], socket: str | None, private_dir: str | None) -> int:
+def _background(
+    req: ServeRequest, cmd: list[str], socket: str | None, private_dir: str | None, fds: tuple[int, ...]
+) -> int:
     if req.pid_file and os.path.isfile(req.pid_file):
         os.unlink(req.pid_file)  # an old server's: the wait below must see the new one's
     with tempfile.TemporaryFile("w+") as err:
         with open(os.devnull, "rb") as null:
-            rc = subprocess.run(cmd, stdin=null, stdout=err, stderr=err, check=False).returncode
+            rc = subprocess.run(cmd, stdin=null, stdout=err, stderr=err, check=False, pass_fds=fds).returncode
         if rc != 0:
             if private_dir is not None:
                 shutil.rmtree(private_dir, ignore_errors=True)

@@ -33,13 +33,14 @@ def test_command_is_read_only_and_carries_every_chain_option(monkeypatch: pytest
     assert cmd[cmd.index("--unix") + 1] == "/s.sock" and "--tls=require" in cmd and "--tls-psk=/k.psk" in cmd
     assert "--foreground" not in cmd and cmd[cmd.index("--threads") + 1] == str(launch.THREADS)
     params = dict(a.split("=", 1) for a in cmd[cmd.index("python") + 2 :])
-    filters = dict(p.split("=", 1) for p in launch.FILTER_PARAMETERS)
-    assert set(params) <= {"image", "options", "pythonpath", "python", "export", "foreground", *filters}
-    assert all(params[k] == v for k, v in filters.items())
-    # nbdkit's filters (cacheextents, blocksize-policy) stand before the plugin's name
-    assert cmd[cmd.index("python") - len(launch.FILTERS) : cmd.index("python")] == [
-        f"--filter={f}" for f in launch.FILTERS
-    ]
+    assert set(params) <= {"image", "options", "pythonpath", "python", "export", "foreground"}
+    # nbdkit's filters stand before the plugin's name: cacheextents without an extent list,
+    # extentlist (and its file) with one
+    assert cmd[cmd.index("python") - 1] == "--filter=cacheextents"
+    listed = launch.command(_req(), "/usr/sbin/nbdkit", "/s.sock", extent_fd=7)
+    assert listed[listed.index("python") - 1] == "--filter=extentlist"
+    assert listed[-1] == "extentlist=/proc/self/fd/7" and "--filter=cacheextents" not in listed
+    assert not any("blocksize" in a for a in cmd + listed)
     assert json.loads(params["options"])["search_dirs"] == ["a b"]
     assert params["foreground"] == "0" and params["pythonpath"].split(":")[0] == str(
         Path(launch.__file__).parents[2]
@@ -87,3 +88,24 @@ def test_stale_sockets(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ServeError, match="not a socket"):
         launch._clear_stale(str(tmp_path / "file"))
+
+
+def test_extent_list_is_the_chain_map_in_nbd_flags(tmp_path: Path) -> None:
+    """What nbdkit's extentlist filter gets: the chain's extents, neighbours of equal NBD flags
+    merged (zero and absent are both hole,zero), covering the disk; over the limit, nothing."""
+    from flatfs.chain import open_chain
+
+    from ..helpers.images import M, write_sparse_raw
+
+    raw = write_sparse_raw(tmp_path / "d.raw", 8 * M, [(0, b"x" * 65536), (3 * M, b"y" * 4096)])
+    with open_chain(str(raw)) as chain:
+        text = launch.extent_list(chain)
+        assert text is not None
+        rows = [line.split(" ") for line in text.decode().splitlines()]
+        assert [(int(a), int(b), t) for a, b, t in rows] == [
+            (0, 65536, ""),
+            (65536, 3 * M - 65536, "hole,zero"),
+            (3 * M, 4096, ""),
+            (3 * M + 4096, 5 * M - 4096, "hole,zero"),
+        ]
+        assert launch.extent_list(chain, limit=2) is None
