@@ -91,6 +91,14 @@ TARGET_OPTIONS = click.option(
     help="Copy data runs in the kernel (copy_file_range): shared, not copied, where the file system "
     "can (XFS with reflink, btrfs). No zero detection inside the data. Not with -c or -B.",
 )
+@click.option(
+    "-t",
+    "--target-cache",
+    type=click.Choice(["writeback", "none"]),
+    default="writeback",
+    help="TARGET's cache mode, as qemu-img's -t: writeback (default: the page cache) or none "
+    "(the data past the page cache, O_DIRECT). Not with -n.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing TARGET.")
 @click.option(
     "-n",
@@ -130,6 +138,7 @@ def convert(
     backing: str | None,
     backing_format: str | None,
     copy_offload: bool,
+    target_cache: str,
     force: bool,
     no_create: bool,
     target_is_zero: bool,
@@ -160,6 +169,7 @@ def convert(
         no_create=no_create,
         target_is_zero=target_is_zero,
         copy_offload=copy_offload,
+        target_cache=target_cache,
         target_options=pairs,
         platform=platform,
     )

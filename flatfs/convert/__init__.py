@@ -141,7 +141,8 @@ def convert_chain(
     )
 
     def write(fd: int) -> None:
-        _write(source, backing, options, FileSink(fd, target, companions, direct=True), summary, bar)
+        sink = FileSink(fd, target, companions, direct=options.target_cache == "none")
+        _write(source, backing, options, sink, summary, bar)
 
     ok = False
     with SignalGuard(target) as guard:

@@ -40,7 +40,6 @@ WRITERS = 2  # direct writes in flight at once (a disk takes two at a time faste
 ALIGN = 4096  # a multiple of every logical block size in use
 DIRECT_MIN = 64 << 10  # a write that continues nothing and is smaller: through the page cache
 O_DIRECT = getattr(os, "O_DIRECT", 0)
-BUFFERED_ENV = "FLATFS_CONVERT_BUFFERED"  # set (to anything): no direct I/O (tests, A/B runs)
 
 _Job = tuple[int, int, int]  # (stage index, file offset, length)
 
@@ -69,7 +68,7 @@ class DirectWriter:
     @classmethod
     def open(cls, fd: int, path: str) -> DirectWriter | None:
         """A direct writer for the open file ``fd``, or None where there is no direct I/O."""
-        if not O_DIRECT or os.environ.get(BUFFERED_ENV):
+        if not O_DIRECT:
             return None
         try:
             dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | O_DIRECT | os.O_CLOEXEC)

@@ -46,6 +46,7 @@ class ConvertOptions(NamedTuple):
     platform: str | None = None  # --for: a profile (convert/profiles.py) fixing format, options, size
     size_align: int = 1  # the target's virtual size rounded up to a multiple of this (from --for)
     package: str | None = None  # "tar.gz": disk.raw in a GNU sparse tar, gzipped (from --for gcp)
+    target_cache: str = "writeback"  # -t: "writeback" (the page cache) or "none" (O_DIRECT)
 
 
 @dataclass
@@ -276,6 +277,10 @@ def _validate(opts: ConvertOptions) -> None:
 
 
 def _validate_common(opts: ConvertOptions) -> None:
+    if opts.target_cache not in ("writeback", "none"):
+        raise UsageError(f"-t/--target-cache must be writeback or none, not {opts.target_cache!r}")
+    if opts.target_cache == "none" and opts.no_create:
+        raise UsageError("-t none writes a new TARGET past the page cache; -n writes in place through it")
     if opts.target_is_zero and not opts.no_create:
         raise UsageError("--target-is-zero needs -n (it describes an existing target)")
     if opts.no_create and opts.force:

@@ -142,13 +142,13 @@ def test_a_failed_direct_write_is_the_commits_error(tmp_path: Path, monkeypatch:
         _apply(path, [(0, bytes(8 * M))], 8 * M)
 
 
-def test_buffered_env_turns_it_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(direct.BUFFERED_ENV, "1")
-    fd = os.open(tmp_path / "x", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        assert FileSink(fd, str(tmp_path / "x"), direct=True).direct is None
-    finally:
-        os.close(fd)
+def test_target_cache_none_is_refused_with_in_place(tmp_path: Path) -> None:
+    from flatfs.convert import UsageError
+
+    src = scattered_raw(tmp_path / "src.raw", 8 * M)
+    (tmp_path / "t.img").write_bytes(bytes(16 * M))
+    with pytest.raises(UsageError, match="-t none"):
+        convert(src, tmp_path / "t.img", ConvertOptions(no_create=True, target_cache="none"))
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw", "vpc", "vhdx", "vdi", "vmdk"])
@@ -161,11 +161,9 @@ def test_convert_output_is_the_same_with_and_without(
     src = tmp_path / "src.raw"
     scattered_raw(src, 48 * M, seed=3)
     outs = []
-    for env in ("", "1"):
-        if env:
-            monkeypatch.setenv(direct.BUFFERED_ENV, env)
-        out = tmp_path / f"out{env}.{fmt}"
-        convert(src, out, ConvertOptions(target_format=fmt), OpenOptions(format="raw"))
+    for cache in ("none", "writeback"):
+        out = tmp_path / f"out-{cache}.{fmt}"
+        convert(src, out, ConvertOptions(target_format=fmt, target_cache=cache), OpenOptions(format="raw"))
         outs.append(out)
     a, b = (o.read_bytes() for o in outs)
     if fmt in ("qcow2", "raw"):
@@ -207,3 +205,15 @@ def test_short_of_memory_it_still_writes_everything(
     path = tmp_path / "out.img"
     _apply(path, writes, size)
     assert path.read_bytes() == _model(writes, size)
+
+
+def test_the_command_line_takes_qemu_imgs_spelling(tmp_path: Path) -> None:
+    from ..helpers.cli import flatfs
+
+    src = scattered_raw(tmp_path / "src.raw", 8 * M)
+    for cache in ("none", "writeback"):
+        res = flatfs("convert", "-f", "raw", "-O", "raw", "-t", cache, src, tmp_path / f"{cache}.raw")
+        assert res.returncode == 0, res.stderr
+        assert (tmp_path / f"{cache}.raw").read_bytes() == src.read_bytes()
+    bad = flatfs("convert", "-f", "raw", "-t", "unsafe", src, tmp_path / "x.qcow2", check=False)
+    assert bad.returncode == 2 and "unsafe" in bad.stderr and "Traceback" not in bad.stderr
