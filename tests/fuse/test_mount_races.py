@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -93,8 +95,17 @@ def test_a_dead_mount_is_named_as_dead(tmp_path: Path, images: tuple[Path, Path]
     mp = tmp_path / "mnt"
     mp.mkdir()
     try:
-        proc = subprocess.Popen(_flatfs("mount", "--foreground", str(a), str(mp)), stderr=subprocess.DEVNULL)
-        _wait_for(mp / "a.raw", proc)
+        # Killed only once it said READY=1: before that, its own ready check may be inside a
+        # request to its own mount, and a process killed there cannot finish dying (the request
+        # waits for the server that is going away), which is not what this test is about.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(str(tmp_path / "notify"))
+            notify.settimeout(30)
+            env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+            proc = subprocess.Popen(
+                _flatfs("mount", "--foreground", str(a), str(mp)), stderr=subprocess.DEVNULL, env=env
+            )
+            assert b"READY=1" in notify.recv(4096)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         res = flatfs("mount", a, mp, check=False)
