@@ -34,7 +34,7 @@ from .export import EXTENT_HOLE, EXTENT_ZERO, NBD_FLAGS, options_to_json
 
 PACKAGES = "nbdkit nbdkit-plugin-python"
 PLUGIN = Path(__file__).with_name("plugin.py")
-THREADS = 1  # nbdkit worker threads per connection (a multi-conn client opens more connections)
+THREADS = 2  # nbdkit worker threads per connection (a multi-conn client opens more connections)
 # Block status in C: flatfs serve computes the chain's extent map once (the export is immutable)
 # and hands it to nbdkit's extentlist filter in an unnamed memory file (/proc/self/fd/N), so no
 # block-status request enters Python. A map longer than MAX_LISTED extents is left to the plugin
@@ -117,11 +117,10 @@ def uri(req: ServeRequest, socket: str | None) -> str:
 def command(req: ServeRequest, nbdkit: str, socket: str | None, extent_fd: int | None = None) -> list[str]:
     """nbdkit's command line: read-only, the listening side, TLS, then the filters, the plugin and
     their parameters. ``extent_fd``: a descriptor holding the chain's extent list (extentlist)."""
-    # One worker thread a connection, not nbdkit's 16: the plugin's Python work holds the GIL, and
-    # with more threads each request of a connection also wakes the next thread waiting to read
-    # the socket (docs/bench.md: on 2 cores nbdcopy, qemu-img convert and nbdinfo --map were as
-    # fast or faster with 1 than with 2 or 4, at the least CPU). Parallel clients open more
-    # connections: the export advertises multi-conn, and nbdcopy opens 4.
+    # Two worker threads a connection, not nbdkit's 16: the plugin's Python work holds the GIL, so
+    # more only contend for it; with one, a cold disk had a single read in flight a connection
+    # (docs/bench.md, the quiet runs at scale 1: two won both warm and cold). Parallel clients
+    # open more connections: the export advertises multi-conn, and nbdcopy opens 4.
     cmd = [nbdkit, "--readonly", "--threads", str(THREADS), "--exportname", req.export_name]
     if socket_activated():
         pass  # nbdkit takes the sockets systemd passed
