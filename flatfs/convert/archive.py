@@ -225,7 +225,8 @@ class ParallelGzip:
 
     def _submit(self, block: bytes) -> None:
         self.pending.append(self.pool.submit(deflate_block, block, self.window))
-        self.window = (self.window + block)[-WINDOW:]
+        # the next block's dictionary: the tail of this one (whole blocks are longer than a window)
+        self.window = block[-WINDOW:] if len(block) >= WINDOW else (self.window + block)[-WINDOW:]
         while len(self.pending) > 2 * self.threads:
             self._put(self.pending.popleft().result())
 
