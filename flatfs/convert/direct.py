@@ -1,25 +1,24 @@
 """Writing a new file's data past the page cache: gathered, aligned, written by a thread.
 
-On the virtual machines flatfs runs on, the page cache is the dearest part of
-a conversion: measured on the bench's 2-core VM, 2.4 GiB written through it
-and fsynced cost 3.2 s of kernel CPU and 4.6 s of wall time, the same with
-``O_DIRECT`` 0.2 s and 1.7 s (docs/bench.md, "Writing past the page cache").
-A converted image is not read back by the process that writes it, so its
-data has no business in the page cache (``dd oflag=direct`` and ``qemu-img
-convert -t none`` make the same choice; flatfs makes it by default).
+``convert -t none`` (qemu-img's spelling): a converted image is not read
+back by the process that writes it, so its data need not evict what the
+machine has cached. Not the default: on the bench's VM it won by far one
+hour and lost the next (docs/design.md, "Writing past the page cache";
+docs/bench.md, the writers runs of 2026-12-07).
 
 :class:`DirectWriter` takes the writes a sink receives, in the order a writer
 makes them. Writes that continue one another are gathered in page-aligned
 buffers of :data:`STAGE_BYTES`; each full buffer's aligned part is written by
-writer threads (two in flight) with ``O_DIRECT`` on a second descriptor of the file while
-the caller goes on (so reading, applying and writing overlap). What cannot be
+writer threads (two in flight) with ``O_DIRECT`` on a second descriptor of
+the file while the caller goes on (so reading, applying and writing overlap). What cannot be
 aligned goes through the page cache on the first descriptor: the bytes before
 a run's first aligned offset, a run's unaligned tail, and small writes that
 continue nothing (tables, headers, bitmaps). The kernel keeps the two paths
 coherent page by page; what it cannot order is two writes of one page while
 one of them is a direct write still in flight, so a write (direct or cached)
-of a page that a direct write in flight covers waits for it first. A file system that refuses direct
-writes (EINVAL) gets everything through the page cache from then on.
+of a page that a direct write in flight covers waits for it first. A file
+system that refuses direct writes (EINVAL) gets everything through the page
+cache from then on.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ _Job = tuple[int, int, int]  # (stage index, file offset, length)
 
 
 class DirectWriter:
-    """See the module docstring. Used from one thread (the sink's), plus its own writer thread."""
+    """See the module docstring. Used from one thread (the sink's), plus its own writer threads."""
 
     def __init__(self, fd: int, dfd: int, path: str) -> None:
         self.fd = fd  # the file's own descriptor: the page cache path
