@@ -185,10 +185,17 @@ def _extent_file(listed: bytes | None) -> int | None:
     """An unnamed memory file holding ``listed``, inheritable (nbdkit reads /proc/self/fd/N)."""
     if listed is None or not hasattr(os, "memfd_create"):
         return None
-    fd = os.memfd_create("flatfs-extents", 0)  # no MFD_CLOEXEC: nbdkit inherits it
-    view = memoryview(listed)
-    while view:
-        view = view[os.write(fd, view) :]
+    try:
+        fd = os.memfd_create("flatfs-extents", 0)  # no MFD_CLOEXEC: nbdkit inherits it
+    except OSError:
+        return None  # no descriptor or memory for it: the plugin answers block status
+    try:
+        view = memoryview(listed)
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:
+        os.close(fd)
+        return None
     return fd
 
 

@@ -109,3 +109,20 @@ def test_extent_list_is_the_chain_map_in_nbd_flags(tmp_path: Path) -> None:
             (3 * M + 4096, 5 * M - 4096, "hole,zero"),
         ]
         assert launch.extent_list(chain, limit=2) is None
+
+
+def test_no_memory_file_leaves_block_status_to_the_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """memfd_create failing (no descriptors left, no memory) is no error: the plugin answers."""
+
+    def refuse(name: str, flags: int = 0) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(launch.os, "memfd_create", refuse)
+    assert launch._extent_file(b"0 512 \n") is None
+    monkeypatch.undo()
+    fd = launch._extent_file(b"0 512 \n")
+    assert fd is not None
+    try:
+        assert os.pread(fd, 16, 0) == b"0 512 \n"
+    finally:
+        os.close(fd)
