@@ -55,7 +55,7 @@ class FileSink:
         self._refused: set[int] = set()  # source files copy_file_range refused
         self._bounce: memoryview | None = None
         self._children: list[FileSink] = []
-        # direct: the data past the page cache (see .direct); convert asks for it for a new TARGET
+        # direct: the data past the page cache (see .direct); convert asks for it with -t none
         self.direct = DirectWriter.open(fd, path) if direct else None
 
     def write(self, bufs: list[memoryview], offset: int) -> None:
